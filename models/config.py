@@ -1,0 +1,105 @@
+"""Configuration dataclasses: one per part, composed into :class:`ModelConfig`.
+
+Saved as ``config.json`` beside ``model.safetensors``; a saved folder is rebuilt from this file
+alone (the text tower's full transformers config is stored inline, so a model built from a
+pretrained tower loads without that tower's original files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 64  # square input side in pixels (after preprocessing)
+    block: str = "basic"  # torchvision ResNet block: "basic" (ResNet-18/34) or "bottleneck" (50+)
+    stem_width: int = 32  # channels of the stem convolution
+    stage_widths: tuple[int, ...] = (32, 64, 128)  # channels per ResNet stage (before expansion)
+    stage_depths: tuple[int, ...] = (1, 1, 1)  # blocks per stage
+    stem_pool: bool = False  # the 3x3/2 max-pool after the stem (True in torchvision ResNets)
+    width: int = 128  # D_v: width of the image tokens handed to fusion and the token cache
+    num_layers: int = 1  # self-attention layers over the image tokens
+    num_heads: int = 4  # heads in those layers
+    mlp_ratio: float = 4.0  # FFN hidden size / width
+    dropout: float = 0.0  # dropout inside the self-attention layers
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def grid(self) -> int:
+        """Side of the token grid: total stride is 2 (stem) x 2 (pool) x 2 per stage after the first."""
+        stride = 2 * (2 if self.stem_pool else 1) * 2 ** (len(self.stage_widths) - 1)
+        return -(-self.image_size // stride)  # ceil: convs with padding round up
+
+    @property
+    def num_tokens(self) -> int:
+        """N: one pooled token followed by the grid tokens."""
+        return 1 + self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    source: str = "scratch"  # "scratch" (built from `bert`) or "pretrained" (weights came from a folder)
+    pretrained_from: str = ""  # where pretrained weights were read from (provenance only)
+    bert: dict[str, Any] = field(default_factory=dict)  # transformers BertConfig.to_dict()
+    pooling: str = "mean"  # "mean" over real tokens or "cls"
+    max_length: int = 32  # L: tokenizer truncation length
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    num_layers: int = 2  # fusion layers: text self-attention + cross-attention + FFN
+    num_heads: int = 4  # heads (the width is the text tower's hidden size)
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    embed_dim: int = 128  # E: width of the shared unit-norm ITC space
+    init_temperature: float = 0.07  # ITC softmax temperature at initialisation (learned)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        version = d.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"model config format {version} is newer than this vtfusion understands "
+                f"({FORMAT_VERSION}); upgrade vtfusion"
+            )
+        vision = dict(d.get("vision", {}))
+        for key in ("stage_widths", "stage_depths", "mean", "std"):
+            if key in vision:
+                vision[key] = tuple(vision[key])
+        return cls(
+            vision=VisionConfig(**vision),
+            text=TextConfig(**d.get("text", {})),
+            fusion=FusionConfig(**d.get("fusion", {})),
+            embed_dim=d.get("embed_dim", 128),
+            init_temperature=d.get("init_temperature", 0.07),
+            format_version=version,
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))

@@ -1,0 +1,120 @@
+"""The native fusion model (ALBEF/BLIP family) and its four public verbs.
+
+    encode_image(pixels)                 -> (B, E)  unit vectors, the image index space
+    encode_text(ids, mask)               -> (B, E)  unit vectors, the text index space
+    image_tokens(pixels)                 -> (B, N, D_v)  what the rerank token cache stores
+    itm_logits(image_tokens, ids, mask)  -> (B,)    full cross-attention match logit
+
+Nothing outside ``models/`` touches anything else. Preprocessing (image transform,
+tokenizer) lives in ``models/preprocess.py``; this module never sees a path or a PIL image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import FusionBlock
+from .text import TextTower
+from .vision import VisionTower
+
+
+class FusionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_bert: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.text = TextTower(cfg.text, text_bert)
+        d_t, d_v, f = self.text.width, cfg.vision.width, cfg.fusion
+        self.fusion = nn.ModuleList(
+            FusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout) for _ in range(f.num_layers)
+        )
+        self.fusion_norm = nn.LayerNorm(d_t)
+        self.itm_head = nn.Linear(d_t, 1)
+        self.image_proj = nn.Linear(d_v, cfg.embed_dim)
+        self.text_proj = nn.Linear(d_t, cfg.embed_dim)
+        # ITC temperature, learned in log space as CLIP does; logit scale is capped at 100
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    # ---- public verbs -------------------------------------------------------------------
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, S, S), normalised by ``ImageTransform`` -> (B, N, D_v)."""
+        s = self.cfg.vision.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, s, s):
+            raise ValueError(f"pixels must be (B, 3, {s}, {s}); got {tuple(pixels.shape)}")
+        return self.vision(pixels.to(self._dtype))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, S, S) -> (B, E) unit vectors."""
+        return self.image_emb(self.image_tokens(pixels))
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> (B, E) unit vectors."""
+        self._check_text(ids, mask)
+        return self.text_emb(self.text(ids, mask), mask)
+
+    def itm_logits(
+        self,
+        image_tokens: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Match logit for each (image, text) pair: (B, N, D_v), (B, L) -> (B,).
+
+        Either side may have batch 1 and is then broadcast against the other (one query
+        image scored against K candidate texts, or one query text against K images).
+        ``sigmoid`` of the logit is the ITM probability. With ``return_attention`` the
+        cross-attention weights of every fusion layer, each (B, H, L, N), come back too.
+        """
+        self._check_text(ids, mask)
+        if image_tokens.dim() != 3 or image_tokens.shape[-1] != self.cfg.vision.width:
+            raise ValueError(f"image_tokens must be (B, N, {self.cfg.vision.width}); got {tuple(image_tokens.shape)}")
+        b_img, b_txt = image_tokens.shape[0], ids.shape[0]
+        if b_img != b_txt and 1 not in (b_img, b_txt):
+            raise ValueError(f"batch sizes differ: {b_img} image token sets vs {b_txt} texts")
+        text_tokens = self.text(ids, mask)  # (b_txt, L, D_t)
+        B = max(b_img, b_txt)
+        image_tokens = image_tokens.to(self._dtype).expand(B, -1, -1)  # (B, N, D_v)
+        text_tokens, mask = text_tokens.expand(B, -1, -1), mask.expand(B, -1)  # (B, L, D_t), (B, L)
+        return self.fuse(image_tokens, text_tokens, mask, return_attention)
+
+    # ---- internals shared with training (same package) ----------------------------------
+
+    def image_emb(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D_v) -> (B, E): project the pooled token 0."""
+        return F.normalize(self.image_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_emb(self, text_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D_t) -> (B, E)."""
+        return F.normalize(self.text_proj(self.text.pool(text_tokens, mask)), dim=-1)
+
+    def fuse(
+        self,
+        image_tokens: torch.Tensor,  # (B, N, D_v)
+        text_tokens: torch.Tensor,  # (B, L, D_t)
+        mask: torch.Tensor,  # (B, L)
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        x, maps = text_tokens, []
+        for block in self.fusion:
+            x, weights = block(x, mask, image_tokens, return_weights=return_attention)
+            maps.append(weights)
+        logits = self.itm_head(self.fusion_norm(x[:, 0])).squeeze(-1)  # (B,) from the [CLS] position
+        return (logits, maps) if return_attention else logits
+
+    def logit_scale_value(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.image_proj.weight.dtype
+
+    def _check_text(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        if ids.dim() != 2 or ids.shape != mask.shape:
+            raise ValueError(f"ids and mask must both be (B, L); got {tuple(ids.shape)} and {tuple(mask.shape)}")

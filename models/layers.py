@@ -1,0 +1,119 @@
+"""Attention building blocks shared by the image tower and the fusion encoder.
+
+Shape glossary (used in every module of ``models/``):
+    B  batch                     N  image tokens (1 pooled + grid)
+    L  text tokens               D  width (D_v image tokens, D_t text / fusion)
+    E  ITC embedding dim         H  attention heads, hs = D / H
+    K  rerank candidates
+
+``*_tokens`` are (B, N|L, D) hidden states; ``*_emb`` are (B, E) unit vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values may come from another sequence of another width.
+
+    ``key_mask`` is (B, S) with 1/True for real tokens. When ``return_weights`` is set the
+    attention probabilities (B, H, T, S) are returned too (the UI's "why this result" heatmap).
+    """
+
+    def __init__(self, width: int, num_heads: int, kv_width: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        kv_width = kv_width or width
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(kv_width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = x if context is None else context
+        B, T, D = x.shape
+        S = context.shape[1]
+        H = self.num_heads
+        q = self.q(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hs)
+        k, v = self.kv(context).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, hs)
+        bias = None
+        if key_mask is not None:
+            # (B, 1, 1, S) additive mask: 0 for real keys, -inf for padding
+            bias = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        if return_weights:
+            scores = (q @ k.transpose(-2, -1)) / (D // H) ** 0.5  # (B, H, T, S)
+            if bias is not None:
+                scores = scores + bias
+            weights = scores.softmax(dim=-1)
+            y = F.dropout(weights, self.dropout, self.training) @ v  # (B, H, T, hs)
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out(y), weights
+
+
+class MLP(nn.Sequential):
+    def __init__(self, width: int, mlp_ratio: float, dropout: float = 0.0):
+        hidden = int(width * mlp_ratio)
+        super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer encoder block (image tower)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, num_heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class FusionBlock(nn.Module):
+    """Text self-attention, then cross-attention from text to image tokens, then FFN (pre-norm).
+
+    The ALBEF/BLIP fusion layer: each text token gathers evidence from the image tokens, so
+    an attribute word can be checked against the object it is bound to.
+    """
+
+    def __init__(self, width: int, kv_width: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.self_attn = Attention(width, num_heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(kv_width)
+        self.cross_attn = Attention(width, num_heads, kv_width=kv_width, dropout=dropout)
+        self.norm3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio, dropout)
+
+    def forward(
+        self,
+        text_tokens: torch.Tensor,  # (B, L, D_t)
+        text_mask: torch.Tensor,  # (B, L)
+        image_tokens: torch.Tensor,  # (B, N, D_v)
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = text_tokens
+        x = x + self.self_attn(self.norm1(x), key_mask=text_mask)[0]
+        y, weights = self.cross_attn(self.norm2(x), self.norm_kv(image_tokens), return_weights=return_weights)
+        x = x + y
+        return x + self.mlp(self.norm3(x)), weights  # (B, L, D_t), (B, H, L, N) | None

@@ -1,0 +1,46 @@
+"""ITC (symmetric InfoNCE) and ITM with hard negatives mined from in-batch ITC similarity (ALBEF)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, E), (B, E) unit vectors -> (loss, sim (B, B) image x text cosine)."""
+    sim = image_emb @ text_emb.t()  # (B, B)
+    logits = logit_scale * sim
+    target = torch.arange(sim.shape[0], device=sim.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    return loss, sim
+
+
+def sample_hard_negatives(
+    logits: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a negative text, and for each text a negative image, drawn in proportion
+    to softmax(ITC logits) over the other items of the batch (never the positive), as ALBEF
+    does: the more similar a wrong pair looks to ITC, the likelier ITM is trained on it.
+
+    logits (B, B) image x text, scaled by the ITC temperature -> (text index per image (B,),
+    image index per text (B,)).
+    """
+    sim = logits
+    B = sim.shape[0]
+    if B < 2:
+        raise ValueError("hard-negative mining needs a batch of at least 2 pairs")
+    eye = torch.eye(B, dtype=torch.bool, device=sim.device)
+    with torch.no_grad():
+        w_i2t = sim.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-9 * (~eye)  # (B, B) rows: images
+        w_t2i = sim.float().t().softmax(dim=1).masked_fill(eye, 0.0) + 1e-9 * (~eye)  # (B, B) rows: texts
+        gen_device = generator.device if generator is not None else sim.device
+        neg_text = torch.multinomial(w_i2t.to(gen_device), 1, generator=generator).squeeze(1)
+        neg_image = torch.multinomial(w_t2i.to(gen_device), 1, generator=generator).squeeze(1)
+    return neg_text.to(sim.device), neg_image.to(sim.device)
+
+
+def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over matched (label 1) and mismatched (label 0) pair logits."""
+    logits = torch.cat([pos_logits, neg_logits])
+    labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(neg_logits)])
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())

@@ -1,0 +1,161 @@
+"""Preprocessing that stays outside ``nn.Module``: image loading/transform and tokenisation.
+
+Images travel as uint8 (B, 3, S, S) until they reach the model's device, where
+``normalize_pixels`` turns them into floats: four times less memory in caches, DataLoader
+queues and host-to-device copies than float pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import VisionConfig
+
+DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used: missing, not an image, truncated, or too large."""
+
+
+def load_image(path: str | os.PathLike | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation and convert to RGB; raise ImageError on failure."""
+    if isinstance(path, Image.Image):
+        img = path
+    else:
+        try:
+            img = Image.open(path)
+        except FileNotFoundError as e:
+            raise ImageError(f"file not found: {path}") from e
+        except (OSError, Image.UnidentifiedImageError) as e:
+            raise ImageError(f"not a readable image: {path} ({e})") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {path}")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"corrupt or truncated image: {path} ({e})") from e
+
+
+class ImageTransform:
+    """PIL image -> uint8 (3, S, S): scale the longer side to S and pad to a square.
+
+    Letterboxing rather than centre-cropping keeps every object in frame (product shots
+    often place items near the edges). Padding is white, the usual catalog background.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        self.size = cfg.image_size
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        s = self.size
+        w, h = img.size
+        scale = s / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        if (nw, nh) != (s, s):
+            canvas = Image.new("RGB", (s, s), (255, 255, 255))
+            canvas.paste(img, ((s - nw) // 2, (s - nh) // 2))
+            img = canvas
+        arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
+
+    def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        return torch.stack([self(img) for img in images])  # (B, 3, S, S) uint8
+
+    def normalize(self, pixels_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on any device -> normalised float32 (B, 3, S, S)."""
+        x = pixels_u8.float().div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class TextTokenizer:
+    """Texts -> (ids, mask) LongTensors (B, L), padded to the longest, truncated to max_length."""
+
+    def __init__(self, hf_tokenizer, max_length: int):
+        self.hf = hf_tokenizer
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.hf(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    def save(self, folder: str | Path) -> None:
+        self.hf.save_pretrained(str(folder))
+
+    @classmethod
+    def load(cls, folder: str | Path, max_length: int) -> TextTokenizer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), max_length)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 2000, max_length: int = 32) -> TextTokenizer:
+    """A lower-cased BERT-style WordPiece tokenizer whose vocabulary is learned from the catalog.
+
+    Vocabulary: the special tokens, every character seen plus ASCII letters, digits and punctuation (as a word start and as a ``##``
+    continuation, so no word is ever [UNK]), then whole words by frequency (ties
+    alphabetical) up to ``vocab_size``. Built with ``tokenizers``' WordPiece model, BERT
+    normaliser and pre-tokeniser, but not its trainer: that trainer's output changes from run
+    to run (hash-map ordering), which would break seeded reproducibility.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    room = max(0, vocab_size - len(vocab))
+    seen = set(vocab)
+    vocab += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if w not in seen][:room]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+    return TextTokenizer(hf, max_length)

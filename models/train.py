@@ -1,0 +1,352 @@
+"""Training loop: ITC (symmetric InfoNCE, learned temperature) + ITM with hard negatives.
+
+One step: the image tower and the text tower run once on the batch; ITC is computed from
+their pooled embeddings; ALBEF-style hard negatives are drawn from the in-batch ITC
+similarities; the fusion encoder scores B positives and 2B negatives for ITM.
+
+AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
+Checkpoints every N steps under ``OUT/checkpoints/step-XXXXXXX/`` (a model folder plus
+``trainer.safetensors`` / ``trainer.json`` holding optimizer and RNG state: no pickle);
+``resume=True`` continues from the newest one. On CPU with an epoch budget the run is
+bit-reproducible for a seed, resumed or not. With a time budget (``minutes``) the learning
+rate follows elapsed time instead of steps, so the schedule completes when time runs out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint
+from .checkpoint import Bundle
+from .data import PairCollator, PairDataset
+from .losses import itc_loss, itm_loss, sample_hard_negatives
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = 10  # passes over the data (None: until the time budget runs out)
+    minutes: float | None = None  # wall-clock budget; stops at whichever of epochs/minutes ends first
+    batch_size: int = 64  # pairs per step (also the pool hard negatives are drawn from)
+    lr: float = 1e-3  # peak learning rate of the parts trained from scratch
+    pretrained_lr_scale: float = 0.1  # multiplier for a pretrained text tower
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
+    grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: early norms are 20-100)
+    itm_weight: float = 1.0  # loss = itc + itm_weight * itm
+    hard_negative_ramp: int = 300  # steps over which ITM negatives go from uniform to ITC-hard
+    mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
+    checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    workers: int = 0  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda[:n]
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.epochs is None and self.minutes is None:
+            raise ValueError("give epochs, minutes, or both")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # total loss per step (this run)
+    stopped_by: str = "epochs"  # "epochs" | "minutes"
+
+
+def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from 1 to ``min_ratio`` as progress goes 0 -> 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(bundle: Bundle, cfg: TrainConfig) -> list[dict]:
+    pretrained = bundle.config.text.source == "pretrained"
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in bundle.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_pre = pretrained and name.startswith("text.")
+        no_decay = p.dim() < 2 or name.endswith("logit_scale") or name.startswith("vision.pos")
+        groups.setdefault((is_pre, no_decay), []).append(p)
+    out = []
+    for (is_pre, no_decay), params in sorted(groups.items()):
+        lr = cfg.lr * (cfg.pretrained_lr_scale if is_pre else 1.0)
+        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
+    return out
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int, neighbour: list[int] | None = None) -> list[list[int]]:
+    """This epoch's batches: a seeded permutation, the last short batch dropped when n > batch.
+
+    With ``neighbour`` (item -> its nearest other item) each item is followed by its
+    neighbour when that one is still unplaced, so most batches hold the pairs the model
+    confuses most: hard negatives for ITC and ITM alike (twins, near-duplicates).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).tolist()
+    if neighbour is not None:
+        placed, order = [False] * n, []
+        for i in perm:
+            if not placed[i]:
+                placed[i] = True
+                order.append(i)
+                j = neighbour[i]
+                if not placed[j]:
+                    placed[j] = True
+                    order.append(j)
+        perm = order
+    size = min(batch_size, n)
+    return [perm[i : i + size] for i in range(0, n - size + 1, size)]
+
+
+@torch.no_grad()
+def nearest_text_neighbours(bundle: Bundle, dataset: PairDataset, device, chunk: int = 256) -> list[int]:
+    """For every pair, the other pair whose text is closest in the current ITC space
+    (streamed in chunks: memory is (chunk, n), never (n, n))."""
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    texts = [dataset.text(i) for i in range(len(dataset))]
+    embs = []
+    for i in range(0, len(texts), chunk):
+        ids, mask = bundle.tokenizer(texts[i : i + chunk])
+        embs.append(model.encode_text(ids.to(device), mask.to(device)).float())
+    emb = torch.cat(embs)  # (n, E)
+    out = []
+    for i in range(0, emb.shape[0], chunk):
+        sim = emb[i : i + chunk] @ emb.t()  # (c, n)
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        sim[rows, rows + i] = float("-inf")  # not itself
+        out += sim.argmax(dim=1).tolist()
+    model.train(was_training)
+    return out
+
+
+# ---- trainer state (no pickle) -------------------------------------------------------------
+
+
+def _save_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, meta: dict) -> None:
+    sd = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.negatives"] = gen.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(folder / "trainer.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    (folder / "trainer.json").write_text(json.dumps({**meta, "param_groups": groups}, indent=1))
+
+
+def _load_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    tensors = load_file(str(folder / "trainer.safetensors"))
+    meta = json.loads((folder / "trainer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    groups = meta.pop("param_groups")
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.negatives"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = sorted((Path(out_dir) / CHECKPOINTS).glob("step-*"))
+    ckpts = [c for c in ckpts if (c / "trainer.json").exists()]  # written last: a complete checkpoint
+    return ckpts[-1] if ckpts else None
+
+
+def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep: int) -> Path:
+    root = out_dir / CHECKPOINTS
+    folder = root / f"step-{meta['step']:07d}"
+    tmp = root / f".tmp-{meta['step']:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpoint.save(bundle, tmp)
+    _save_state(tmp, opt, gen, meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # a checkpoint folder is complete or absent
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+
+def train_step(
+    bundle: Bundle, batch: dict[str, torch.Tensor], gen: torch.Generator, cfg: TrainConfig, device, hardness: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Forward one batch and return the losses (no backward).
+
+    ``hardness`` in [0, 1] scales the ITC logits the negatives are drawn from: 0 draws them
+    uniformly, 1 as ALBEF does. Starting easy lets the fusion layers learn to match at all
+    before they must separate near-identical pairs (from scratch, hard negatives alone keep
+    ITM at its prior for hundreds of steps).
+    """
+    model = bundle.model
+    nb = device.type == "cuda"
+    pixels = bundle.transform.normalize(batch["pixels"].to(device, non_blocking=nb))  # (B, 3, S, S)
+    if device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    ids, mask = batch["ids"].to(device, non_blocking=nb), batch["mask"].to(device, non_blocking=nb)  # (B, L)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        img_tokens = model.vision(pixels)  # (B, N, D_v)
+        txt_tokens = model.text(ids, mask)  # (B, L, D_t)
+        img_emb = model.image_emb(img_tokens)  # (B, E)
+        txt_emb = model.text_emb(txt_tokens, mask)  # (B, E)
+        scale = model.logit_scale_value()
+        l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale)
+        neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen)  # (B,), (B,)
+        # 3B fusion rows: positives, (image, hard text), (hard image, text)
+        f_img = torch.cat([img_tokens, img_tokens, img_tokens[neg_img]])  # (3B, N, D_v)
+        f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens])  # (3B, L, D_t)
+        f_mask = torch.cat([mask, mask[neg_txt], mask])  # (3B, L)
+        logits = model.fuse(f_img, f_txt, f_mask)  # (3B,)
+        B = ids.shape[0]
+        l_itm = itm_loss(logits[:B], logits[B:])
+    loss = l_itc + cfg.itm_weight * l_itm
+    return {"loss": loss, "itc": l_itc.detach(), "itm": l_itm.detach()}
+
+
+def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train ``bundle.model`` in place on ``dataset``; writes the final model folder to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = checkpoint.resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = bundle.model.to(device)
+    if device.type == "cuda":
+        model.vision.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.AdamW(_param_groups(bundle, cfg), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))
+    total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else None
+    budget = cfg.minutes * 60 if cfg.minutes is not None else None
+
+    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    epoch_batches: list[list[int]] | None = None  # this epoch's batch plan (checkpointed: it depends on the model)
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir / CHECKPOINTS)
+        else:
+            from safetensors.torch import load_model
+
+            load_model(model, str(ckpt / checkpoint.WEIGHTS_NAME), device=str(device))
+            meta = _load_state(ckpt, opt, gen)
+            step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+            elapsed_before = meta.get("elapsed", 0.0)
+            epoch_batches = meta.get("epoch_batches")
+            log.info("resumed from %s (step %d, epoch %d)", ckpt, step, epoch)
+
+    collate = PairCollator(bundle.tokenizer)
+    result = TrainResult(steps=step, epochs_done=0.0, seconds=0.0)
+    t0 = time.perf_counter()
+    pairs_seen, t_rate = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress or None)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def meta() -> dict:
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "elapsed": elapsed(),
+            "epoch_batches": epoch_batches,
+            "train_config": dataclasses.asdict(cfg),
+        }
+
+    stop = None
+    while stop is None:
+        if cfg.epochs is not None and epoch >= cfg.epochs:
+            stop = "epochs"
+            break
+        dataset.set_epoch(epoch)
+        if epoch_batches is None:
+            neighbour = nearest_text_neighbours(bundle, dataset, device) if cfg.mine_batches and epoch > 0 else None
+            epoch_batches = _batches(len(dataset), cfg.batch_size, cfg.seed, epoch, neighbour)
+        batches = epoch_batches[batch_in_epoch:]
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        for batch in loader:
+            if budget is not None and elapsed() >= budget:
+                stop = "minutes"
+                break
+            progress = step / total_steps if total_steps else 0.0
+            if budget is not None:
+                progress = max(progress, elapsed() / budget)
+            factor = lr_factor(progress, step, cfg.warmup_steps, cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            hardness = min(1.0, step / cfg.hard_negative_ramp) if cfg.hard_negative_ramp else 1.0
+            out = train_step(bundle, batch, gen, cfg, device, hardness)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            batch_in_epoch += 1
+            loss = float(out["loss"].detach())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr or check the data")
+            result.losses.append(loss)
+            pairs_seen += batch["ids"].shape[0]
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.3f}", itc=f"{float(out['itc']):.3f}", itm=f"{float(out['itm']):.3f}",
+                pairs_s=f"{pairs_seen / max(now - t_rate, 1e-9):.0f}", refresh=False,
+            )
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints)
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            epoch_batches = None
+    bar.close()
+    model.eval()
+    _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints)
+    checkpoint.save(bundle, out_dir)
+    result.steps = step
+    result.epochs_done = epoch + batch_in_epoch / max(steps_per_epoch, 1)
+    result.seconds = elapsed()
+    result.stopped_by = stop
+    log.info("trained %d steps (%.2f epochs) in %.0f s, stopped by %s", step, result.epochs_done, result.seconds, stop)
+    return result

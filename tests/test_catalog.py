@@ -1,0 +1,44 @@
+"""Catalog CSV reading: good rows land, bad rows come back with file, line and reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from indexer.catalog import CatalogError, read_csv
+
+
+def test_bad_rows_are_reported_not_fatal(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text(
+        "id,image,caption,color\n"
+        "a,img/a.png,a red mug,red\n"  # line 2: good
+        ",img/b.png,a blue mug,blue\n"  # 3: empty id
+        "c,,a hat,green\n"  # 4: empty image
+        "d,img/d.png,,pink\n"  # 5: no text
+        "e,img/e.png\n"  # 6: missing fields
+        'f,img/f.png,"a mug, with a comma\nand a newline",red\n'  # 7-8: quoted, fine
+    )
+    rows, errors = read_csv(p)
+    assert [r.external_id for r in rows] == ["a", "f"]
+    assert rows[0].image == tmp_path / "img/a.png" and rows[0].metadata == {"color": "red"}
+    assert rows[1].texts == ("a mug, with a comma\nand a newline",)
+    assert [(e.line, e.reason.split()[0]) for e in errors] == [(3, "empty"), (4, "empty"), (5, "no"), (6, "wrong")]
+    assert all(e.file == str(p) for e in errors)
+    assert str(errors[0]).startswith(f"{p}:3: ")
+
+
+def test_missing_header_column_names_it(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("id,picture,caption\n1,a.png,x\n")
+    with pytest.raises(CatalogError, match=r"\['image'\]"):
+        read_csv(p)
+    with pytest.raises(CatalogError, match="not found"):
+        read_csv(tmp_path / "nope.csv")
+
+
+def test_non_utf8_rows_are_reported(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_bytes(b"id,image,caption\n1,a.png,a red mug\n2,b.png,caf\xe9 mug\n")
+    rows, errors = read_csv(p)
+    assert [r.external_id for r in rows] == ["1"]
+    assert len(errors) == 1 and "UTF-8" in errors[0].reason

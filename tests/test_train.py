@@ -1,0 +1,142 @@
+"""Training: the loss falls, retrieval beats chance, runs are reproducible, resume is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_VISION, tiny_bundle
+from indexer.catalog import read_csv
+from models import checkpoint
+from models.data import Pair, PairDataset
+from models.losses import itc_loss, sample_hard_negatives
+from models.train import TrainConfig, _batches, latest_checkpoint, lr_factor, train
+from models.validate import text_to_image_r1
+
+
+def _dataset(catalog, b, cols=("title", "caption")):
+    rows, errors = read_csv(catalog / "train.csv", text_cols=cols)
+    assert not errors
+    ds = PairDataset([Pair(r.image, r.texts, r.source) for r in rows], b.transform)
+    assert ds.preload(progress=False) == []
+    return ds
+
+
+def _fresh(catalog):
+    rows, _ = read_csv(catalog / "train.csv", text_cols=("title", "caption"))
+    torch.manual_seed(0)
+    return checkpoint.build_scratch(
+        [t for r in rows for t in r.texts], vision=TINY_VISION, vocab_size=200, hidden_size=32, num_layers=1,
+        num_heads=2, embed_dim=24,
+    )
+
+
+def _weights(b):
+    return {k: v.clone() for k, v in b.model.state_dict().items()}
+
+
+def test_training_lowers_loss_and_retrieves_far_above_chance(small_catalog, tmp_path):
+    b = _fresh(small_catalog)
+    ds = _dataset(small_catalog, b, cols=("caption",))
+    cfg = TrainConfig(epochs=30, batch_size=16, lr=2e-3, warmup_steps=10, checkpoint_every=0, progress=False)
+    res = train(b, ds, tmp_path / "m", cfg)
+    first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    v = text_to_image_r1(b, ds.pixels_all(), [p.texts[0] for p in ds.pairs], rerank_k=8)
+    chance = 1 / len(ds)
+    assert v.itc_r1 > 10 * chance, v  # chance is ~2 %
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    loaded = checkpoint.load(tmp_path / "m")
+    v2 = text_to_image_r1(loaded, ds.pixels_all(), [p.texts[0] for p in ds.pairs], rerank_k=8)
+    assert v2 == v  # the saved model is the trained one
+
+
+def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=16, warmup_steps=2, checkpoint_every=4, progress=False)
+    runs = []
+    for name in ("a", "b"):
+        b = _fresh(small_catalog)
+        res = train(b, _dataset(small_catalog, b), tmp_path / name, cfg)
+        runs.append((res.losses, _weights(b)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+    # a run that crashes during step 6 (its newest checkpoint is from step 4), then resumed
+    import models.train as train_mod
+
+    real_step, calls = train_mod.train_step, []
+
+    def crashing_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*a, **k)
+
+    b = _fresh(small_catalog)
+    train_mod.train_step = crashing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(b, _dataset(small_catalog, b), tmp_path / "c", cfg)
+    finally:
+        train_mod.train_step = real_step
+    ckpt = latest_checkpoint(tmp_path / "c")
+    assert ckpt is not None and ckpt.name == "step-0000004"
+    b = checkpoint.load(ckpt)
+    res = train(b, _dataset(small_catalog, b), tmp_path / "c", cfg, resume=True)
+    assert res.steps == len(runs[0][0])
+    assert res.losses == runs[0][0][4:]
+    w = _weights(b)
+    assert all(torch.equal(w[k], runs[0][1][k]) for k in w)
+
+
+def test_time_budget_stops_training(small_catalog, tmp_path):
+    b = _fresh(small_catalog)
+    res = train(b, _dataset(small_catalog, b), tmp_path / "m",
+                TrainConfig(epochs=None, minutes=0.05, batch_size=16, checkpoint_every=0, progress=False))
+    assert res.stopped_by == "minutes"
+    assert 0 < res.seconds < 3 * 60 * 0.05 + 20  # stops within one step of the budget (+ final save)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s / 100, s, 10, 0.05) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(1.0, 100, 10, 0.05) == pytest.approx(0.05)
+
+
+def test_itc_loss_matches_hand_computation():
+    img = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    txt = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [0.0, 1.0]]), dim=-1)
+    loss, sim = itc_loss(img, txt, torch.tensor(10.0))
+    s = (img @ txt.T) * 10
+    i2t = -(math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[0, 1])))
+            + math.log(math.exp(s[1, 1]) / (math.exp(s[1, 0]) + math.exp(s[1, 1])))) / 2
+    t2i = -(math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[1, 0])))
+            + math.log(math.exp(s[1, 1]) / (math.exp(s[0, 1]) + math.exp(s[1, 1])))) / 2
+    assert float(loss) == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
+def test_hard_negatives_are_never_the_positive_and_follow_similarity():
+    g = torch.Generator().manual_seed(0)
+    B = 6
+    logits = torch.zeros(B, B)
+    logits[0, 3] = 20.0  # text 3 looks very much like image 0
+    counts = torch.zeros(B)
+    for _ in range(200):
+        neg_t, neg_i = sample_hard_negatives(logits, g)
+        assert (neg_t != torch.arange(B)).all() and (neg_i != torch.arange(B)).all()
+        counts[neg_t[0]] += 1
+    assert counts[3] > 190  # drawn in proportion to softmax(logits)
+    with pytest.raises(ValueError):
+        sample_hard_negatives(torch.zeros(1, 1), g)
+
+
+def test_neighbour_batches_place_pairs_together():
+    neighbour = [1, 0, 3, 2, 5, 4, 7, 6]
+    batches = _batches(8, 4, seed=1, epoch=0, neighbour=neighbour)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(8))
+    for b in batches:
+        assert all(neighbour[i] in b for i in b)

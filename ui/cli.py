@@ -1,0 +1,138 @@
+"""The ``vtfusion`` command line: thin wrappers over the library functions.
+
+Every command here is documented in the README (``tests/test_cli.py`` fails otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="vtfusion",
+    help="Vision-text search: fusion model, FAISS indexes over SQL metadata, cross-attention reranking.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+log = logging.getLogger("vtfusion")
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command("demo-catalog")
+def demo_catalog(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/, train.csv and test.csv into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of items.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives identical files.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Rendered image side in pixels.")] = 128,
+    test_frac: Annotated[float, typer.Option("--test-frac", help="Share of item groups held out in test.csv.")] = 0.2,
+) -> None:
+    """Generate the synthetic product catalog (attribute-bound captions, attribute-swapped twins)."""
+    from indexer.demo import generate
+
+    try:
+        counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(
+        f"wrote {counts['items']} items to {out}: {counts['train']} in train.csv, {counts['test']} in test.csv, "
+        f"{counts['items_with_twin']} with an attribute-swapped twin"
+    )
+
+
+def _print_validation(v) -> None:
+    typer.echo(f"held-out text->image over {v.n} pairs")
+    typer.echo(f"  {'R@1 ITC only':<34}{100 * v.itc_r1:6.1f}")
+    typer.echo(f"  {f'R@1 ITM rerank of top {v.rerank_k}':<34}{100 * v.itm_r1:6.1f}")
+    typer.echo(f"  {f'R@1 ITM+ITC rerank of top {v.rerank_k}':<34}{100 * v.fused_r1:6.1f}")
+    typer.echo(f"  {f'R@{v.rerank_k} ITC (rerank ceiling)':<34}{100 * v.itc_recall_at_k:6.1f}")
+
+
+@app.command("train")
+def train_cmd(
+    catalog: Annotated[Path, typer.Argument(help="Catalog CSV of training pairs (image path relative to the CSV).")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (checkpoints go under OUT/checkpoints).")],
+    val: Annotated[Path | None, typer.Option("--val", help="Held-out CSV for the final validation.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default 10 if --minutes is not given).")] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-clock budget; the LR schedule follows it.")] = None,
+    text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch | path to a local BERT folder.")] = "minilm",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (a pretrained text tower gets 0.1x).")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Model input side in pixels (new models only).")] = 64,
+    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) to train on, one drawn per epoch (default: those of title, caption, text, description present).")] = None,
+    val_text_col: Annotated[str, typer.Option("--val-text-col", help="Text column used as the validation query.")] = "caption",
+    id_col: Annotated[str, typer.Option("--id-col")] = "id",
+    image_col: Annotated[str, typer.Option("--image-col")] = "image",
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under --out.")] = False,
+) -> None:
+    """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
+    from indexer.catalog import CatalogError
+    from indexer.train_catalog import train_catalog
+    from models.config import VisionConfig
+    from models.train import TrainConfig
+
+    if epochs is None and minutes is None:
+        epochs = 10
+    try:
+        cfg = TrainConfig(
+            epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
+            device=device, checkpoint_every=checkpoint_every,
+        )
+        report = train_catalog(
+            catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
+            id_col=id_col, image_col=image_col, vision=VisionConfig(image_size=image_size), resume=resume,
+        )
+    except (CatalogError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
+    r = report.result
+    typer.echo(
+        f"trained {r.steps} steps ({r.epochs_done:.1f} epochs over {report.train_pairs} pairs) in {r.seconds:.0f} s "
+        f"(stopped by {r.stopped_by}); model in {report.model_dir}"
+    )
+    if report.skipped:
+        typer.echo(f"{len(report.skipped)} rows skipped (first: {report.skipped[0]})")
+    if report.validation is not None:
+        _print_validation(report.validation)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/ and model/ go inside).")] = Path("demo-run"),
+    n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 2000,
+    minutes: Annotated[float, typer.Option("--minutes", help="Training budget.")] = 3.0,
+    text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """The main job on the embedded default: generate the demo catalog, train, validate."""
+    catalog = out / "catalog"
+    if not (catalog / "train.csv").exists():
+        demo_catalog(catalog, n=n, seed=seed, image_size=128, test_frac=0.2)
+    train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", minutes=minutes,
+              text_tower=text_tower, device=device, seed=seed)
+
+
+if __name__ == "__main__":
+    app()
