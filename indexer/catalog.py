@@ -1,15 +1,23 @@
-"""Catalog CSV reading: rows of (id, image path relative to the file, texts, metadata).
+"""Catalog sources: CSV, JSONL, Parquet rows, or a folder of images (with same-name ``.txt`` captions).
 
-A bad row (missing column, empty image path, no text) never stops the read: it is returned as
-a :class:`RowError` naming the file, the line and the reason.
+Every source yields :class:`CatalogRow` (id, image path resolved against the catalog file's
+folder, texts, typed metadata) and :class:`RowError` for what could not be used: a missing
+column, an empty id or image path, no text, non-UTF-8 bytes, a malformed line, an image path
+that escapes the catalog folder. A bad row never stops the read.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+AUTO_TEXT_COLUMNS = ("title", "caption", "text", "description")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+MAX_TEXT_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -17,14 +25,14 @@ class CatalogRow:
     external_id: str
     image: Path  # resolved against the catalog file's folder
     texts: tuple[str, ...]  # the non-empty text fields, in the order asked for
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # numbers parsed as numbers
     source: str = ""  # "file.csv:LINE"
 
 
 @dataclass(frozen=True)
 class RowError:
     file: str
-    line: int
+    line: int  # 1-based line (CSV/JSONL) or row number (Parquet); 0 for a folder entry
     reason: str
 
     def __str__(self) -> str:
@@ -32,79 +40,188 @@ class RowError:
 
 
 class CatalogError(ValueError):
-    """The catalog as a whole cannot be read (missing file, missing header columns)."""
+    """The catalog as a whole cannot be read (missing file, missing columns, unknown format)."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    id: str = "id"
+    image: str = "image"
+    text: tuple[str, ...] | None = None  # None: whichever of AUTO_TEXT_COLUMNS exist
 
 
 def _has_bad_bytes(s: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in s)
 
 
-AUTO_TEXT_COLUMNS = ("title", "caption", "text", "description")
+def _typed(v: Any) -> Any:
+    """CSV gives strings: parse ints and floats so metadata filters can compare numbers."""
+    if not isinstance(v, str):
+        return v
+    s = v.strip()
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return v
 
 
-def read_csv(
-    path: str | Path,
-    id_col: str = "id",
-    image_col: str = "image",
-    text_cols: Sequence[str] | None = None,
-) -> tuple[list[CatalogRow], list[RowError]]:
-    """``text_cols=None`` takes whichever of title, caption, text, description the header has."""
+def _text_columns(cols: Columns, header: Sequence[str], path: Path) -> tuple[str, ...]:
+    text = cols.text if cols.text is not None else tuple(c for c in AUTO_TEXT_COLUMNS if c in header)
+    if not text:
+        raise CatalogError(
+            f"{path}: no text column; the header {list(header)} has none of {list(AUTO_TEXT_COLUMNS)} "
+            "(name yours with --text-col)"
+        )
+    missing = [c for c in (cols.id, cols.image, *text) if c not in header]
+    if missing:
+        raise CatalogError(f"{path}: columns {missing} not in the header {list(header)}; map them with the column options")
+    return text
+
+
+def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str]) -> CatalogRow | RowError:
+    def err(reason: str) -> RowError:
+        return RowError(str(path), line, reason)
+
+    bad = [c for c, v in rec.items() if isinstance(v, str) and _has_bad_bytes(v)]
+    if bad:
+        return err(f"not UTF-8 text in column(s) {bad}")
+    ext_id = "" if rec.get(cols.id) is None else str(rec[cols.id]).strip()
+    img = "" if rec.get(cols.image) is None else str(rec[cols.image]).strip()
+    texts = tuple(str(t).strip() for c in text_cols if (t := rec.get(c)) is not None and str(t).strip())
+    if not ext_id:
+        return err(f"empty id column {cols.id!r}")
+    if not img:
+        return err(f"empty image column {cols.image!r}")
+    if not texts:
+        return err(f"no text in {list(text_cols)}")
+    if any(len(t) > MAX_TEXT_CHARS for t in texts):
+        return err(f"text longer than {MAX_TEXT_CHARS} characters")
+    root = path.parent.resolve()
+    image = (root / img).resolve()
+    if not image.is_relative_to(root):
+        return err(f"image path {img!r} points outside the catalog folder {root}")
+    skip = {cols.id, cols.image, *text_cols}
+    meta = {k: _typed(v) for k, v in rec.items() if k not in skip and k is not None and v is not None and v != ""}
+    return CatalogRow(ext_id, image, texts, meta, f"{path}:{line}")
+
+
+def _split(items: Iterable[CatalogRow | RowError]) -> tuple[list[CatalogRow], list[RowError]]:
+    rows, errors = [], []
+    for x in items:
+        (errors if isinstance(x, RowError) else rows).append(x)
+    return rows, errors
+
+
+def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
-    rows: list[CatalogRow] = []
-    errors: list[RowError] = []
-    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is reported
-    # with its line number instead of aborting the whole file
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if any(_has_bad_bytes(h) for h in header):
-            raise CatalogError(f"{path}: the header line is not UTF-8; re-save the file as UTF-8")
-        if text_cols is None:
-            text_cols = [c for c in AUTO_TEXT_COLUMNS if c in header]
-            if not text_cols:
-                raise CatalogError(
-                    f"{path}: no text column; the header {header} has none of {list(AUTO_TEXT_COLUMNS)} "
-                    "(name yours with --text-col)"
-                )
-        missing = [c for c in (id_col, image_col, *text_cols) if c not in header]
-        if missing:
-            raise CatalogError(f"{path}: columns {missing} not in the header {header}; map them with the column options")
-        meta_cols = [c for c in header if c not in (id_col, image_col, *text_cols)]
-        while True:
+
+    def gen():
+        # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is reported
+        # with its line number instead of aborting the whole file
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if any(_has_bad_bytes(h) for h in header):
+                raise CatalogError(f"{path}: the header line is not UTF-8; re-save the file as UTF-8")
+            text_cols = _text_columns(cols, header, path)
+            while True:
+                start = reader.line_num + 1
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    yield RowError(str(path), start, f"malformed CSV: {e}")
+                    continue
+                if None in rec or None in rec.values():  # extra fields / missing fields
+                    n = len(header) + len(rec.get(None) or []) - sum(v is None for v in rec.values())
+                    yield RowError(str(path), start, f"wrong number of fields: {n}, the header has {len(header)}")
+                    continue
+                yield _to_row(rec, path, start, cols, text_cols)
+
+    return _split(gen())
+
+
+def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+
+    def gen():
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield RowError(str(path), line_no, f"not UTF-8: {e}")
+                    continue
+                except json.JSONDecodeError as e:
+                    yield RowError(str(path), line_no, f"malformed JSON: {e}")
+                    continue
+                if not isinstance(rec, dict):
+                    yield RowError(str(path), line_no, "a JSONL line must be an object")
+                    continue
+                text_cols = cols.text if cols.text is not None else tuple(c for c in AUTO_TEXT_COLUMNS if c in rec)
+                yield _to_row(rec, path, line_no, cols, text_cols or AUTO_TEXT_COLUMNS)
+
+    return _split(gen())
+
+
+def read_parquet(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+    table = pq.read_table(path)
+    text_cols = _text_columns(cols, table.column_names, path)
+    return _split(_to_row(rec, path, i, cols, text_cols) for i, rec in enumerate(table.to_pylist(), 1))
+
+
+def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
+    """Every image file under the folder; id = its relative path; text = a same-name .txt if any."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise CatalogError(f"not a folder: {root}")
+    rows, errors = [], []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = p.relative_to(root).as_posix()
+        txt = p.with_suffix(".txt")
+        texts: tuple[str, ...] = ()
+        if txt.exists():
             try:
-                rec = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                errors.append(RowError(str(path), reader.line_num, f"malformed CSV: {e}"))
+                t = txt.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                errors.append(RowError(str(txt), 0, f"caption is not UTF-8: {e}"))
                 continue
-            line = reader.line_num
-            if None in rec or None in rec.values():  # extra fields / missing fields
-                n = len(header) + len(rec.get(None) or []) - sum(v is None for v in rec.values())
-                errors.append(RowError(str(path), line, f"wrong number of fields: {n}, the header has {len(header)}"))
+            if len(t) > MAX_TEXT_CHARS:
+                errors.append(RowError(str(txt), 0, f"caption longer than {MAX_TEXT_CHARS} characters"))
                 continue
-            bad = [c for c, v in rec.items() if v and _has_bad_bytes(v)]
-            if bad:
-                errors.append(RowError(str(path), line, f"not UTF-8 text in column(s) {bad}"))
-                continue
-            ext_id, img = rec[id_col].strip(), rec[image_col].strip()
-            texts = tuple(t.strip() for c in text_cols if (t := rec.get(c) or "").strip())
-            if not ext_id:
-                errors.append(RowError(str(path), line, f"empty id column {id_col!r}"))
-            elif not img:
-                errors.append(RowError(str(path), line, f"empty image column {image_col!r}"))
-            elif not texts:
-                errors.append(RowError(str(path), line, f"no text in {list(text_cols)}"))
-            else:
-                rows.append(
-                    CatalogRow(
-                        external_id=ext_id,
-                        image=(path.parent / img),
-                        texts=texts,
-                        metadata={c: rec[c] for c in meta_cols if rec.get(c) is not None},
-                        source=f"{path}:{line}",
-                    )
-                )
+            texts = (t,) if t else ()
+        rows.append(CatalogRow(rel, p, texts, {}, f"{root}/{rel}"))
     return rows, errors
+
+
+def read_source(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
+    """Dispatch on what ``path`` is: a folder, ``.csv``, ``.jsonl``/``.ndjson`` or ``.parquet``."""
+    path = Path(path)
+    if path.is_dir():
+        return read_folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_csv(path, cols)
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl(path, cols)
+    if suffix in (".parquet", ".pq"):
+        return read_parquet(path, cols)
+    if not path.exists():
+        raise CatalogError(f"catalog not found: {path}")
+    raise CatalogError(f"{path}: unknown catalog format {suffix!r}; use a folder, .csv, .jsonl or .parquet")

@@ -18,7 +18,7 @@ from models.data import Pair, PairDataset
 from models.train import TrainConfig, TrainResult, latest_checkpoint, train
 from models.validate import Validation, text_to_image_r1
 
-from .catalog import CatalogRow, read_csv
+from .catalog import CatalogRow, Columns, read_source
 
 log = logging.getLogger(__name__)
 TEXT_TOWERS = ("minilm", "scratch")
@@ -66,7 +66,7 @@ def train_catalog(
     rerank_k: int = 32,
 ) -> CatalogTrainReport:
     out_dir = Path(out_dir)
-    rows, errors = read_csv(catalog_csv, id_col=id_col, image_col=image_col, text_cols=text_cols)
+    rows, errors = read_source(catalog_csv, Columns(id_col, image_col, tuple(text_cols) if text_cols else None))
     skipped = [str(e) for e in errors]
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
@@ -79,7 +79,7 @@ def train_catalog(
 
     validation = None
     if val_csv is not None:
-        val_rows, val_errors = read_csv(val_csv, id_col=id_col, image_col=image_col, text_cols=(val_text_col,))
+        val_rows, val_errors = read_source(val_csv, Columns(id_col, image_col, (val_text_col,)))
         skipped += [str(e) for e in val_errors]
         val_set = PairDataset(_pairs(val_rows), bundle.transform)
         skipped += [f"{e.source}: {e.reason}" for e in val_set.preload(progress=cfg.progress)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import Iterable, Sequence
+from typing import IO
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +27,36 @@ class ImageError(ValueError):
     """An image file that cannot be used: missing, not an image, truncated, or too large."""
 
 
-def load_image(path: str | os.PathLike | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, fully decode, apply EXIF orientation and convert to RGB; raise ImageError on failure."""
+def load_image(
+    path: str | os.PathLike | IO[bytes] | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation and convert to RGB; raise ImageError on failure.
+
+    ``name`` is what error messages call the image (defaults to ``path``; pass the file name
+    when ``path`` is an in-memory buffer).
+    """
+    if name is None:
+        name = str(path)
     if isinstance(path, Image.Image):
         img = path
     else:
         try:
             img = Image.open(path)
         except FileNotFoundError as e:
-            raise ImageError(f"file not found: {path}") from e
+            raise ImageError(f"file not found: {name}") from e
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"decompression bomb refused: {name} ({e})") from e
         except (OSError, Image.UnidentifiedImageError) as e:
-            raise ImageError(f"not a readable image: {path} ({e})") from e
+            raise ImageError(f"not an image PIL can read: {name}") from e
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {path}")
+        raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {name}")
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"corrupt or truncated image: {path} ({e})") from e
+        raise ImageError(f"corrupt or truncated image: {name} ({e})") from e
 
 
 class ImageTransform:

@@ -45,3 +45,69 @@ def small_catalog(tmp_path_factory):
     out = tmp_path_factory.mktemp("catalog")
     generate(out, n=64, seed=3, image_size=48)
     return out
+
+
+# ---- collections: a saved tiny model and one database per test, SQLite and PostgreSQL --------
+
+PG_ADMIN_URL = os.environ.get("VTFUSION_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, small_catalog):
+    """A tiny model, briefly trained on the small catalog, saved as a model folder."""
+    from indexer.catalog import read_csv
+    from models.data import Pair, PairDataset
+    from models.train import TrainConfig, train
+
+    rows, _ = read_csv(small_catalog / "train.csv")
+    torch.manual_seed(0)
+    b = checkpoint.build_scratch(
+        [t for r in rows for t in r.texts], vision=TINY_VISION, vocab_size=200, hidden_size=32, num_layers=1,
+        num_heads=2, embed_dim=24,
+    )
+    ds = PairDataset([Pair(r.image, r.texts, r.source) for r in rows], b.transform)
+    ds.preload(progress=False)
+    out = tmp_path_factory.mktemp("model")
+    train(b, ds, out, TrainConfig(epochs=3, batch_size=16, checkpoint_every=0, progress=False))
+    return out
+
+
+def _pg_available() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with eng.connect():
+            pass
+        eng.dispose()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """'' (SQLite inside the collection) or a fresh PostgreSQL database dropped afterwards.
+
+    PostgreSQL tests skip when the server is unreachable, unless VTFUSION_REQUIRE_POSTGRES=1
+    (set by CI), which turns that skip into a failure.
+    """
+    if request.param == "sqlite":
+        yield ""
+        return
+    if not _pg_available():
+        if os.environ.get("VTFUSION_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required (VTFUSION_REQUIRE_POSTGRES=1) but {PG_ADMIN_URL} is unreachable")
+        pytest.skip("PostgreSQL unreachable")
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"vtf_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -72,3 +72,39 @@ def test_import_layers_contract():
     r = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "broken" not in r.stdout.lower() or "0 broken" in r.stdout.lower()
+
+
+def test_collection_commands(tmp_path, model_dir, small_catalog):
+    col = str(tmp_path / "col")
+    r = runner.invoke(app, ["init", col, "--model", str(model_dir)])
+    assert r.exit_code == 0, r.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,image,caption,color\nx1,nowhere.png,a mug,red\n")
+    r = runner.invoke(app, ["ingest", col, str(small_catalog / "test.csv"), "--workers", "0"])
+    assert r.exit_code == 0 and "added" in r.output and "0 failed" in r.output, r.output
+    r = runner.invoke(app, ["ingest", col, str(bad), "--workers", "0"])
+    assert "1 failed" in r.output and f"vtfusion errors {col}" in r.output
+    r = runner.invoke(app, ["errors", col])
+    assert f"{bad}:2: image file not found" in r.output
+    r = runner.invoke(app, ["stats", col, "--json"])
+    st = json.loads(r.stdout)
+    n = st["items_active"]
+    assert n > 0 and st["indexes"]["image"]["count"] == n and st["ingest_errors"] == 1
+    r = runner.invoke(app, ["delete", col, "--where", "colour = 'red'"])
+    assert r.exit_code == 1 and "unknown column 'colour'" in r.output
+    r = runner.invoke(app, ["delete", col, "--where", "n_objects = 1"])
+    assert r.exit_code == 0 and "deleted" in r.output
+    r = runner.invoke(app, ["verify", col])
+    assert r.exit_code == 0 and "ok" in r.output, r.output
+    r = runner.invoke(app, ["reindex", col, "--index", "Flat"])
+    assert r.exit_code == 0 and "image: Flat" in r.output
+    # a tampered index: verify fails and names the mismatch
+    from indexer.collection import Collection
+
+    c = Collection.open(col)
+    c.indexes["image"].remove(c.indexes["image"].ids()[:2])
+    from indexer.vectors import read_meta
+
+    c.indexes["image"].save(tmp_path / "col" / "index", read_meta(tmp_path / "col" / "index")["image"])
+    r = runner.invoke(app, ["verify", col])
+    assert r.exit_code == 1 and "2 stored items missing" in r.output

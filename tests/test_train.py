@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_VISION, tiny_bundle
-from indexer.catalog import read_csv
+from indexer.catalog import Columns, read_csv
 from models import checkpoint
 from models.data import Pair, PairDataset
 from models.losses import itc_loss, sample_hard_negatives
@@ -17,7 +17,7 @@ from models.validate import text_to_image_r1
 
 
 def _dataset(catalog, b, cols=("title", "caption")):
-    rows, errors = read_csv(catalog / "train.csv", text_cols=cols)
+    rows, errors = read_csv(catalog / "train.csv", Columns(text=cols))
     assert not errors
     ds = PairDataset([Pair(r.image, r.texts, r.source) for r in rows], b.transform)
     assert ds.preload(progress=False) == []
@@ -25,7 +25,7 @@ def _dataset(catalog, b, cols=("title", "caption")):
 
 
 def _fresh(catalog):
-    rows, _ = read_csv(catalog / "train.csv", text_cols=("title", "caption"))
+    rows, _ = read_csv(catalog / "train.csv", Columns(text=("title", "caption")))
     torch.manual_seed(0)
     return checkpoint.build_scratch(
         [t for r in rows for t in r.texts], vision=TINY_VISION, vocab_size=200, hidden_size=32, num_layers=1,

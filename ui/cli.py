@@ -134,5 +134,148 @@ def demo(
               text_tower=text_tower, device=device, seed=seed)
 
 
+# ---- collections ----------------------------------------------------------------------------
+
+
+def _open(collection: Path):
+    from indexer.collection import Collection, CollectionError
+    from indexer.vectors import IndexMismatchError
+
+    try:
+        return Collection.open(collection)
+    except (CollectionError, IndexMismatchError) as e:
+        _fail(str(e))
+
+
+@app.command("init")
+def init_cmd(
+    collection: Annotated[Path, typer.Argument(help="Folder to create the collection in.")],
+    model: Annotated[Path, typer.Option("--model", help="Model folder written by `vtfusion train`.")],
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder).")] = "",
+    index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
+    token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache precision: fp16 | int8.")] = "fp16",
+) -> None:
+    """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
+    from indexer.collection import Collection, CollectionError, mask_url
+
+    try:
+        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype)
+    except (CollectionError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"created {collection} (model {c.config.model_fingerprint}, db {mask_url(c.engine.url.render_as_string(hide_password=False))})")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    source: Annotated[Path, typer.Argument(help="Folder of images, or a .csv / .jsonl / .parquet catalog.")],
+    id_col: Annotated[str, typer.Option("--id-col")] = "id",
+    image_col: Annotated[str, typer.Option("--image-col", help="Image path column, relative to the catalog file.")] = "image",
+    text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) (default: whichever of title, caption, text, description exist).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per embedding batch and SQL transaction.")] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", help="Decoder processes (default: cores - 1, at most 4).")] = None,
+) -> None:
+    """Add a catalog's items to a collection (dedup by content; re-running resumes)."""
+    from indexer.catalog import CatalogError, Columns
+    from indexer.ingest import ingest
+
+    c = _open(collection)
+    try:
+        r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers)
+    except CatalogError as e:
+        _fail(str(e))
+    typer.echo(
+        f"added {r.added}, skipped {r.duplicates} duplicates, {r.failed} failed in {r.seconds:.1f} s "
+        f"({r.items_per_s:.1f} items/s; " + ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items()) + ")"
+    )
+    if r.failed:
+        typer.echo(f"see the failures with: vtfusion errors {collection}")
+
+
+@app.command("errors")
+def errors_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    limit: Annotated[int, typer.Option("--limit", help="Newest N errors.")] = 100,
+) -> None:
+    """List ingest errors: file, line and reason of every item that was skipped."""
+    from indexer.lifecycle import errors
+
+    rows = errors(_open(collection), limit)
+    if not rows:
+        typer.echo("no ingest errors")
+    for e in rows:
+        typer.echo(f"{e.file}:{e.line}: {e.reason}")
+
+
+@app.command("stats")
+def stats_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Items, embeddings, index types and sizes, token cache, model and database."""
+    import json
+
+    from indexer.lifecycle import stats
+
+    st = stats(_open(collection))
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    for k, v in st.items():
+        typer.echo(f"{k:<18}{v}")
+
+
+@app.command("delete")
+def delete_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    ids: Annotated[list[str] | None, typer.Option("--ids", help="External ids (or #ITEM_ID); repeatable.")] = None,
+    where: Annotated[str | None, typer.Option("--where", help="Filter expression, e.g. \"color = 'red' AND price < 20\".")] = None,
+) -> None:
+    """Delete items (tombstones in SQL, removed from the indexes); they never come back."""
+    from indexer.filters import FilterError
+    from indexer.lifecycle import delete, select_items
+
+    c = _open(collection)
+    try:
+        chosen = select_items(c, ids, where)
+    except (FilterError, ValueError) as e:
+        _fail(str(e))
+    n = delete(c, chosen)
+    typer.echo(f"deleted {n} items")
+
+
+@app.command("verify")
+def verify_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
+    """Reconcile SQL with the FAISS indexes and the token cache; exit 1 on any mismatch."""
+    from indexer.lifecycle import verify
+
+    r = verify(_open(collection))  # opening applies pending changes: verify checks what a search sees
+    for n in r.notes:
+        typer.echo(f"note: {n}")
+    if r.ok:
+        typer.echo("ok: SQL, indexes and token cache agree")
+        return
+    for p in r.problems:
+        typer.secho(f"mismatch: {p}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command("reindex")
+def reindex_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    index: Annotated[str | None, typer.Option("--index", help="New FAISS factory string (default: keep).")] = None,
+) -> None:
+    """Rebuild the FAISS indexes from the embeddings stored in SQL."""
+    from indexer.collection import Collection
+    from indexer.lifecycle import reindex
+
+    c = Collection.open(collection, catch_up=False)
+    try:
+        built = reindex(c, index)
+    except RuntimeError as e:
+        _fail(str(e))
+    typer.echo("rebuilt " + ", ".join(f"{m}: {f}" for m, f in built.items()))
+
+
 if __name__ == "__main__":
     app()

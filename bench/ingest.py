@@ -1,0 +1,86 @@
+"""Ingest throughput: end-to-end images/s against model-forward-only images/s, same batches, same run.
+
+    .venv/bin/python bench/ingest.py [--n 1000] [--model MODEL_DIR] [--workers W] [--batch-size B]
+
+The forward-only baseline runs exactly the model work ingest does per batch (image tokens,
+image embedding, text embedding) on images decoded beforehand; end-to-end is ``ingest`` into
+a fresh SQLite collection (read, decode, hash, dedup, embed, token cache, SQL, FAISS). The
+ratio end-to-end / forward-only is what the pipeline overhead costs (goal >= 0.9).
+Not a test: it prints a table; these machines are noisy, so compare ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer.catalog import read_csv  # noqa: E402
+from indexer.collection import Collection  # noqa: E402
+from indexer.demo import generate  # noqa: E402
+from indexer.ingest import default_workers, ingest, item_text  # noqa: E402
+from models import checkpoint  # noqa: E402
+from models.preprocess import load_image  # noqa: E402
+
+
+@torch.no_grad()
+def forward_only(bundle, pixels_u8: torch.Tensor, texts: list[str], batch_size: int) -> float:
+    model, device = bundle.model, bundle.device
+    t = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        px = bundle.transform.normalize(pixels_u8[i : i + batch_size].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tok = model.image_tokens(px)
+            model.image_emb(tok).float().cpu()
+            ids, mask = bundle.tokenizer(texts[i : i + batch_size])
+            model.encode_text(ids.to(device), mask.to(device)).float().cpu()
+        tok.float().cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(texts) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000, help="demo catalog size")
+    ap.add_argument("--model", type=Path, help="model folder (default: an untrained default-size model)")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate(tmp / "cat", n=args.n, seed=0)
+        rows, _ = read_csv(tmp / "cat" / "train.csv")
+        if args.model is None:
+            bundle = checkpoint.build_scratch([t for r in rows for t in r.texts])
+            checkpoint.save(bundle, tmp / "model")
+            args.model = tmp / "model"
+        bundle = checkpoint.load(args.model, device=checkpoint.resolve_device("auto"))
+        pixels = torch.stack([bundle.transform(load_image(r.image)) for r in rows])
+        texts = [item_text(r) for r in rows]
+        forward_only(bundle, pixels[: args.batch_size], texts[: args.batch_size], args.batch_size)  # warm-up
+        fwd = forward_only(bundle, pixels, texts, args.batch_size)
+
+        c = Collection.init(tmp / "col", args.model)
+        workers = default_workers() if args.workers is None else args.workers
+        rep = ingest(c, tmp / "cat" / "train.csv", batch_size=args.batch_size, workers=workers, progress=False)
+        e2e = rep.added / rep.seconds
+
+    print(f"items {len(rows)}  batch {args.batch_size}  decode workers {workers}  device {bundle.device}")
+    print(f"{'stage':<10}{'seconds':>10}")
+    for k, v in rep.stages.items():
+        print(f"{k:<10}{v:>10.2f}")
+    print(f"{'model forward only':<28}{fwd:>10.1f} images/s")
+    print(f"{'end-to-end ingest':<28}{e2e:>10.1f} images/s")
+    print(f"{'ratio (goal >= 0.9)':<28}{e2e / fwd:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

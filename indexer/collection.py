@@ -1,0 +1,257 @@
+"""A collection is a folder: ``collection.toml``, the SQL database, derived FAISS indexes, the
+rerank token cache.
+
+SQL is the record of truth; the FAISS indexes are a projection of it that ``catch_up``
+brings up to the last change (``changes.seq``) whenever the collection is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import checkpoint
+
+from .schema import MODALITIES, Change, Embedding, Item
+from .tokens import TokenCache
+from .vectors import IndexMeta, IndexMismatchError, VectorIndex, auto_factory, read_meta
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "collection.toml"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class CollectionError(RuntimeError):
+    """A collection folder that cannot be opened or created; the message says what to do."""
+
+
+@dataclass
+class CollectionConfig:
+    model: str  # model reference: a vtfusion model folder
+    model_fingerprint: str  # the model the stored embeddings came from
+    db_url: str  # SQLAlchemy URL; "" = catalog.db (SQLite) inside the folder
+    index_factory: str = "auto"  # FAISS factory string, or "auto" (exact when small, IVF when large)
+    token_dtype: str = "fp16"  # rerank token cache precision: fp16 | int8
+    embed_dim: int = 0
+    num_tokens: int = 0  # N of the model's image_tokens
+    token_width: int = 0  # D_v
+
+    def dump(self) -> str:
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(self).items())
+
+
+def mask_url(url: str) -> str:
+    """A database URL safe for logs and messages (password hidden)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - never fail while reporting
+        return "<unparseable url>"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the ingest writer
+            cur.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Collection:
+    def __init__(self, folder: Path, config: CollectionConfig):
+        self.folder = folder
+        self.config = config
+        url = config.db_url or f"sqlite:///{folder / 'catalog.db'}"
+        self.engine = make_engine(url)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+        self._bundle: checkpoint.Bundle | None = None
+        self.indexes: dict[str, VectorIndex] = {}
+        self.tokens = TokenCache(folder / "tokens", config.num_tokens, config.token_width, config.token_dtype)
+
+    # ---- create / open ---------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        folder: str | Path,
+        model: str | Path,
+        db_url: str = "",
+        index_factory: str = "auto",
+        token_dtype: str = "fp16",
+    ) -> Collection:
+        folder = Path(folder)
+        if (folder / CONFIG_NAME).exists():
+            raise CollectionError(f"{folder} already holds a collection; open it, or pick another folder")
+        model_dir = Path(model).resolve()
+        try:
+            bundle = checkpoint.load(model_dir)
+        except checkpoint.ModelLoadError as e:
+            raise CollectionError(str(e)) from e
+        vc = bundle.config.vision
+        config = CollectionConfig(
+            model=str(model_dir),
+            model_fingerprint=bundle.fingerprint,
+            db_url=db_url,
+            index_factory=index_factory,
+            token_dtype=token_dtype,
+            embed_dim=bundle.config.embed_dim,
+            num_tokens=vc.num_tokens,
+            token_width=vc.width,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "index").mkdir(exist_ok=True)
+        self = cls(folder, config)
+        try:
+            migrate(self.engine)
+        except Exception as e:
+            raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {e}") from e
+        (folder / CONFIG_NAME).write_text(config.dump())
+        self._bundle = bundle
+        return self
+
+    @classmethod
+    def open(cls, folder: str | Path, catch_up: bool = True) -> Collection:
+        folder = Path(folder)
+        path = folder / CONFIG_NAME
+        if not path.exists():
+            raise CollectionError(f"{folder} is not a collection (no {CONFIG_NAME}); create one with `vtfusion init`")
+        config = CollectionConfig(**tomllib.loads(path.read_text()))
+        self = cls(folder, config)
+        migrate(self.engine)
+        if catch_up:
+            self.catch_up()
+        return self
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- the model -------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> checkpoint.Bundle:
+        if self._bundle is None:
+            bundle = checkpoint.load(self.config.model, device=checkpoint.resolve_device("auto"))
+            if bundle.fingerprint != self.config.model_fingerprint:
+                raise CollectionError(
+                    f"the model at {self.config.model} has changed since this collection was built "
+                    f"(fingerprint {self.config.model_fingerprint} -> {bundle.fingerprint}); its stored embeddings "
+                    "came from the old one. Restore that model, or create a new collection and ingest again"
+                )
+            self._bundle = bundle
+        return self._bundle
+
+    # ---- FAISS projection ------------------------------------------------------------
+
+    def last_change(self, session: Session) -> int:
+        return int(session.scalar(select(func.coalesce(func.max(Change.seq), 0))))
+
+    def _vectors(self, session: Session, modality: str, since: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Active items' stored vectors: all of them, or those touched by changes after ``since``."""
+        q = (
+            select(Embedding.item_id, Embedding.vector)
+            .join(Item, Item.id == Embedding.item_id)
+            .where(Embedding.modality == modality, Item.status == "active")
+            .order_by(Embedding.item_id)
+        )
+        if since is not None:  # a subquery, not a bound id list: no parameter limit at any size
+            q = q.where(Embedding.item_id.in_(select(Change.item_id).where(Change.seq > since)))
+        rows = session.execute(q).all()
+        dim = self.config.embed_dim
+        xb = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return np.array([r.item_id for r in rows], dtype=np.int64), xb
+
+    def build_index(self, modality: str, factory: str | None = None) -> VectorIndex:
+        """A fresh index from every active stored embedding (what reindex and first open do)."""
+        with self.Session() as s:
+            watermark = self.last_change(s)
+            ids, xb = self._vectors(s, modality)
+        factory = factory or self.config.index_factory
+        if factory == "auto":
+            factory = auto_factory(len(ids))
+        index = VectorIndex(self.config.embed_dim, factory)
+        if not index.is_trained:
+            if len(ids) < 39 * _nlist(factory):
+                log.warning("%d %s vectors are too few to train %s; using an exact index", len(ids), modality, factory)
+                index = VectorIndex(self.config.embed_dim, "Flat")
+            else:
+                index.train(xb)
+        index.add(ids, xb)
+        self._save(modality, index, watermark)
+        return index
+
+    def _save(self, modality: str, index: VectorIndex, watermark: int) -> None:
+        meta = IndexMeta(modality, self.config.model_fingerprint, self.config.embed_dim, index.factory, watermark=watermark)
+        index.save(self.folder / "index", meta)
+        self.indexes[modality] = index
+
+    def catch_up(self) -> dict[str, int]:
+        """Apply every SQL change newer than each index's watermark; returns changes applied."""
+        metas = read_meta(self.folder / "index")
+        applied = {}
+        for modality in MODALITIES:
+            meta = metas.get(modality)
+            if meta is None:
+                self.build_index(modality)
+                applied[modality] = -1  # built from scratch
+                continue
+            if meta.model_fingerprint != self.config.model_fingerprint or meta.dim != self.config.embed_dim:
+                raise IndexMismatchError(
+                    f"{self.folder / 'index' / meta.file} was built by model {meta.model_fingerprint} (dim {meta.dim}); "
+                    f"this collection uses {self.config.model_fingerprint} (dim {self.config.embed_dim}). "
+                    f"Rebuild it from the stored embeddings with `vtfusion reindex {self.folder}`"
+                )
+            index = VectorIndex.load(self.folder / "index", meta)
+            with self.Session() as s:
+                rows = s.execute(
+                    select(Change.seq, Change.item_id).where(Change.seq > meta.watermark).order_by(Change.seq)
+                ).all()
+                if not rows:
+                    self.indexes[modality] = index
+                    applied[modality] = 0
+                    continue
+                keep_ids, xb = self._vectors(s, modality, since=meta.watermark)
+            index.remove(np.array(sorted({r.item_id for r in rows}), dtype=np.int64))
+            index.add(keep_ids, xb)
+            applied[modality] = len(rows)
+            if self.config.index_factory == "auto" and index.factory == "Flat" and auto_factory(index.ntotal) != "Flat":
+                log.info("%s index grew to %d vectors: rebuilding it as %s", modality, index.ntotal, auto_factory(index.ntotal))
+                self.build_index(modality)
+                continue
+            self._save(modality, index, rows[-1].seq)
+        return applied
+
+
+def _nlist(factory: str) -> int:
+    head = factory.split(",")[0]
+    return int(head[3:]) if head.startswith("IVF") and head[3:].isdigit() else 1

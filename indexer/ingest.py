@@ -1,0 +1,262 @@
+"""Bulk ingest as stages: reader -> decoder -> embedder -> writer, each timed.
+
+- reader: ``catalog.read_source`` (CSV / JSONL / Parquet / folder), bad rows recorded;
+- decoder: a DataLoader (worker processes) reads each image's bytes, hashes them with the
+  text (the content hash), decodes with a pixel cap and transforms to uint8;
+- embedder: ``image_tokens`` -> image embedding, ``encode_text`` -> text embedding, batched,
+  on the GPU when there is one;
+- writer: token-cache bytes appended and fsync'ed, then ONE SQL transaction per batch for the
+  items, their embeddings, their change-log rows, the batch's errors and the run's counters.
+
+Items whose content hash is already stored are counted as duplicates and skipped, so running
+the same ingest twice adds nothing, and an interrupted ingest resumes where it stopped. The
+FAISS indexes are brought up to date from SQL at the end (and on every open).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from sqlalchemy import select, update
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image
+
+from .catalog import CatalogRow, Columns, RowError, read_source
+from .collection import Collection
+from .schema import Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
+
+log = logging.getLogger(__name__)
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+@dataclass
+class IngestReport:
+    run_id: int
+    added: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0, "index": 0.0})
+
+    @property
+    def items_per_s(self) -> float:
+        return (self.added + self.duplicates) / self.seconds if self.seconds else 0.0
+
+
+def content_hash(image_bytes: bytes, text: str) -> str:
+    h = hashlib.sha256(image_bytes)
+    h.update(b"\0")
+    h.update(text.encode("utf-8"))
+    return h.hexdigest()
+
+
+def item_text(row: CatalogRow) -> str:
+    return " | ".join(row.texts)
+
+
+class DecodeStage(Dataset):
+    """Row i -> (i, uint8 (3,S,S) or None, content hash or None, error or None)."""
+
+    def __init__(self, rows: list[CatalogRow], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.rows, self.transform, self.max_pixels = rows, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            size = row.image.stat().st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ImageError(f"image file is {size} bytes, over the cap of {MAX_IMAGE_BYTES}: {row.image}")
+            data = row.image.read_bytes()
+            img = load_image(io.BytesIO(data), self.max_pixels, name=str(row.image))
+            return i, self.transform(img), content_hash(data, item_text(row)), None
+        except FileNotFoundError:
+            return i, None, None, f"image file not found: {row.image}"
+        except (ImageError, OSError, ValueError) as e:
+            return i, None, None, str(e) or type(e).__name__
+        except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
+            return i, None, None, f"unexpected {type(e).__name__} while decoding {row.image}: {e}"
+
+
+def _collate(batch):
+    return batch  # rows stay separate: some failed, the rest are stacked by the embedder
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def ingest(
+    collection: Collection,
+    source: str | Path,
+    cols: Columns = Columns(),
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    bundle = collection.bundle
+    t_start = time.perf_counter()
+    source = Path(source)
+    rows, row_errors = read_source(source, cols)
+    with collection.Session.begin() as s:
+        run = IngestRun(source=str(source.resolve()), status="running")
+        s.add(run)
+        s.flush()
+        report = IngestReport(run.id)
+        report.failed += _record_errors(s, run.id, row_errors)
+    report.stages["read"] = time.perf_counter() - t_start
+
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        DecodeStage(rows, bundle.transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=bundle.device.type == "cuda",
+        persistent_workers=False,
+    )
+    bar = tqdm(total=len(rows), desc="ingest", unit="item", disable=not progress or None)
+    status = "interrupted"
+    try:
+        t_wait = time.perf_counter()
+        for batch in loader:
+            report.stages["decode"] += time.perf_counter() - t_wait
+            _ingest_batch(collection, rows, batch, report, run_id=report.run_id)
+            bar.update(len(batch))
+            bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
+            t_wait = time.perf_counter()
+        status = "done"
+    finally:
+        bar.close()
+        with collection.Session.begin() as s:
+            s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
+    t = time.perf_counter()
+    collection.catch_up()
+    report.stages["index"] = time.perf_counter() - t
+    report.seconds = time.perf_counter() - t_start
+    log.info(
+        "ingest run %d: %d added, %d duplicates, %d failed in %.1f s (%.1f items/s)",
+        report.run_id, report.added, report.duplicates, report.failed, report.seconds, report.items_per_s,
+    )
+    return report
+
+
+def _record_errors(session, run_id: int, errors: list[RowError]) -> int:
+    """Insert errors not already recorded (re-running an ingest does not duplicate them)."""
+    if not errors:
+        return 0
+    files = {e.file for e in errors}
+    seen = {tuple(r) for r in session.execute(select(IngestError.file, IngestError.line, IngestError.reason).where(IngestError.file.in_(files)))}
+    new = {(e.file, e.line, e.reason[:1024]) for e in errors} - seen
+    session.add_all(IngestError(run_id=run_id, file=f, line=ln, reason=r) for f, ln, r in sorted(new))
+    return len(errors)
+
+
+def _register_columns(session, metas: list[dict]) -> None:
+    """Record new metadata keys and their kind (a key seen with text anywhere becomes text)."""
+    kinds: dict[str, str] = {}
+    for meta in metas:
+        for k, v in meta.items():
+            kind = "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "text"
+            kinds[k] = "text" if kinds.get(k) == "text" else kind
+    if not kinds:
+        return
+    known = {c.name: c for c in session.scalars(select(MetaColumn).where(MetaColumn.name.in_(kinds)))}
+    for name, kind in kinds.items():
+        if name not in known:
+            session.add(MetaColumn(name=name, kind=kind))
+        elif known[name].kind != kind and kind == "text":
+            known[name].kind = "text"
+
+
+def _location(row: CatalogRow) -> tuple[str, int]:
+    file, _, line = row.source.rpartition(":")
+    return (file, int(line)) if line.isdigit() else (row.source, 0)
+
+
+@torch.no_grad()
+def _ingest_batch(collection: Collection, rows: list[CatalogRow], batch, report: IngestReport, run_id: int) -> None:
+    bundle = collection.bundle
+    model, device = bundle.model, bundle.device
+    errors: list[RowError] = []
+    ok = []
+    for i, px, h, err in batch:
+        if err is not None:
+            errors.append(RowError(*_location(rows[i]), err))
+        else:
+            ok.append((i, px, h))
+    t = time.perf_counter()
+    # dedup against what is stored and within the batch
+    with collection.Session() as s:
+        stored = set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_([h for _, _, h in ok]))))
+    fresh, seen = [], set()
+    for i, px, h in ok:
+        if h in stored or h in seen:
+            report.duplicates += 1
+        else:
+            seen.add(h)
+            fresh.append((i, px, h))
+    image_emb = text_emb = tokens = None
+    if fresh:
+        pixels = bundle.transform.normalize(torch.stack([px for _, px, _ in fresh]).to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tok = model.image_tokens(pixels)  # (b, N, D_v)
+            image_emb = model.image_emb(tok).float().cpu().numpy()  # (b, E)
+            texts = [item_text(rows[i]) for i, _, _ in fresh]
+            has_text = [bool(x) for x in texts]
+            if any(has_text):
+                ids, mask = bundle.tokenizer([x for x in texts if x])
+                text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()
+        tokens = tok.float().cpu().numpy()
+    report.stages["embed"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    locations = collection.tokens.append(tokens) if fresh else []  # durable before the commit
+    with collection.Session.begin() as s:
+        j_text = 0
+        for k, (i, _, h) in enumerate(fresh):
+            row = rows[i]
+            item = Item(
+                source=row.source.rpartition(":")[0] or row.source,
+                external_id=row.external_id,
+                image_path=str(row.image),
+                text=item_text(row),
+                content_hash=h,
+                meta=row.metadata,
+                status="active",
+                run_id=run_id,
+                token_shard=locations[k][0],
+                token_offset=locations[k][1],
+            )
+            s.add(item)
+            s.flush()  # assigns item.id: the FAISS id
+            s.add(Embedding(item_id=item.id, modality="image", vector=image_emb[k].astype("<f4").tobytes()))
+            if has_text[k]:
+                s.add(Embedding(item_id=item.id, modality="text", vector=text_emb[j_text].astype("<f4").tobytes()))
+                j_text += 1
+            s.add(Change(item_id=item.id, op="add"))
+        _register_columns(s, [rows[i].metadata for i, _, _ in fresh])
+        n_err = _record_errors(s, run_id, errors)
+        s.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id)
+            .values(
+                added=IngestRun.added + len(fresh),
+                duplicates=IngestRun.duplicates + (len(ok) - len(fresh)),
+                failed=IngestRun.failed + n_err,
+            )
+        )
+    report.added += len(fresh)
+    report.failed += n_err
+    report.stages["write"] += time.perf_counter() - t

@@ -1,0 +1,161 @@
+"""Lifecycle of a collection: stats, delete (tombstones), verify, reindex, ingest errors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import func, select
+
+from . import filters
+from .collection import Collection, mask_url
+from .schema import MODALITIES, Change, Embedding, IngestError, IngestRun, Item
+from .vectors import read_meta
+
+log = logging.getLogger(__name__)
+
+
+def stats(c: Collection) -> dict:
+    metas = read_meta(c.folder / "index")
+    with c.Session() as s:
+        by_status = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+        emb = dict(
+            s.execute(
+                select(Embedding.modality, func.count())
+                .join(Item, Item.id == Embedding.item_id)
+                .where(Item.status == "active")
+                .group_by(Embedding.modality)
+            ).all()
+        )
+        runs = s.scalar(select(func.count()).select_from(IngestRun))
+        n_errors = s.scalar(select(func.count()).select_from(IngestError))
+    return {
+        "collection": str(c.folder),
+        "model": c.config.model,
+        "model_fingerprint": c.config.model_fingerprint,
+        "db": mask_url(c.engine.url.render_as_string(hide_password=False)),
+        "items_active": by_status.get("active", 0),
+        "items_deleted": by_status.get("deleted", 0),
+        "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
+        "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
+        "token_cache": {"dtype": c.config.token_dtype, "records": c.tokens.total_records(), "bytes_per_image": c.tokens.record_bytes},
+        "ingest_runs": runs,
+        "ingest_errors": n_errors,
+    }
+
+
+def select_items(c: Collection, ids: list[str] | None = None, where: str | None = None) -> list[int]:
+    """Active item ids matching external ids (or ``#<item id>``) and/or a filter expression."""
+    if not ids and not where:
+        raise ValueError("say what to select: --ids and/or --where")
+    with c.Session() as s:
+        q = select(Item.id).where(Item.status == "active")
+        if ids:
+            internal = [int(x[1:]) for x in ids if x.startswith("#") and x[1:].isdigit()]
+            external = [x for x in ids if not (x.startswith("#") and x[1:].isdigit())]
+            q = q.where(Item.external_id.in_(external) | Item.id.in_(internal))
+        if where:
+            q = q.where(filters.parse(where, filters.known_columns(s)))
+        return list(s.scalars(q.order_by(Item.id)))
+
+
+def delete(c: Collection, item_ids: list[int]) -> int:
+    """Tombstone items in one transaction (status + change rows), then catch the indexes up."""
+    if not item_ids:
+        return 0
+    with c.Session.begin() as s:
+        rows = s.scalars(select(Item).where(Item.id.in_(item_ids), Item.status == "active")).all()
+        for item in rows:
+            item.status = "deleted"
+            s.add(Change(item_id=item.id, op="delete"))
+        n = len(rows)
+    c.catch_up()
+    return n
+
+
+def reindex(c: Collection, factory: str | None = None) -> dict[str, str]:
+    """Rebuild every index from the stored embeddings (optionally with another factory)."""
+    if factory:
+        c.config.index_factory = factory
+        (c.folder / "collection.toml").write_text(c.config.dump())
+    return {m: c.build_index(m, factory).factory for m in MODALITIES}
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # harmless findings (unreferenced cache records)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(c: Collection) -> VerifyReport:
+    """Reconcile SQL against both FAISS indexes and the token cache."""
+    r = VerifyReport()
+    metas = read_meta(c.folder / "index")
+    with c.Session() as s:
+        last = c.last_change(s)
+        for m in MODALITIES:
+            want = set(
+                s.scalars(
+                    select(Embedding.item_id)
+                    .join(Item, Item.id == Embedding.item_id)
+                    .where(Embedding.modality == m, Item.status == "active")
+                )
+            )
+            meta = metas.get(m)
+            if meta is None:
+                r.problems.append(f"{m} index: missing (open the collection or run `vtfusion reindex`)")
+                continue
+            index = c.indexes.get(m)
+            if index is None:
+                from .vectors import VectorIndex
+
+                index = VectorIndex.load(c.folder / "index", meta)
+            have_arr = index.ids()
+            have = set(have_arr.tolist())
+            if len(have_arr) != len(have):
+                r.problems.append(f"{m} index: {len(have_arr) - len(have)} duplicate ids")
+            if meta.watermark != last:
+                r.problems.append(f"{m} index: watermark {meta.watermark} behind the last change {last}")
+            missing, extra = sorted(want - have), sorted(have - want)
+            if missing:
+                r.problems.append(f"{m} index: {len(missing)} stored items missing (first ids {missing[:5]})")
+            if extra:
+                r.problems.append(f"{m} index: {len(extra)} ids not active in SQL (first ids {extra[:5]})")
+            if meta.model_fingerprint != c.config.model_fingerprint:
+                r.problems.append(f"{m} index: built by model {meta.model_fingerprint}, collection uses {c.config.model_fingerprint}")
+            # stored vectors equal the indexed ones (spot check a sample)
+            sample = sorted(want & have)[:: max(1, len(want & have) // 50)][:50]
+            if sample and index.factory == "Flat":
+                stored = {
+                    i: np.frombuffer(v, dtype=np.float32)
+                    for i, v in s.execute(
+                        select(Embedding.item_id, Embedding.vector).where(Embedding.modality == m, Embedding.item_id.in_(sample))
+                    )
+                }
+                got = index.reconstruct(np.array(sample))
+                bad = [i for i, g in zip(sample, got) if not np.allclose(stored[i], g, atol=1e-6)]
+                if bad:
+                    r.problems.append(f"{m} index: vectors differ from SQL for ids {bad[:5]}")
+        # token cache: every active item points at a complete record; no two share one
+        refs = s.execute(select(Item.id, Item.token_shard, Item.token_offset).where(Item.status == "active")).all()
+    sizes = {sh: c.tokens.records_in(sh) for sh in c.tokens.shards()}
+    bad_refs = [i for i, sh, off in refs if sh is None or off is None or off >= sizes.get(sh, 0)]
+    if bad_refs:
+        r.problems.append(f"token cache: {len(bad_refs)} items point at missing records (first ids {bad_refs[:5]})")
+    locs = [(sh, off) for _, sh, off in refs if sh is not None]
+    if len(set(locs)) != len(locs):
+        r.problems.append(f"token cache: {len(locs) - len(set(locs))} records shared by two items")
+    unreferenced = sum(sizes.values()) - len(set(locs))
+    if unreferenced > 0:
+        r.notes.append(f"token cache: {unreferenced} records not referenced by an active item (deleted items, or bytes written before an interrupted commit)")
+    return r
+
+
+def errors(c: Collection, limit: int = 100) -> list[IngestError]:
+    with c.Session() as s:
+        return list(s.scalars(select(IngestError).order_by(IngestError.id.desc()).limit(limit)))

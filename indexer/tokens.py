@@ -1,0 +1,119 @@
+"""The rerank token cache: each image's ``image_tokens`` (N, D) in append-only, memory-mapped shards.
+
+A record is the (N, D) tokens as fp16, or as int8 with one fp32 scale per token (symmetric,
+per-token quantisation: half the bytes of fp16). A shard holds ``shard_records`` records;
+the location of an item's tokens is (shard, offset) in SQL. Bytes are written and fsync'ed
+*before* the SQL commit that references them: a crash in between leaves unreferenced
+records at a shard's end (harmless, reported by verify) and never a reference to bytes
+that are not on disk. A torn final record (crash mid-write) is cut off when the cache opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+DTYPES = ("fp16", "int8")
+
+
+class TokenCache:
+    def __init__(self, folder: str | Path, num_tokens: int, width: int, dtype: str = "fp16", shard_records: int = 4096):
+        if dtype not in DTYPES:
+            raise ValueError(f"token cache dtype must be one of {DTYPES}; got {dtype!r}")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.N, self.D, self.dtype, self.shard_records = num_tokens, width, dtype, shard_records
+        self.record_bytes = num_tokens * width * 2 if dtype == "fp16" else num_tokens * width + 4 * num_tokens
+        self._maps: dict[int, tuple[int, np.memmap]] = {}
+        self._repair_tail()
+
+    # ---- layout ----------------------------------------------------------------------
+
+    def _path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.bin"
+
+    def shards(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.bin"))
+
+    def records_in(self, shard: int) -> int:
+        p = self._path(shard)
+        return p.stat().st_size // self.record_bytes if p.exists() else 0
+
+    def _repair_tail(self) -> None:
+        for shard in self.shards():
+            p = self._path(shard)
+            size = p.stat().st_size
+            if size % self.record_bytes:
+                keep = size - size % self.record_bytes
+                log.warning("token cache %s: cutting a torn record (%d -> %d bytes)", p, size, keep)
+                with open(p, "r+b") as f:
+                    f.truncate(keep)
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, N, D) float -> (B, record_bytes) uint8."""
+        if tokens.ndim != 3 or tokens.shape[1:] != (self.N, self.D):
+            raise ValueError(f"tokens must be (B, {self.N}, {self.D}); got {tokens.shape}")
+        B = tokens.shape[0]
+        if self.dtype == "fp16":
+            return np.ascontiguousarray(tokens.astype(np.float16)).view(np.uint8).reshape(B, -1)
+        t = tokens.astype(np.float32)
+        scale = np.abs(t).max(axis=2) / 127.0  # (B, N)
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        q = np.clip(np.rint(t / scale[:, :, None]), -127, 127).astype(np.int8)  # (B, N, D)
+        return np.concatenate([q.reshape(B, -1).view(np.uint8), scale.view(np.uint8).reshape(B, -1)], axis=1)
+
+    def append(self, tokens: np.ndarray) -> list[tuple[int, int]]:
+        """Write (B, N, D) tokens durably; returns the (shard, offset) of each record."""
+        recs = self.encode(tokens)
+        out: list[tuple[int, int]] = []
+        shards = self.shards()
+        shard = shards[-1] if shards else 0
+        i = 0
+        while i < len(recs):
+            have = self.records_in(shard)
+            if have >= self.shard_records:
+                shard += 1
+                continue
+            take = min(self.shard_records - have, len(recs) - i)
+            with open(self._path(shard), "ab") as f:
+                f.write(recs[i : i + take].tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            out += [(shard, have + j) for j in range(take)]
+            self._maps.pop(shard, None)  # the map must grow
+            i += take
+        return out
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def _map(self, shard: int) -> np.memmap:
+        n = self.records_in(shard)
+        cached = self._maps.get(shard)
+        if cached is None or cached[0] != n:
+            mm = np.memmap(self._path(shard), dtype=np.uint8, mode="r", shape=(n, self.record_bytes))
+            self._maps[shard] = cached = (n, mm)
+        return cached[1]
+
+    def read(self, locations: list[tuple[int, int]]) -> np.ndarray:
+        """[(shard, offset)] -> (K, N, D) float32 tokens."""
+        out = np.empty((len(locations), self.N, self.D), dtype=np.float32)
+        for i, (shard, offset) in enumerate(locations):
+            out[i] = self._decode(self._map(shard)[offset])
+        return out
+
+    def _decode(self, rec: np.ndarray) -> np.ndarray:
+        if self.dtype == "fp16":
+            return rec.view(np.float16).reshape(self.N, self.D).astype(np.float32)
+        nq = self.N * self.D
+        q = rec[:nq].view(np.int8).reshape(self.N, self.D).astype(np.float32)
+        scale = rec[nq:].view(np.float32)
+        return q * scale[:, None]
+
+    def total_records(self) -> int:
+        return sum(self.records_in(s) for s in self.shards())

@@ -1,0 +1,192 @@
+"""One FAISS index per modality; numpy in, numpy out (never imports torch).
+
+FAISS ids are SQL primary keys (``IndexIDMap2``), never row positions. Vectors are unit
+length and compared by inner product (= cosine). The factory string is chosen by collection
+size unless the user gives one: exact (``Flat``) below ``EXACT_MAX``, IVF above (IVF keeps
+``remove_ids``, which deletes need; HNSW does not).
+
+Each saved index is stamped in ``meta.json`` (model fingerprint, dim, factory, metric, count,
+watermark = the last SQL change applied). The index file is written under a new name and
+``meta.json`` is then atomically replaced to point at it, so a crash leaves either the old
+or the new index, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+EXACT_MAX = 20_000  # below this many vectors an exact index is fast enough
+META_NAME = "meta.json"
+
+
+class IndexMismatchError(RuntimeError):
+    """An index built by another model, or of another dimension, than the collection uses."""
+
+
+def auto_factory(n: int) -> str:
+    """Exact below EXACT_MAX vectors, else IVF with ~4*sqrt(n) lists."""
+    if n < EXACT_MAX:
+        return "Flat"
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    return f"IVF{nlist},Flat"
+
+
+def gpu_count() -> int:
+    try:
+        return faiss.get_num_gpus()
+    except AttributeError:  # faiss-cpu
+        return 0
+
+
+@dataclass
+class IndexMeta:
+    modality: str
+    model_fingerprint: str
+    dim: int
+    factory: str
+    metric: str = "ip"
+    count: int = 0
+    watermark: int = 0  # seq of the last SQL change applied
+    file: str = ""  # current index file inside the index folder
+
+
+class VectorIndex:
+    """A FAISS index over (id, unit vector) pairs."""
+
+    def __init__(self, dim: int, factory: str = "Flat"):
+        self.dim = dim
+        self.factory = factory
+        # one owning object: the id map wraps the factory's index (no dangling SWIG proxies)
+        self.index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+        self.nprobe = 16
+
+    # ---- building --------------------------------------------------------------------
+
+    @property
+    def is_trained(self) -> bool:
+        return self.index.is_trained
+
+    def train(self, xb: np.ndarray) -> None:
+        xb = self._check(xb)
+        if not self.index.is_trained:
+            self.index.train(xb)
+
+    def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
+        """Add vectors under their ids; ids already present are replaced (idempotent catch-up)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        xb = self._check(xb)
+        if ids.shape[0] != xb.shape[0]:
+            raise ValueError(f"{ids.shape[0]} ids for {xb.shape[0]} vectors")
+        if ids.size == 0:
+            return
+        if not self.index.is_trained:
+            raise RuntimeError(f"index {self.factory} must be trained before adding (train on stored embeddings)")
+        self.remove(ids)
+        self.index.add_with_ids(xb, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size == 0 or self.index.ntotal == 0:
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    # ---- reading ---------------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (D (nq, k) float32, I (nq, k) int64; -1 where fewer exist).
+
+        ``allowed``: restrict to these ids (an ``IDSelectorBatch`` inside the search).
+        """
+        xq = self._check(xq)
+        params = None
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
+        base = faiss.downcast_index(self.index.index)
+        if isinstance(base, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        elif sel is not None:
+            params = faiss.SearchParameters(sel=sel)
+        if params is None:
+            D, I = self.index.search(xq, k)
+        else:
+            D, I = self.index.search(xq, k, params=params)
+        return D, I
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+
+    # ---- persistence -----------------------------------------------------------------
+
+    def save(self, folder: str | Path, meta: IndexMeta) -> IndexMeta:
+        """Write the index under a new file name, then atomically point meta.json at it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{meta.modality}-{meta.watermark:012d}.faiss"
+        tmp = folder / (name + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, folder / name)
+        meta = IndexMeta(**{**asdict(meta), "file": name, "count": self.ntotal, "dim": self.dim, "factory": self.factory})
+        write_meta(folder, meta)
+        for old in folder.glob(f"{meta.modality}-*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return meta
+
+    @classmethod
+    def load(cls, folder: str | Path, meta: IndexMeta) -> VectorIndex:
+        path = Path(folder) / meta.file
+        index = faiss.read_index(str(path))  # keep this owning proxy alive: it frees the index
+        self = cls.__new__(cls)
+        self.dim, self.factory, self.nprobe = index.d, meta.factory, 16
+        self.index = index
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise IndexMismatchError(f"{path} is not an id-mapped index; rebuild it with `vtfusion reindex`")
+        return self
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors must be (n, {self.dim}); got {x.shape}")
+        return x
+
+
+def read_meta(folder: str | Path) -> dict[str, IndexMeta]:
+    path = Path(folder) / META_NAME
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {m: IndexMeta(**v) for m, v in raw.items()}
+
+
+def write_meta(folder: str | Path, meta: IndexMeta) -> None:
+    folder = Path(folder)
+    metas = read_meta(folder)
+    metas[meta.modality] = meta
+    tmp = folder / (META_NAME + ".tmp")
+    tmp.write_text(json.dumps({m: asdict(v) for m, v in sorted(metas.items())}, indent=2) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, folder / META_NAME)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,242 @@
+"""Collections end to end on SQLite and PostgreSQL: ingest, dedup, bad input, delete, verify,
+reindex, catch-up, a refused index from another model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from indexer.catalog import Columns
+from indexer.collection import Collection, CollectionError
+from indexer.ingest import ingest
+from indexer.lifecycle import delete, reindex, select_items, stats, verify
+from indexer.schema import Embedding, IngestError, Item
+from indexer.vectors import IndexMismatchError, read_meta
+
+
+def _state(c: Collection) -> dict:
+    """Everything an ingest can change, comparable across runs."""
+    with c.Session() as s:
+        items = s.execute(select(Item.id, Item.external_id, Item.content_hash, Item.status, Item.token_shard, Item.token_offset).order_by(Item.id)).all()
+        n_emb = s.scalar(select(func.count()).select_from(Embedding))
+        n_err = s.scalar(select(func.count()).select_from(IngestError))
+    return {
+        "items": [tuple(r) for r in items],
+        "embeddings": n_emb,
+        "errors": n_err,
+        "faiss": {m: sorted(ix.ids().tolist()) for m, ix in c.indexes.items()},
+        "tokens": c.tokens.total_records(),
+    }
+
+
+def _self_search(c: Collection, modality: str):
+    """Each stored vector's nearest neighbour in its index is its own item."""
+    with c.Session() as s:
+        rows = s.execute(
+            select(Embedding.item_id, Embedding.vector).join(Item, Item.id == Embedding.item_id)
+            .where(Embedding.modality == modality, Item.status == "active")
+        ).all()
+    ids = np.array([r.item_id for r in rows])
+    xq = np.stack([np.frombuffer(r.vector, np.float32) for r in rows])
+    _, I = c.indexes[modality].search(xq, 1)
+    return ids, I[:, 0]
+
+
+def test_ingest_twice_is_identical_and_ids_resolve(tmp_path, model_dir, small_catalog, db_url):
+    c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
+    r1 = ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    n_rows = sum(1 for _ in open(small_catalog / "train.csv")) - 1
+    assert (r1.added, r1.duplicates, r1.failed) == (n_rows, 0, 0)
+    first = _state(c)
+    r2 = ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    assert (r2.added, r2.duplicates, r2.failed) == (0, n_rows, 0)
+    assert _state(c) == first
+    st = stats(c)
+    assert st["items_active"] == n_rows and st["embeddings"] == {"image": n_rows, "text": n_rows}
+    assert st["indexes"]["image"]["count"] == n_rows
+    ids, nearest = _self_search(c, "image")
+    assert (ids == nearest).mean() > 0.95  # FAISS ids are the SQL keys
+    with c.Session() as s:
+        first_id = next(csv.DictReader(open(small_catalog / "train.csv")))["id"]
+        meta = s.scalar(select(Item.meta).where(Item.external_id == first_id))
+    assert isinstance(meta["price"], float) and meta["n_objects"] in (1, 2)
+    assert verify(c).ok
+    # reopening sees the same state
+    c.close()
+    c2 = Collection.open(tmp_path / "col")
+    assert _state(c2) == first
+
+
+def test_jsonl_parquet_and_folder_sources(tmp_path, model_dir, small_catalog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(csv.DictReader(open(small_catalog / "train.csv")))
+    jl = small_catalog / "part.jsonl"
+    jl.write_text("".join(json.dumps({**r, "price": float(r["price"])}) + "\n" for r in rows[:5]))
+    pq.write_table(pa.Table.from_pylist(rows[5:9]), small_catalog / "part.parquet")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for r in rows[9:12]:
+        shutil.copy(small_catalog / r["image"], folder / f"{r['id']}.png")
+        (folder / f"{r['id']}.txt").write_text(r["caption"])
+    shutil.copy(small_catalog / rows[12]["image"], folder / "no-caption.png")
+    c = Collection.init(tmp_path / "col", model_dir)
+    assert ingest(c, jl, workers=0, progress=False).added == 5
+    assert ingest(c, small_catalog / "part.parquet", workers=0, progress=False).added == 4
+    assert ingest(c, folder, workers=0, progress=False).added == 4
+    st = stats(c)
+    assert st["embeddings"] == {"image": 13, "text": 12}  # the caption-less image has no text vector
+    assert verify(c).ok
+
+
+def _bad_catalog(root, good_src):
+    """A catalog whose rows hit every bad-input case, plus good rows around them."""
+    img = root / "img"
+    img.mkdir(parents=True)
+    good = sorted(good_src.glob("images/*.png"))[:4]
+    for i, p in enumerate(good):
+        shutil.copy(p, img / f"good{i}.png")
+    data = good[0].read_bytes()
+    (img / "truncated.png").write_bytes(data[: len(data) // 2])
+    (img / "empty.jpg").write_bytes(b"")
+    (img / "text.jpg").write_text("this is not a jpeg")
+    Image.new("L", (8200, 8200)).save(img / "bomb.png")  # 67 M pixels, over the 64 M cap
+    (root / "outside.png").write_bytes(data)
+    lines = [
+        "id,image,caption,color,price",
+        "g0,img/good0.png,a red mug,red,5",
+        "t1,img/truncated.png,truncated image,red,5",
+        "t2,img/empty.jpg,zero bytes,red,5",
+        "t3,img/text.jpg,text named jpg,red,5",
+        "t4,img/missing.png,missing file,red,5",
+        "t5,img/bomb.png,decompression bomb,red,5",
+        "t6,img/good1.png,,red,5",
+        f"t7,img/good1.png,{'x' * 30000},red,5",
+        "t8,../outside.png,escapes the folder,red,5",
+        "t9,img/good1.png",
+        "g1,img/good1.png,a blue mug,blue,7",
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b"t10,img/good2.png,caf\xe9 latin-1,red,5\ng2,img/good3.png,a green hat,green,9\n"
+    (root / "bad.csv").write_bytes(raw)
+    return root / "bad.csv"
+
+
+def test_every_bad_input_is_recorded_and_good_rows_land(tmp_path, model_dir, small_catalog, db_url):
+    path = _bad_catalog(tmp_path / "bad", small_catalog)
+    c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
+    r = ingest(c, path, workers=0, progress=False)
+    assert r.added == 3 and r.failed == 10
+    with c.Session() as s:
+        errs = {e.line: e.reason for e in s.scalars(select(IngestError))}
+        landed = sorted(s.scalars(select(Item.external_id)))
+    assert landed == ["g0", "g1", "g2"]
+    expect = {
+        3: "corrupt or truncated", 4: "not an image", 5: "not an image", 6: "not found", 7: "over the cap",
+        8: "no text", 9: "longer than", 10: "outside the catalog folder", 11: "wrong number of fields",
+        13: "not UTF-8",
+    }
+    for line, words in expect.items():
+        assert words in errs.get(line, ""), (line, errs.get(line))
+    assert sorted(errs) == sorted(expect)
+    with c.Session() as s:
+        assert {e.file for e in s.scalars(select(IngestError))} == {str(path)}
+    # re-running records nothing twice
+    r2 = ingest(c, path, workers=0, progress=False)
+    assert r2.added == 0 and r2.duplicates == 3
+    with c.Session() as s:
+        assert s.scalar(select(func.count()).select_from(IngestError)) == len(errs)
+    assert verify(c).ok
+
+
+def test_delete_never_comes_back(tmp_path, model_dir, small_catalog, db_url):
+    c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    by_ext = select_items(c, ids=[next(csv.DictReader(open(small_catalog / "train.csv")))["id"]])
+    by_where = select_items(c, where="color = 'red' AND price < 1000")
+    assert len(by_ext) == 1 and by_where
+    gone = sorted(set(by_ext + by_where))
+    assert delete(c, gone) == len(gone)
+    assert delete(c, gone) == 0  # already tombstoned
+    for m in ("image", "text"):
+        assert not set(gone) & set(c.indexes[m].ids().tolist())
+    # ingesting the same catalog again does not resurrect them (content dedup)
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    reindex(c)
+    reopened = Collection.open(tmp_path / "col")
+    for m in ("image", "text"):
+        assert not set(gone) & set(reopened.indexes[m].ids().tolist())
+        ids, nearest = _self_search(reopened, m)
+        assert not set(gone) & set(nearest.tolist())
+    with c.Session() as s:
+        assert s.scalar(select(func.count()).where(Item.status == "deleted")) == len(gone)
+    assert verify(reopened).ok
+
+
+def test_index_catches_up_after_a_crash_before_the_faiss_save(tmp_path, model_dir, small_catalog, monkeypatch):
+    c = Collection.init(tmp_path / "col", model_dir)
+    monkeypatch.setattr(Collection, "catch_up", lambda self: {})  # the process dies after the SQL commits
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    monkeypatch.undo()
+    assert not read_meta(tmp_path / "col" / "index") or read_meta(tmp_path / "col" / "index")["image"].count == 0
+    c2 = Collection.open(tmp_path / "col")
+    assert verify(c2).ok and c2.indexes["image"].ntotal == stats(c2)["items_active"]
+
+
+def test_index_from_another_model_is_refused_with_the_fix(tmp_path, model_dir, small_catalog):
+    c = Collection.init(tmp_path / "col", model_dir)
+    ingest(c, small_catalog / "test.csv", workers=0, progress=False)
+    meta_path = tmp_path / "col" / "index" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["image"]["model_fingerprint"] = "0000000000000000"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IndexMismatchError, match="vtfusion reindex"):
+        Collection.open(tmp_path / "col")
+    reindex(Collection.open(tmp_path / "col", catch_up=False))
+    assert verify(Collection.open(tmp_path / "col")).ok
+
+
+def test_reindex_with_another_factory(tmp_path, model_dir, small_catalog):
+    c = Collection.init(tmp_path / "col", model_dir)
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    before = {m: c.indexes[m].search(np.eye(24, dtype=np.float32)[:3], 5)[1] for m in ("image",)}
+    built = reindex(c, "IVF1,Flat")  # one list probed exhaustively: same answers as exact
+    assert built == {"image": "IVF1,Flat", "text": "IVF1,Flat"}
+    assert Collection.open(tmp_path / "col").config.index_factory == "IVF1,Flat"
+    np.testing.assert_array_equal(c.indexes["image"].search(np.eye(24, dtype=np.float32)[:3], 5)[1], before["image"])
+
+
+def test_open_and_init_errors_are_actionable(tmp_path, model_dir):
+    with pytest.raises(CollectionError, match="vtfusion init"):
+        Collection.open(tmp_path / "nothing")
+    with pytest.raises(CollectionError, match="not a vtfusion model folder"):
+        Collection.init(tmp_path / "a", tmp_path)
+    Collection.init(tmp_path / "b", model_dir)
+    with pytest.raises(CollectionError, match="already holds"):
+        Collection.init(tmp_path / "b", model_dir)
+
+
+def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
+    from indexer.filters import FilterError
+
+    c = Collection.init(tmp_path / "col", model_dir)
+    ingest(c, small_catalog / "test.csv", workers=0, progress=False)
+    for bad, msg in [
+        ("colour = 'red'", "unknown column 'colour'"),
+        ("color = 'red'; DROP TABLE items", "unexpected character"),
+        ("price < 'cheap'", "holds numbers"),
+        ("color = ", "expected a value"),
+        ("(color = 'red'", "expected ')'"),
+    ]:
+        with pytest.raises(FilterError, match=re.escape(msg)):
+            select_items(c, where=bad)
+    with c.Session() as s:
+        assert s.scalar(select(func.count()).select_from(Item)) > 0  # nothing was dropped
+    assert select_items(c, where="color IN ('red', 'blue') OR price BETWEEN 0 AND 10") is not None
