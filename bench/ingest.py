@@ -69,7 +69,7 @@ def main() -> None:
         fwd = forward_only(bundle, pixels, texts, args.batch_size)
 
         c = Collection.init(tmp / "col", args.model)
-        workers = default_workers() if args.workers is None else args.workers
+        workers = default_workers(bundle.device) if args.workers is None else args.workers
         rep = ingest(c, tmp / "cat" / "train.csv", batch_size=args.batch_size, workers=workers, progress=False)
         e2e = rep.added / rep.seconds
 

@@ -240,3 +240,18 @@ def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
     with c.Session() as s:
         assert s.scalar(select(func.count()).select_from(Item)) > 0  # nothing was dropped
     assert select_items(c, where="color IN ('red', 'blue') OR price BETWEEN 0 AND 10") is not None
+
+
+def test_decoder_worker_processes_give_the_same_collection(tmp_path, model_dir, small_catalog):
+    a = Collection.init(tmp_path / "a", model_dir)
+    b = Collection.init(tmp_path / "b", model_dir)
+    ra = ingest(a, small_catalog / "train.csv", workers=0, batch_size=8, progress=False)
+    rb = ingest(b, small_catalog / "train.csv", workers=2, batch_size=8, progress=False)
+    assert (ra.added, ra.failed) == (rb.added, rb.failed)
+    sa, sb = _state(a), _state(b)
+    assert sa == sb
+    with a.Session() as s1, b.Session() as s2:
+        va = dict(s1.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == "image")).all())
+        vb = dict(s2.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == "image")).all())
+    assert va.keys() == vb.keys()
+    assert all(np.allclose(np.frombuffer(va[k], np.float32), np.frombuffer(vb[k], np.float32), atol=1e-5) for k in va)
