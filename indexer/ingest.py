@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -48,6 +48,7 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024
 class IngestReport:
     run_id: int
     added: int = 0
+    replaced: int = 0  # earlier versions (same source and external id, other content) tombstoned
     duplicates: int = 0
     failed: int = 0
     seconds: float = 0.0
@@ -205,6 +206,25 @@ def _register_columns(session, metas: list[dict]) -> None:
             known[name].kind = "text"
 
 
+def _source_of(row: CatalogRow) -> str:
+    return row.source.rpartition(":")[0] or row.source
+
+
+def _replace_older_versions(session, new_rows: list[CatalogRow]) -> int:
+    """An item whose (source, external id) is stored with other content is an update: the old
+    version becomes a tombstone (status 'replaced' + an 'update' change), the new one is added."""
+    keys = {(_source_of(r), r.external_id) for r in new_rows}
+    if not keys:
+        return 0
+    old = session.scalars(
+        select(Item).where(Item.status == "active", tuple_(Item.source, Item.external_id).in_(sorted(keys)))
+    ).all()
+    for item in old:
+        item.status = "replaced"
+        session.add(Change(item_id=item.id, op="update"))
+    return len(old)
+
+
 def _location(row: CatalogRow) -> tuple[str, int]:
     file, _, line = row.source.rpartition(":")
     return (file, int(line)) if line.isdigit() else (row.source, 0)
@@ -262,9 +282,10 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     t = time.perf_counter()
     locations = collection.tokens.append(p.tokens) if p.fresh else []
     with collection.Session.begin() as s:
+        replaced = _replace_older_versions(s, [rows[i] for i, _ in p.fresh])
         items = [
             Item(
-                source=rows[i].source.rpartition(":")[0] or rows[i].source,
+                source=_source_of(rows[i]),
                 external_id=rows[i].external_id,
                 image_path=str(rows[i].image),
                 text=item_text(rows[i]),
@@ -297,6 +318,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
             )
         )
     report.added += len(items)
+    report.replaced += replaced
     report.duplicates += p.duplicates
     report.failed += n_err
     report.stages["write"] += time.perf_counter() - t

@@ -37,6 +37,7 @@ def stats(c: Collection) -> dict:
         "db": mask_url(c.engine.url.render_as_string(hide_password=False)),
         "items_active": by_status.get("active", 0),
         "items_deleted": by_status.get("deleted", 0),
+        "items_replaced": by_status.get("replaced", 0),
         "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
         "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
         "token_cache": {"dtype": c.config.token_dtype, "records": c.tokens.total_records(), "bytes_per_image": c.tokens.record_bytes},

@@ -35,7 +35,7 @@ class Item(Base):
     text: Mapped[str] = mapped_column(Text)  # the texts joined by " | " (what the text index embeds)
     content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of image bytes + text
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # metadata columns, typed
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | deleted
+    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | deleted | replaced
     run_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_runs.id"), nullable=True)
     token_shard: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rerank token cache location
     token_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -57,7 +57,7 @@ class Change(Base):
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
-    op: Mapped[str] = mapped_column(String(8))  # add | delete
+    op: Mapped[str] = mapped_column(String(8))  # add | delete | update (the old version's tombstone)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -3,7 +3,8 @@
 FAISS ids are SQL primary keys (``IndexIDMap2``), never row positions. Vectors are unit
 length and compared by inner product (= cosine). The factory string is chosen by collection
 size unless the user gives one: exact (``Flat``) below ``EXACT_MAX``, IVF above (IVF keeps
-``remove_ids``, which deletes need; HNSW does not).
+``remove_ids``, which deletes need; HNSW does not). When faiss sees a GPU, unfiltered searches
+run on a GPU clone of the index; the CPU index stays the one that is saved and updated.
 
 Each saved index is stamped in ``meta.json`` (model fingerprint, dim, factory, metric, count,
 watermark = the last SQL change applied). The index file is written under a new name and
@@ -68,6 +69,8 @@ class VectorIndex:
         # one owning object: the id map wraps the factory's index (no dangling SWIG proxies)
         self.index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         self.nprobe = 16
+        self._gpu_index = None  # a GPU copy of the inner index for unfiltered search, rebuilt after changes
+        self._gpu_ids: np.ndarray | None = None
 
     # ---- building --------------------------------------------------------------------
 
@@ -92,12 +95,29 @@ class VectorIndex:
             raise RuntimeError(f"index {self.factory} must be trained before adding (train on stored embeddings)")
         self.remove(ids)
         self.index.add_with_ids(xb, ids)
+        self._gpu_index = None
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.size == 0 or self.index.ntotal == 0:
             return 0
+        self._gpu_index = None
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    def _gpu(self):
+        """The inner index cloned to GPU 0 (when faiss sees a GPU), with the position -> id map."""
+        if gpu_count() == 0 or self.ntotal == 0:
+            return None
+        if self._gpu_index is None:
+            try:
+                self._gpu_index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, self.index.index)
+            except RuntimeError as e:  # an index type without a GPU implementation
+                log.info("searching %s on the CPU: %s", self.factory, e)
+                return None
+            if isinstance(faiss.downcast_index(self.index.index), faiss.IndexIVF):
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self.nprobe)
+            self._gpu_ids = self.ids()
+        return self._gpu_index
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -114,6 +134,10 @@ class VectorIndex:
         ``allowed``: restrict to these ids (an ``IDSelectorBatch`` inside the search).
         """
         xq = self._check(xq)
+        gpu = self._gpu() if allowed is None else None  # filtered search stays on the CPU (selectors)
+        if gpu is not None:
+            D, P = gpu.search(xq, k)  # positions in the inner index
+            return D, np.where(P >= 0, self._gpu_ids[np.maximum(P, 0)], -1)
         params = None
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
         base = faiss.downcast_index(self.index.index)
@@ -155,6 +179,7 @@ class VectorIndex:
         self = cls.__new__(cls)
         self.dim, self.factory, self.nprobe = index.d, meta.factory, 16
         self.index = index
+        self._gpu_index, self._gpu_ids = None, None
         if not isinstance(index, faiss.IndexIDMap2):
             raise IndexMismatchError(f"{path} is not an id-mapped index; rebuild it with `vtfusion reindex`")
         return self
@@ -164,6 +189,16 @@ class VectorIndex:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"vectors must be (n, {self.dim}); got {x.shape}")
         return x
+
+
+_GPU_RESOURCES = None
+
+
+def _gpu_resources():
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
 
 
 def read_meta(folder: str | Path) -> dict[str, IndexMeta]:

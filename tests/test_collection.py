@@ -78,6 +78,7 @@ def test_jsonl_parquet_and_folder_sources(tmp_path, model_dir, small_catalog):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    small_catalog = shutil.copytree(small_catalog, tmp_path / "cat")
     rows = list(csv.DictReader(open(small_catalog / "train.csv")))
     jl = small_catalog / "part.jsonl"
     jl.write_text("".join(json.dumps({**r, "price": float(r["price"])}) + "\n" for r in rows[:5]))
@@ -255,3 +256,39 @@ def test_decoder_worker_processes_give_the_same_collection(tmp_path, model_dir, 
         vb = dict(s2.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == "image")).all())
     assert va.keys() == vb.keys()
     assert all(np.allclose(np.frombuffer(va[k], np.float32), np.frombuffer(vb[k], np.float32), atol=1e-5) for k in va)
+
+
+def test_changed_row_replaces_its_older_version(tmp_path, model_dir, small_catalog, db_url):
+    shutil.copytree(small_catalog, tmp_path / "cat")
+    cat = tmp_path / "cat" / "train.csv"
+    rows = list(csv.DictReader(open(cat)))
+    c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
+    ingest(c, cat, workers=0, progress=False)
+    with c.Session() as s:
+        old_id = s.scalar(select(Item.id).where(Item.external_id == rows[0]["id"]))
+    rows[0]["caption"] = "a completely new caption for the first product"
+    with open(cat, "w", newline="") as f:  # the catalog file edited in place
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = ingest(c, cat, workers=0, progress=False)
+    assert (r.added, r.replaced, r.duplicates) == (1, 1, len(rows) - 1)
+    with c.Session() as s:
+        versions = s.execute(select(Item.id, Item.status, Item.text).where(Item.external_id == rows[0]["id"])).all()
+    assert sorted(v.status for v in versions) == ["active", "replaced"]
+    new = next(v for v in versions if v.status == "active")
+    assert "completely new caption" in new.text
+    assert old_id not in set(c.indexes["text"].ids().tolist()) and new.id in set(c.indexes["text"].ids().tolist())
+    assert stats(c)["items_active"] == len(rows) and verify(c).ok
+
+
+def test_migrations_build_exactly_the_models_schema(tmp_path, model_dir, db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from indexer.schema import Base
+
+    c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
+    with c.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []

@@ -102,3 +102,28 @@ def test_bad_shapes_are_refused():
         index.add(np.arange(2), np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match="ids for"):
         index.add(np.arange(3), np.zeros((2, 4), np.float32))
+
+
+def test_gpu_search_path_maps_positions_to_ids(monkeypatch):
+    """The GPU path searches a clone of the inner index and maps positions back to SQL ids.
+    Exercised here with a CPU clone standing in for the GPU copy."""
+    import faiss
+
+    import indexer.vectors as v
+
+    rng = np.random.default_rng(6)
+    xb, xq = _unit(rng.normal(size=(200, 16))), _unit(rng.normal(size=(10, 16)))
+    ids = np.arange(200, dtype=np.int64) * 7 + 3
+    index = VectorIndex(16)
+    index.add(ids, xb)
+    index.remove(ids[:50])  # positions shift: the map must follow
+    cpu = index.search(xq, 5)
+    monkeypatch.setattr(v, "gpu_count", lambda: 1)
+    monkeypatch.setattr(v, "_gpu_resources", lambda: None)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, idx: faiss.clone_index(idx))
+    gpu = index.search(xq, 5)
+    assert index._gpu_index is not None
+    np.testing.assert_array_equal(gpu[1], cpu[1])
+    index.add(ids[:3], xb[:3])  # a change drops the GPU copy
+    assert index._gpu_index is None
+    np.testing.assert_array_equal(index.search(xb[:3], 1)[1][:, 0], ids[:3])

@@ -185,7 +185,8 @@ def ingest_cmd(
     except CatalogError as e:
         _fail(str(e))
     typer.echo(
-        f"added {r.added}, skipped {r.duplicates} duplicates, {r.failed} failed in {r.seconds:.1f} s "
+        f"added {r.added} ({r.replaced} replacing older versions), skipped {r.duplicates} duplicates, "
+        f"{r.failed} failed in {r.seconds:.1f} s "
         f"({r.items_per_s:.1f} items/s; " + ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items()) + ")"
     )
     if r.failed:
