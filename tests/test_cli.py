@@ -108,3 +108,23 @@ def test_collection_commands(tmp_path, model_dir, small_catalog):
     c.indexes["image"].save(tmp_path / "col" / "index", read_meta(tmp_path / "col" / "index")["image"])
     r = runner.invoke(app, ["verify", col])
     assert r.exit_code == 1 and "2 stored items missing" in r.output
+
+
+def test_search_command(tmp_path, model_dir, small_catalog):
+    col = str(tmp_path / "col")
+    assert runner.invoke(app, ["init", col, "--model", str(model_dir)]).exit_code == 0
+    assert runner.invoke(app, ["ingest", col, str(small_catalog / "train.csv"), "--workers", "0"]).exit_code == 0
+    r = runner.invoke(app, ["search", col, "a red striped mug", "-k", "4", "--rerank-depth", "8"])
+    assert r.exit_code == 0, r.output
+    assert "fused" in r.output and "timings ms" in r.output and len([ln for ln in r.output.splitlines() if ln[:3].strip().isdigit()]) == 4
+    r = runner.invoke(app, ["search", col, "a mug", "--json", "-k", "3", "--where", "price < 1000"])
+    d = json.loads(r.stdout)
+    assert len(d["hits"]) == 3 and {"itc", "itm", "fused", "retrieval_rank", "moved"} <= set(d["hits"][0])
+    assert d["timings_ms"]["total"] > 0 and d["matching"] > 0
+    item = d["hits"][0]["item_id"]
+    r = runner.invoke(app, ["search", col, "--item", str(item), "--target", "text", "--json", "-k", "2"])
+    assert r.exit_code == 0 and item not in [h["item_id"] for h in json.loads(r.stdout)["hits"]]
+    r = runner.invoke(app, ["search", col, "x", "--where", "nope = 1"])
+    assert r.exit_code == 1 and "unknown column 'nope'" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["search", col])
+    assert r.exit_code == 1 and "exactly one query" in r.output

@@ -278,5 +278,49 @@ def reindex_cmd(
     typer.echo("rebuilt " + ", ".join(f"{m}: {f}" for m, f in built.items()))
 
 
+# ---- search -----------------------------------------------------------------------------------
+
+
+@app.command("search")
+def search_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    text: Annotated[str | None, typer.Argument(help="Text query.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Query by an image file.")] = None,
+    item: Annotated[int | None, typer.Option("--item", help="Query by an indexed item id (more like this).")] = None,
+    target: Annotated[str, typer.Option("--target", help="image | text: what to return.")] = "image",
+    k: Annotated[int, typer.Option("-k", help="Hits to return.")] = 10,
+    where: Annotated[str | None, typer.Option("--where", help="Filter expression over metadata.")] = None,
+    rerank_depth: Annotated[int, typer.Option("--rerank-depth", help="ITC candidates rescored by ITM (0: none).")] = 32,
+    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm | itc.")] = "itm+itc",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable hits and timings.")] = False,
+) -> None:
+    """Search a collection by text, image or item; rerank with cross-attention ITM."""
+    import json
+
+    from search.engine import ItemQuery, SearchEngine, SearchError
+
+    given = [q for q in (text, image, item) if q is not None]
+    if len(given) != 1:
+        _fail("give exactly one query: a TEXT argument, --image PATH or --item ID")
+    query = ItemQuery(item) if item is not None else image if image is not None else text
+    if image is not None and not image.is_file():
+        _fail(f"image not found: {image}")
+    try:
+        res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion)
+    except SearchError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
+        return
+    typer.echo(f"{'#':>3} {'moved':>5} {'fused':>7} {'ITM p':>6} {'ITC':>6}  {'item':<12} text")
+    for h in res.hits:
+        moved = f"+{h.moved}" if h.moved > 0 else str(h.moved) if h.moved else "."
+        itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
+        typer.echo(f"{h.rank:>3} {moved:>5} {h.fused:7.3f} {itm} {h.itc:6.3f}  {h.external_id:<12} {h.text[:70]}")
+    typer.echo("timings ms: " + ", ".join(f"{s} {v:.1f}" for s, v in res.timings_ms.items()) + f"; reranked {res.rerank_depth}")
+    for n in res.notes:
+        typer.echo(f"note: {n}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,219 @@
+"""Two-stage search: ITC retrieval from FAISS (optionally filtered), then ITM reranking.
+
+    engine = SearchEngine(Collection.open(path))
+    result = engine.search("red striped mug", target="image", k=10, where="price < 20", rerank_depth=64)
+
+Query is a text, an image (PIL image or path), or ``ItemQuery(id)`` for an indexed item (its
+image is the query; the item itself is left out of its own results). Cross-modal searches
+(text -> image, image -> text) can be reranked; same-modality searches have no image-text pair
+to score and stay in ITC order (a note says so).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sqlalchemy import select
+
+from indexer import filters
+from indexer.collection import Collection
+from indexer.schema import Embedding, Item
+from models.preprocess import load_image
+
+from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
+from .results import Hit, SearchResult
+
+EXACT_FILTER_MAX = 20_000  # allowed sets up to this size are scored exactly over their stored vectors
+
+
+@dataclass(frozen=True)
+class ItemQuery:
+    item_id: int
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked (unknown item, bad target or fusion, bad filter)."""
+
+
+class SearchEngine:
+    def __init__(self, collection: Collection, scorer: Scorer | None = None, chunk: int = 64):
+        self.c = collection
+        self.scorer = scorer or ITMScorer(collection, chunk=chunk)
+
+    # ---- stage 0: the query ----------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode(self, query) -> tuple[str, str, np.ndarray, Query, int | None]:
+        """-> (query kind, query modality, xq (1, E), ITM query, excluded item id)."""
+        b = self.c.bundle
+        if isinstance(query, ItemQuery):
+            with self.c.Session() as s:
+                row = s.execute(
+                    select(Item.id, Item.status, Item.token_shard, Item.token_offset, Embedding.vector)
+                    .join(Embedding, (Embedding.item_id == Item.id) & (Embedding.modality == "image"))
+                    .where(Item.id == query.item_id)
+                ).first()
+            if row is None or row.status != "active":
+                raise SearchError(f"no active item with id {query.item_id}")
+            xq = np.frombuffer(row.vector, np.float32)[None, :]
+            tokens = torch.from_numpy(self.c.tokens.read([(row.token_shard, row.token_offset)]))
+            return "item", "image", xq, Query(image_tokens=tokens), row.id
+        if isinstance(query, (Image.Image, Path)):
+            img = load_image(query)
+            px = b.transform.normalize(b.transform.batch([img]).to(b.device))
+            tokens = b.model.image_tokens(px)  # (1, N, D_v)
+            xq = b.model.image_emb(tokens).float().cpu().numpy()
+            return "image", "image", xq, Query(image_tokens=tokens.float().cpu()), None
+        if isinstance(query, str):
+            if not query.strip():
+                raise SearchError("empty text query")
+            ids, mask = b.tokenizer([query])
+            xq = b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy()
+            return "text", "text", xq, Query(ids=ids, mask=mask), None
+        raise SearchError(f"a query is a text, an image, a path to one, or ItemQuery(id); got {type(query).__name__}")
+
+    # ---- stage 1: filter + retrieve ----------------------------------------------------
+
+    def _allowed(self, where: str | None) -> np.ndarray | None:
+        if not where:
+            return None
+        with self.c.Session() as s:
+            expr = filters.parse(where, filters.known_columns(s))
+            ids = s.scalars(select(Item.id).where(Item.status == "active", expr).order_by(Item.id)).all()
+        return np.array(ids, dtype=np.int64)
+
+    def _retrieve(self, target: str, xq: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top n (scores, ids) by ITC among ``allowed`` (all when None); ids -1 where fewer exist."""
+        index = self.c.indexes[target]
+        if allowed is None or index.factory == "Flat":
+            D, I = index.search(xq, n, allowed)
+            return D[0], I[0]
+        if len(allowed) <= EXACT_FILTER_MAX:  # small allowed set: exact, over the stored vectors
+            with self.c.Session() as s:
+                rows = s.execute(
+                    select(Embedding.item_id, Embedding.vector).where(
+                        Embedding.modality == target, Embedding.item_id.in_(allowed.tolist())
+                    )
+                ).all()
+            if not rows:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            ids = np.array([r.item_id for r in rows], dtype=np.int64)
+            xb = np.frombuffer(b"".join(r.vector for r in rows), np.float32).reshape(len(rows), -1)
+            sims = xb @ xq[0]
+            order = np.argsort(-sims, kind="stable")[:n]
+            return sims[order], ids[order]
+        # large allowed set: ANN with the id selector. Probe lists in inverse proportion to the
+        # share of items allowed (so as many allowed vectors are scanned as an unfiltered search
+        # scans), then keep probing more until enough survive.
+        want = min(n, len(allowed))
+        nprobe, nlist = index.nprobe, getattr(_ivf(index), "nlist", index.nprobe)
+        share = len(allowed) / max(1, index.ntotal)
+        index.nprobe = min(nlist, max(nprobe, int(np.ceil(nprobe / max(share, 1e-9)))))
+        try:
+            while True:
+                D, I = index.search(xq, n, allowed)
+                if (I[0] >= 0).sum() >= want or index.nprobe >= nlist:
+                    return D[0], I[0]
+                index.nprobe = min(nlist, index.nprobe * 4)
+        finally:
+            index.nprobe = nprobe
+
+    # ---- the whole search ------------------------------------------------------------
+
+    def search(
+        self,
+        query,
+        target: str = "image",
+        k: int = 10,
+        where: str | None = None,
+        rerank_depth: int = 32,
+        fusion: str = "itm+itc",
+    ) -> SearchResult:
+        if target not in ("image", "text"):
+            raise SearchError(f"target must be 'image' or 'text'; got {target!r}")
+        if fusion not in FUSIONS:
+            raise SearchError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+        if k < 1 or rerank_depth < 0:
+            raise SearchError("k must be >= 1 and rerank depth >= 0")
+        t = time.perf_counter()
+        kind, modality, xq, itm_query, exclude = self._encode(query)
+        res = SearchResult([], target, kind, k, 0, fusion)
+        res.timings_ms["encode"] = _ms(t)
+
+        t = time.perf_counter()
+        try:
+            allowed = self._allowed(where)
+        except filters.FilterError as e:
+            raise SearchError(str(e)) from e
+        if allowed is not None and exclude is not None:
+            allowed = allowed[allowed != exclude]
+        res.matching = None if allowed is None else int(len(allowed))
+        res.timings_ms["filter"] = _ms(t)
+
+        t = time.perf_counter()
+        n = max(k, rerank_depth) + (1 if exclude is not None else 0)
+        scores, ids = self._retrieve(target, xq, n, allowed)
+        keep = (ids >= 0) & (ids != (exclude if exclude is not None else -2))
+        scores, ids = scores[keep][: max(k, rerank_depth)], ids[keep][: max(k, rerank_depth)]
+        res.timings_ms["retrieve"] = _ms(t)
+
+        t = time.perf_counter()
+        cross = modality != target
+        depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" else 0
+        logits = np.full(len(ids), np.nan, dtype=np.float32)
+        order = np.arange(len(ids))
+        if depth:
+            misses = getattr(self.scorer, "misses", 0)
+            logits[:depth] = self.scorer.score(itm_query, ids[:depth].tolist())
+            order = np.concatenate([rerank_order(scores[:depth], logits[:depth], fusion), np.arange(depth, len(ids))])
+            res.cache_misses = getattr(self.scorer, "misses", 0) - misses
+        elif rerank_depth and not cross:
+            res.notes.append(f"{modality} -> {target} has no image-text pair to rerank: ITC order")
+        res.rerank_depth = depth
+        res.timings_ms["rerank"] = _ms(t)
+
+        t = time.perf_counter()
+        final = order[:k]
+        with self.c.Session() as s:
+            items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids[final].tolist())))}
+        for rank, j in enumerate(final, 1):
+            it = items[int(ids[j])]
+            reranked = j < depth
+            res.hits.append(
+                Hit(
+                    item_id=it.id,
+                    external_id=it.external_id,
+                    image_path=it.image_path,
+                    text=it.text,
+                    meta=dict(it.meta or {}),
+                    itc=float(scores[j]),
+                    itm=float(sigmoid(logits[j])) if reranked else None,
+                    itm_logit=float(logits[j]) if reranked else None,
+                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], fusion)[0]) if reranked else float(scores[j]),
+                    retrieval_rank=int(j) + 1,
+                    rank=rank,
+                )
+            )
+        res.timings_ms["metadata"] = _ms(t)
+        if len(res.hits) < k:
+            if allowed is not None:
+                res.notes.append(f"only {res.matching} items match the filter; {len(res.hits)} returned")
+            else:
+                res.notes.append(f"the {target} index holds only {len(res.hits)} items")
+        return res
+
+
+def _ms(t: float) -> float:
+    return (time.perf_counter() - t) * 1000.0
+
+
+def _ivf(index):
+    import faiss
+
+    base = faiss.downcast_index(index.index.index)
+    return base if isinstance(base, faiss.IndexIVF) else None

@@ -1,0 +1,110 @@
+"""Second stage: score candidates with full cross-attention ITM, in fixed-size chunks.
+
+The reranker takes a scorer (STYLE: swappable parts by injection): anything with
+``score(query, candidate_ids) -> (K,) logits``. ``ITMScorer`` is the real one: candidate image
+tokens come from the token cache (re-encoded on a miss, and counted), the query text is
+tokenised once, and the fusion layers run over ``chunk`` candidates at a time, so depth 256 costs
+the memory of one chunk. For image -> text the query image's tokens are computed once and
+scored against each chunk of candidate texts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from indexer.collection import Collection
+from indexer.schema import Item
+from models.preprocess import load_image
+
+FUSIONS = ("itm+itc", "itm", "itc")
+
+
+class Scorer(Protocol):
+    def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray: ...
+
+
+@dataclass
+class Query:
+    """What the ITM scorer needs of a query: its text (ids, mask) or its image tokens."""
+
+    ids: torch.Tensor | None = None  # (1, L)
+    mask: torch.Tensor | None = None  # (1, L)
+    image_tokens: torch.Tensor | None = None  # (1, N, D_v)
+
+
+class ITMScorer:
+    def __init__(self, collection: Collection, chunk: int = 64):
+        self.c = collection
+        self.chunk = chunk
+        self.misses = 0
+
+    @torch.no_grad()
+    def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray:
+        model = self.c.bundle.model
+        device = self.c.bundle.device
+        out = []
+        with self.c.Session() as s:
+            rows = {
+                r.id: r
+                for r in s.execute(
+                    select(Item.id, Item.token_shard, Item.token_offset, Item.image_path, Item.text).where(
+                        Item.id.in_(list(candidate_ids))
+                    )
+                )
+            }
+        for start in range(0, len(candidate_ids), self.chunk):
+            chunk = [rows[i] for i in candidate_ids[start : start + self.chunk]]
+            if query.ids is not None:  # text query -> candidate images
+                tokens = self._image_tokens(chunk).to(device)  # (c, N, D_v)
+                logits = model.itm_logits(tokens, query.ids.to(device), query.mask.to(device))  # (c,)
+            else:  # image query -> candidate texts
+                ids, mask = self.c.bundle.tokenizer([r.text for r in chunk])  # (c, L)
+                logits = model.itm_logits(query.image_tokens.to(device), ids.to(device), mask.to(device))  # (c,)
+            out.append(logits.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _image_tokens(self, rows) -> torch.Tensor:
+        cached = [r for r in rows if r.token_shard is not None]
+        tokens = torch.empty(len(rows), self.c.config.num_tokens, self.c.config.token_width)
+        if cached:
+            arr = self.c.tokens.read([(r.token_shard, r.token_offset) for r in cached])
+            pos = [i for i, r in enumerate(rows) if r.token_shard is not None]
+            tokens[pos] = torch.from_numpy(arr)
+        missing = [i for i, r in enumerate(rows) if r.token_shard is None]
+        if missing:  # no cached tokens: re-encode from the image file
+            self.misses += len(missing)
+            b = self.c.bundle
+            px = b.transform.batch(load_image(rows[i].image_path) for i in missing)
+            tokens[missing] = b.model.image_tokens(b.transform.normalize(px.to(b.device))).float().cpu()
+        return tokens
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def fuse(itc: np.ndarray, itm_logits: np.ndarray, fusion: str) -> np.ndarray:
+    """The score candidates are sorted by: BLIP's ITM logit + ITC cosine, ITM alone, or ITC alone."""
+    if fusion == "itm+itc":
+        return itm_logits + itc
+    if fusion == "itm":
+        return itm_logits
+    if fusion == "itc":
+        return itc
+    raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
+
+
+def rerank_order(itc: np.ndarray, itm_logits: np.ndarray, fusion: str) -> np.ndarray:
+    """Indices of the candidates in final order (stable: ties keep the retrieval order)."""
+    return np.argsort(-fuse(itc, itm_logits, fusion), kind="stable")
+
+
+def finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
