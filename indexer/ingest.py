@@ -119,16 +119,31 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
 ) -> IngestReport:
-    bundle = collection.bundle
     t_start = time.perf_counter()
     source = Path(source)
     rows, row_errors = read_source(source, cols)
+    return ingest_rows(collection, rows, row_errors, str(source.resolve()), batch_size, workers, progress, t_start)
+
+
+def ingest_rows(
+    collection: Collection,
+    rows: list[CatalogRow],
+    row_errors: list[RowError] = (),
+    source: str = "",
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+    t_start: float | None = None,
+) -> IngestReport:
+    """Ingest rows already read (what ``ingest`` does after reading its source)."""
+    bundle = collection.bundle
+    t_start = time.perf_counter() if t_start is None else t_start
     with collection.Session.begin() as s:
-        run = IngestRun(source=str(source.resolve()), status="running")
+        run = IngestRun(source=source, status="running")
         s.add(run)
         s.flush()
         report = IngestReport(run.id)
-        report.failed += _record_errors(s, run.id, row_errors)
+        report.failed += _record_errors(s, run.id, list(row_errors))
     report.stages["read"] = time.perf_counter() - t_start
 
     workers = default_workers(bundle.device) if workers is None else workers

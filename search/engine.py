@@ -133,7 +133,9 @@ class SearchEngine:
         where: str | None = None,
         rerank_depth: int = 32,
         fusion: str = "itm+itc",
+        within: np.ndarray | None = None,
     ) -> SearchResult:
+        """``within``: restrict to these item ids as well (e.g. an evaluation set)."""
         if target not in ("image", "text"):
             raise SearchError(f"target must be 'image' or 'text'; got {target!r}")
         if fusion not in FUSIONS:
@@ -150,6 +152,9 @@ class SearchEngine:
             allowed = self._allowed(where)
         except filters.FilterError as e:
             raise SearchError(str(e)) from e
+        if within is not None:
+            within = np.asarray(within, dtype=np.int64)
+            allowed = within if allowed is None else np.intersect1d(allowed, within)
         if allowed is not None and exclude is not None:
             allowed = allowed[allowed != exclude]
         res.matching = None if allowed is None else int(len(allowed))

@@ -128,3 +128,12 @@ def test_search_command(tmp_path, model_dir, small_catalog):
     assert r.exit_code == 1 and "unknown column 'nope'" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["search", col])
     assert r.exit_code == 1 and "exactly one query" in r.output
+
+
+def test_demo_runs_the_whole_job(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--n", "60", "--minutes", "0.05", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    for marker in ("R@1 ITC only", "== index the training catalog", "== evaluate reranking", "text -> image", "image -> text", "timings ms"):
+        assert marker in r.output, marker
+    assert (out / "eval" / "report.json").exists() and (out / "collection" / "collection.toml").exists()

@@ -119,19 +119,35 @@ def train_cmd(
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/ and model/ go inside).")] = Path("demo-run"),
+    out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/, model/, collection/ and eval/ go inside).")] = Path("demo-run"),
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 2000,
     minutes: Annotated[float, typer.Option("--minutes", help="Training budget.")] = 3.0,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
     device: Annotated[str, typer.Option("--device")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """The main job on the embedded default: generate the demo catalog, train, validate."""
+    """The main job on the embedded default: catalog, train, index, search both ways, evaluate."""
+    import csv
+    import shutil
+
     catalog = out / "catalog"
     if not (catalog / "train.csv").exists():
         demo_catalog(catalog, n=n, seed=seed, image_size=128, test_frac=0.2)
     train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", minutes=minutes,
               text_tower=text_tower, device=device, seed=seed)
+    col = out / "collection"
+    shutil.rmtree(col, ignore_errors=True)  # a fresh index for the freshly trained model
+    typer.echo("\n== index the training catalog")
+    init_cmd(col, model=out / "model")
+    ingest_cmd(col, catalog / "train.csv")
+    typer.echo("\n== evaluate reranking on the held-out split (its pairs are ingested first)")
+    eval_cmd(col, catalog / "test.csv", out=out / "eval", latency_queries=20)
+    held_out = list(csv.DictReader(open(catalog / "test.csv", encoding="utf-8")))[:2]
+    for row in held_out:
+        typer.echo(f"\n== text -> image: {row['caption']!r} (held-out item {row['id']})")
+        search_cmd(col, row["caption"], k=5, rerank_depth=32)
+    typer.echo(f"\n== image -> text: {held_out[0]['image']} (its caption: {held_out[0]['caption']!r})")
+    search_cmd(col, image=catalog / held_out[0]["image"], target="text", k=5, rerank_depth=32)
 
 
 # ---- collections ----------------------------------------------------------------------------
@@ -320,6 +336,39 @@ def search_cmd(
     typer.echo("timings ms: " + ", ".join(f"{s} {v:.1f}" for s, v in res.timings_ms.items()) + f"; reranked {res.rerank_depth}")
     for n in res.notes:
         typer.echo(f"note: {n}")
+
+
+@app.command("eval")
+def eval_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    pairs: Annotated[Path, typer.Argument(help="CSV of (image, caption) rows, or a Karpathy-style JSON.")],
+    depths: Annotated[str, typer.Option("--depths", help="Comma-separated rerank depths (0 = ITC only).")] = "0,16,32,64,128",
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md and the plots.")] = Path("eval-report"),
+    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm.")] = "itm+itc",
+    image_col: Annotated[str, typer.Option("--image-col")] = "image",
+    text_col: Annotated[str, typer.Option("--text-col")] = "caption",
+    split: Annotated[str, typer.Option("--split", help="Karpathy JSON split to use.")] = "test",
+    latency_queries: Annotated[int, typer.Option("--latency-queries", help="Searches timed per depth.")] = 50,
+) -> None:
+    """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10 and latency, ITC only vs each depth."""
+    from search.evaluate import evaluate, write_report
+
+    try:
+        ds = [int(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        _fail(f"--depths must be comma-separated integers; got {depths!r}")
+    try:
+        rep = evaluate(_open(collection), pairs, ds, fusion, latency_queries, image_col=image_col, text_col=text_col, split=split)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(str(e))
+    files = write_report(rep, out)
+    typer.echo(f"{rep['images']} images, {rep['texts']} captions")
+    for direction in ("t2i", "i2t"):
+        typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'ms':>8}")
+        for key, m in rep[direction].items():
+            ms = rep["latency_ms"][key]["total"]["mean"]
+            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{ms:8.1f}")
+    typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,355 @@
+"""Reranking evaluation: what cross-attention reranking buys, at which depth, at what cost.
+
+Pairs come from a CSV of (image, caption) rows or a Karpathy-style JSON (COCO/Flickr); they are
+ingested into the collection first (content dedup makes that a no-op the second time), one item
+per pair. Rankings are computed over the evaluation set only:
+
+- text -> image: each caption ranks the distinct images; its own image is the answer;
+- image -> text: each image ranks every caption; it is found at the best rank of any of its
+  captions (the BLIP/ALBEF ``itm_eval`` convention).
+
+For every query the ITC top ``max(10, max depth)`` is taken from similarities computed in query
+chunks (never a full N x M matrix); the top ``max depth`` are scored once by ITM, and each
+depth d reorders its own prefix of d candidates (the rest keep ITC order). Recall@1/5/10 are
+computed here; MRR and nDCG@10 by ``ir_measures``; each depth is compared with ITC only by a
+paired Wilcoxon signed-rank test on per-query reciprocal ranks. Per-stage latency comes from
+running a sample of queries through ``SearchEngine.search`` at each depth.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from tqdm import tqdm
+
+from indexer.catalog import CatalogRow
+from indexer.collection import Collection
+from indexer.ingest import ingest_rows
+from indexer.schema import Embedding, Item
+
+from .engine import SearchEngine
+from .rerank import ITMScorer, Query, fuse
+
+log = logging.getLogger(__name__)
+KS = (1, 5, 10)
+
+
+# ---- input ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    image: Path
+    caption: str
+    line: int
+
+
+def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "caption", split: str = "test") -> list[EvalPair]:
+    """CSV rows (image path relative to the CSV, caption) or Karpathy JSON (``images[].sentences``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        images = data["images"] if isinstance(data, dict) else data
+        if any("split" in im for im in images):
+            images = [im for im in images if im.get("split") == split]
+        out = []
+        for n, im in enumerate(images, 1):
+            img = path.parent / im.get("filepath", "") / im["filename"]
+            out += [EvalPair(img, s["raw"].strip(), n) for s in im.get("sentences", []) if s.get("raw", "").strip()]
+        return out
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (image_col, text_col) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} not in the header {reader.fieldnames}")
+        return [
+            EvalPair(path.parent / r[image_col], r[text_col].strip(), reader.line_num)
+            for r in reader
+            if r.get(image_col) and (r.get(text_col) or "").strip()
+        ]
+
+
+# ---- metrics (pure; tested against hand-computed cases and a naive full-matrix oracle) --------
+
+
+def rerank_ranks(
+    cand_groups: np.ndarray, itc: np.ndarray, itm: np.ndarray, target: int, depth: int, fusion: str
+) -> tuple[int, np.ndarray]:
+    """1-based rank of the first candidate of group ``target`` after reordering the first
+    ``depth`` candidates by the fused score (0 = ITC order); ``inf`` if absent. Also returns
+    the final order of candidate positions."""
+    order = np.arange(len(cand_groups))
+    if depth:
+        head = np.argsort(-fuse(itc[:depth], itm[:depth], fusion), kind="stable")
+        order = np.concatenate([head, np.arange(depth, len(cand_groups))])
+    hits = np.nonzero(cand_groups[order] == target)[0]
+    return (int(hits[0]) + 1 if len(hits) else np.inf), order
+
+
+def rank_direction(
+    q_emb: np.ndarray,
+    db_emb: np.ndarray,
+    db_groups: np.ndarray,
+    q_targets: np.ndarray,
+    depths: Sequence[int],
+    fusion: str,
+    itm_fn,
+    n_cand: int,
+    chunk: int = 256,
+    progress: bool = False,
+    name: str = "",
+) -> tuple[dict[int, list[float]], dict[int, dict], dict[str, set[str]]]:
+    """Rank every query's target group at every depth, streaming (chunk, M) similarity blocks.
+
+    ``itm_fn(query index, candidate db positions) -> ITM logits`` is called once per query for
+    the top ``max(depths)`` candidates. Returns ranks per depth, ir_measures-style runs per
+    depth (groups scored by best rank), and qrels.
+    """
+    max_d = max(depths)
+    ranks: dict[int, list[float]] = {d: [] for d in depths}
+    runs: dict[int, dict] = {d: {} for d in depths}
+    qrels: dict[str, set[str]] = {}
+    for start in tqdm(range(0, len(q_emb), chunk), desc=f"eval {name}", unit="chunk", disable=not progress or None):
+        sims = q_emb[start : start + chunk] @ db_emb.T  # (c, M): one chunk at a time
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :n_cand]
+        for r, cand in enumerate(top):
+            qi = start + r
+            itc = sims[r, cand]
+            itm = np.full(len(cand), np.nan, np.float32)
+            if max_d:
+                itm[: min(max_d, len(cand))] = itm_fn(qi, cand[:max_d])
+            groups = db_groups[cand]
+            qid = str(qi)
+            qrels[qid] = {str(q_targets[qi])}  # runs list groups: one relevant group per query
+            for d in depths:
+                rank, order = rerank_ranks(groups, itc, itm, q_targets[qi], min(d, len(cand)), fusion)
+                ranks[d].append(rank)
+                seen, ranked = set(), []
+                for pos in order:  # a run lists groups (images) at their best rank
+                    g = int(groups[pos])
+                    if g not in seen:
+                        seen.add(g)
+                        ranked.append(str(g))
+                runs[d][qid] = [(g, float(len(ranked) - i)) for i, g in enumerate(ranked)]
+    return ranks, runs, qrels
+
+
+def recall_at(ranks: Sequence[float], ks: Sequence[int] = KS) -> dict[str, float]:
+    r = np.asarray(ranks, dtype=float)
+    return {f"R@{k}": float(100.0 * np.mean(r <= k)) for k in ks}
+
+
+def ir_metrics(runs: dict[str, list[tuple[str, float]]], qrels: dict[str, set[str]]) -> tuple[dict, dict]:
+    """MRR and nDCG@10 through ir_measures: (aggregate, per-query reciprocal rank)."""
+    import ir_measures
+    from ir_measures import RR, Qrel, ScoredDoc, nDCG
+
+    q = [Qrel(qid, d, 1) for qid, docs in qrels.items() for d in docs]
+    run = [ScoredDoc(qid, d, s) for qid, docs in runs.items() for d, s in docs]
+    agg = ir_measures.calc_aggregate([RR, nDCG @ 10], q, run)
+    per_q = {m.query_id: m.value for m in ir_measures.iter_calc([RR], q, run)}
+    for qid in qrels:  # a query with no relevant doc retrieved scores 0
+        per_q.setdefault(qid, 0.0)
+    return {"MRR": float(agg[RR]), "nDCG@10": float(agg[nDCG @ 10])}, per_q
+
+
+def paired_p(a: dict[str, float], b: dict[str, float]) -> float:
+    """Wilcoxon signed-rank p-value on paired per-query values (1.0 when they never differ)."""
+    from scipy.stats import wilcoxon
+
+    keys = sorted(a)
+    x, y = np.array([a[k] for k in keys]), np.array([b.get(k, 0.0) for k in keys])
+    if np.allclose(x, y):
+        return 1.0
+    return float(wilcoxon(x, y, zero_method="zsplit").pvalue)
+
+
+# ---- the evaluation ----------------------------------------------------------------------------
+
+
+def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progress: bool) -> list[tuple[int, str, str]]:
+    rows = [
+        CatalogRow(f"pair{j}", p.image.resolve(), (p.caption,), {}, f"{pairs_path}:{p.line}") for j, p in enumerate(pairs)
+    ]
+    rep = ingest_rows(c, rows, [], str(pairs_path), progress=progress)
+    log.info("eval pairs: %d added, %d already there, %d failed", rep.added, rep.duplicates, rep.failed)
+    with c.Session() as s:
+        return [
+            (r.id, r.image_path, r.text)
+            for r in s.execute(
+                select(Item.id, Item.image_path, Item.text).where(Item.source == str(pairs_path), Item.status == "active").order_by(Item.id)
+            )
+        ]
+
+
+def _stored(c: Collection, ids: list[int], modality: str) -> np.ndarray:
+    with c.Session() as s:
+        rows = dict(s.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == modality, Embedding.item_id.in_(ids))).all())
+    return np.stack([np.frombuffer(rows[i], np.float32) for i in ids])
+
+
+def evaluate(
+    c: Collection,
+    pairs_path: str | Path,
+    depths: Sequence[int] = (0, 16, 32, 64, 128),
+    fusion: str = "itm+itc",
+    latency_queries: int = 50,
+    chunk: int = 256,
+    progress: bool = True,
+    **read_kw,
+) -> dict:
+    pairs_path = Path(pairs_path).resolve()
+    pairs = read_pairs(pairs_path, **read_kw)
+    if not pairs:
+        raise ValueError(f"{pairs_path}: no (image, caption) pairs")
+    items = _ingest_pairs(c, pairs, pairs_path, progress)
+    image_paths = sorted({p for _, p, _ in items})
+    group_of_path = {p: g for g, p in enumerate(image_paths)}
+    text_ids = [i for i, _, _ in items]  # every caption is a text item
+    text_group = np.array([group_of_path[p] for _, p, _ in items])
+    image_ids = [next(i for i, p, _ in items if p == path) for path in image_paths]  # one item per image
+    depths = sorted(set(int(d) for d in depths) | {0})
+    max_d = max(depths)
+    n_cand = max(max(KS), max_d)
+    scorer = ITMScorer(c, chunk=64)
+    b = c.bundle
+
+    img_emb = _stored(c, image_ids, "image")  # (M, E)
+    txt_emb = _stored(c, text_ids, "text")  # (T, E)
+    report: dict = {"pairs": str(pairs_path), "images": len(image_ids), "texts": len(text_ids), "depths": depths, "fusion": fusion}
+
+    def run_direction(name, q_emb, db_emb, db_groups, q_targets, q_query, db_ids):
+        def itm_fn(qi, cand):
+            return scorer.score(q_query(qi), [db_ids[j] for j in cand])
+
+        ranks, runs, qrels = rank_direction(
+            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, n_cand, chunk, progress, name
+        )
+        out, per_q = {}, {}
+        for d in depths:
+            key = "itc" if d == 0 else f"rerank@{d}"
+            agg, per_q[d] = ir_metrics(runs[d], qrels)
+            out[key] = {**recall_at(ranks[d]), **agg}
+            if d:
+                out[key]["p_value_vs_itc"] = paired_p(per_q[0], per_q[d])
+        return out
+
+    with torch.no_grad():
+        img_groups = np.arange(len(image_ids))
+        t2i_targets = text_group
+
+        def t2i_query(qi):
+            ids, mask = b.tokenizer([items[qi][2]])
+            return Query(ids=ids, mask=mask)
+
+        report["t2i"] = run_direction("t2i", txt_emb, img_emb, img_groups, t2i_targets, t2i_query, image_ids)
+
+        img_tokens_cache = {}
+
+        def i2t_query(qi):
+            if qi not in img_tokens_cache:
+                with c.Session() as s:
+                    sh, off = s.execute(select(Item.token_shard, Item.token_offset).where(Item.id == image_ids[qi])).one()
+                img_tokens_cache.clear()
+                img_tokens_cache[qi] = torch.from_numpy(c.tokens.read([(sh, off)]))
+            return Query(image_tokens=img_tokens_cache[qi])
+
+        report["i2t"] = run_direction("i2t", img_emb, txt_emb, text_group, np.arange(len(image_ids)), i2t_query, text_ids)
+
+    report["latency_ms"] = latency(c, [t for _, _, t in items], image_ids, depths, fusion, latency_queries)
+    return report
+
+
+def latency(c: Collection, texts: list[str], within: list[int], depths: Sequence[int], fusion: str, n: int) -> dict:
+    """Per-stage mean and p95 over ``n`` text -> image searches at each depth."""
+    engine = SearchEngine(c)
+    rng = np.random.default_rng(0)
+    sample = [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)]
+    allowed = np.array(within, dtype=np.int64)
+    out = {}
+    engine.search(sample[0], k=10, rerank_depth=max(depths), fusion=fusion, within=allowed)  # warm-up
+    for d in depths:
+        per_stage: dict[str, list[float]] = {}
+        for q in sample:
+            t = time.perf_counter()
+            res = engine.search(q, k=10, rerank_depth=d, fusion=fusion, within=allowed)
+            for s, v in res.timings_ms.items():
+                per_stage.setdefault(s, []).append(v)
+            per_stage.setdefault("total", []).append((time.perf_counter() - t) * 1000)
+        out["itc" if d == 0 else f"rerank@{d}"] = {
+            s: {"mean": float(np.mean(v)), "p95": float(np.percentile(v, 95))} for s, v in per_stage.items()
+        }
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+def write_report(report: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    return [out / "report.json", out / "report.md", *plots(report, out)]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Reranking evaluation\n", f"{report['images']} images, {report['texts']} captions; fusion `{report['fusion']}`.\n"]
+    for direction, title in (("t2i", "text → image"), ("i2t", "image → text")):
+        lines += [f"\n## {title}\n", "| | R@1 | R@5 | R@10 | MRR | nDCG@10 | p vs ITC | mean ms | p95 ms |", "|---|---|---|---|---|---|---|---|---|"]
+        for key, m in report[direction].items():
+            lat = report.get("latency_ms", {}).get(key, {}).get("total", {})
+            p = m.get("p_value_vs_itc")
+            lines.append(
+                f"| {key} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['MRR']:.3f} | {m['nDCG@10']:.3f} | "
+                f"{'' if p is None else f'{p:.2g}'} | {lat.get('mean', float('nan')):.1f} | {lat.get('p95', float('nan')):.1f} |"
+            )
+    lines.append("\nLatency: text → image searches through `SearchEngine.search` (encode, filter, retrieve, rerank, metadata).\n")
+    return "\n".join(lines)
+
+
+def plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = report["depths"]
+    keys = ["itc" if d == 0 else f"rerank@{d}" for d in depths]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for direction, style in (("t2i", "o-"), ("i2t", "s--")):
+        for k in ("R@1", "R@5"):
+            ax.plot(depths, [report[direction][key][k] for key in keys], style, label=f"{direction} {k}")
+    ax.set_xlabel("rerank depth (0 = ITC only)")
+    ax.set_ylabel("recall (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p1 = out / "recall_vs_depth.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lat = report["latency_ms"]
+    for stage in ("total", "rerank", "retrieve", "encode"):
+        ax.plot(depths, [lat[key][stage]["mean"] for key in keys], "o-", label=f"{stage} (mean)")
+    ax.plot(depths, [lat[key]["total"]["p95"] for key in keys], "k:", label="total (p95)")
+    ax.set_xlabel("rerank depth (0 = ITC only)")
+    ax.set_ylabel("ms per query")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p2 = out / "latency_vs_depth.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]

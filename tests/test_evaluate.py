@@ -1,0 +1,125 @@
+"""Evaluation metrics against hand-computed cases and BLIP's naive full-matrix itm_eval, and the
+`vtfusion eval` report end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from search.evaluate import ir_metrics, paired_p, rank_direction, recall_at, rerank_ranks
+
+
+def test_recall_and_rerank_by_hand():
+    assert recall_at([1, 2, 6, np.inf], ks=(1, 5, 10)) == {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}
+    groups = np.array([3, 1, 2, 1])  # candidates' groups in ITC order; target group 1
+    itc = np.array([0.9, 0.8, 0.7, 0.6])
+    itm = np.array([0.0, -5.0, 5.0, 9.0])
+    assert rerank_ranks(groups, itc, itm, 1, 0, "itm+itc")[0] == 2  # ITC: second
+    # depth 4, fused: [0.9, -4.2, 5.7, 9.6] -> order 3, 2, 0, 1 -> group 1 first at rank 1
+    rank, order = rerank_ranks(groups, itc, itm, 1, 4, "itm+itc")
+    assert rank == 1 and order.tolist() == [3, 2, 0, 1]
+    # depth 2: only the first two are reordered ([0.9, -4.2] keeps 0 first), the tail stays
+    assert rerank_ranks(groups, itc, itm, 1, 2, "itm")[1].tolist() == [0, 1, 2, 3]
+    assert rerank_ranks(groups, itc, itm, 7, 4, "itm")[0] == np.inf
+
+
+def test_ir_measures_mrr_and_ndcg_by_hand():
+    runs = {"a": [("x", 3.0), ("y", 2.0)], "b": [("z", 1.0)]}
+    qrels = {"a": {"y"}, "b": {"w"}}
+    agg, per_q = ir_metrics(runs, qrels)
+    assert per_q == {"a": 0.5, "b": 0.0}
+    assert agg["MRR"] == pytest.approx(0.25)
+    assert agg["nDCG@10"] == pytest.approx((1 / np.log2(3)) / 2)
+    assert paired_p({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}) == 1.0
+    assert paired_p({str(i): 1.0 for i in range(30)}, {str(i): 0.0 for i in range(30)}) < 1e-3
+
+
+def _blip_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
+    """BLIP's train_retrieval.itm_eval, verbatim in spirit: full matrices, argsort per row."""
+    ranks = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
+    tr = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = np.where(inds == txt2img[index])[0][0]
+    ir = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
+    return tr, ir
+
+
+@pytest.mark.parametrize("depth", [0, 16])
+def test_streamed_ranks_equal_blip_full_matrix(depth):
+    rng = np.random.default_rng(0)
+    n_img, caps = 40, 3
+    img = rng.normal(size=(n_img, 8)).astype(np.float32)
+    txt2img = np.repeat(np.arange(n_img), caps)
+    txt = (img[txt2img] + 1.2 * rng.normal(size=(len(txt2img), 8))).astype(np.float32)
+    img2txt = [list(np.nonzero(txt2img == i)[0]) for i in range(n_img)]
+    itm = rng.normal(size=(n_img, len(txt2img))).astype(np.float32) * 0.5  # a fixed "ITM" table
+    sim = img @ txt.T  # (images, texts)
+
+    # BLIP: ITC everywhere, plus ITM on each query's top-k (-100 elsewhere when reranked)
+    s_i2t, s_t2i = sim.copy(), sim.T.copy()
+    if depth:
+        s_i2t = np.full_like(sim, -100.0)
+        for i in range(n_img):
+            top = np.argsort(-sim[i], kind="stable")[:depth]
+            s_i2t[i, top] = itm[i, top] + sim[i, top]
+        s_t2i = np.full_like(sim.T, -100.0)
+        for t in range(len(txt2img)):
+            top = np.argsort(-sim[:, t], kind="stable")[:depth]
+            s_t2i[t, top] = itm[top, t] + sim[top, t]
+    tr, ir = _blip_itm_eval(s_i2t, s_t2i, txt2img, img2txt)
+
+    depths = [0, depth] if depth else [0]
+    i2t_ranks, _, _ = rank_direction(img, txt, txt2img, np.arange(n_img), depths, "itm+itc",
+                                     lambda qi, cand: itm[qi, cand], n_cand=max(10, depth), chunk=7)
+    t2i_ranks, _, _ = rank_direction(txt, img, np.arange(n_img), txt2img, depths, "itm+itc",
+                                     lambda qi, cand: itm[cand, qi], n_cand=max(10, depth), chunk=7)
+    mine_tr = list(recall_at(i2t_ranks[depth]).values())
+    mine_ir = list(recall_at(t2i_ranks[depth]).values())
+    np.testing.assert_allclose(mine_tr, tr)
+    np.testing.assert_allclose(mine_ir, ir)
+
+
+def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
+    from typer.testing import CliRunner
+
+    from ui.cli import app
+
+    runner = CliRunner()
+    col = str(tmp_path / "col")
+    assert runner.invoke(app, ["init", col, "--model", str(model_dir)]).exit_code == 0
+    # a pairs CSV with two captions for some images
+    rows = list(csv.DictReader(open(small_catalog / "test.csv")))
+    pairs = tmp_path / "pairs.csv"  # absolute image paths: the pairs file lives elsewhere
+    with open(pairs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for r in rows:
+            w.writerow([small_catalog / r["image"], r["caption"]])
+        for r in rows[:3]:
+            w.writerow([small_catalog / r["image"], r["title"]])
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4,8", "--out", str(out), "--latency-queries", "5"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["images"] == len(rows) and rep["texts"] == len(rows) + 3
+    for d in ("t2i", "i2t"):
+        assert set(rep[d]) == {"itc", "rerank@4", "rerank@8"}
+        assert {"R@1", "R@5", "R@10", "MRR", "nDCG@10"} <= set(rep[d]["itc"])
+        assert "p_value_vs_itc" in rep[d]["rerank@4"]
+    assert {"encode", "retrieve", "rerank", "total"} <= set(rep["latency_ms"]["rerank@8"])
+    assert (out / "report.md").read_text().startswith("# Reranking evaluation")
+    assert (out / "recall_vs_depth.png").stat().st_size > 1000 and (out / "latency_vs_depth.png").exists()
+    assert "R@1" in r.output
+    # evaluating again ingests nothing new
+    r = runner.invoke(app, ["stats", col, "--json"])
+    n = json.loads(r.stdout)["items_active"]
+    runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(out), "--latency-queries", "2"])
+    assert json.loads(runner.invoke(app, ["stats", col, "--json"]).stdout)["items_active"] == n
