@@ -4,6 +4,7 @@
     encode_text(ids, mask)               -> (B, E)  unit vectors, the text index space
     image_tokens(pixels)                 -> (B, N, D_v)  what the rerank token cache stores
     itm_logits(image_tokens, ids, mask)  -> (B,)    full cross-attention match logit
+    logit_scale_value()                  -> ()      ITC logit = scale x cosine (to fuse ITM with ITC)
 
 Nothing outside ``models/`` touches anything else. Preprocessing (image transform,
 tokenizer) lives in ``models/preprocess.py``; this module never sees a path or a PIL image.

@@ -20,7 +20,7 @@ class Validation:
     n: int  # pairs in the split (text i belongs to image i)
     itc_r1: float  # text->image R@1 by ITC cosine
     itm_r1: float  # after reranking the top `rerank_k` by the ITM logit
-    fused_r1: float  # after reranking by ITM logit + ITC cosine (BLIP convention)
+    fused_r1: float  # after reranking by ITM logit + ITC logit (scale x cosine)
     itc_recall_at_k: float  # how often the right image is among the reranked candidates at all
     rerank_k: int
 
@@ -65,7 +65,8 @@ def text_to_image_r1(
         for row in range(ids.shape[0]):
             logits = model.itm_logits(image_tokens[top_idx[row]], ids[row : row + 1], mask[row : row + 1])  # (k,)
             hits["itm"] += int(top_idx[row, logits.argmax()] == target[row])
-            hits["fused"] += int(top_idx[row, (logits + top_sim[row]).argmax()] == target[row])
+            fused = logits + model.logit_scale_value() * top_sim[row]  # both in logit units (see search.rerank.fuse)
+            hits["fused"] += int(top_idx[row, fused.argmax()] == target[row])
     model.train(was_training)
     return Validation(
         n=n,

@@ -172,10 +172,11 @@ class SearchEngine:
         depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" else 0
         logits = np.full(len(ids), np.nan, dtype=np.float32)
         order = np.arange(len(ids))
+        scale = float(self.c.bundle.model.logit_scale_value().detach())
         if depth:
             misses = getattr(self.scorer, "misses", 0)
             logits[:depth] = self.scorer.score(itm_query, ids[:depth].tolist())
-            order = np.concatenate([rerank_order(scores[:depth], logits[:depth], fusion), np.arange(depth, len(ids))])
+            order = np.concatenate([rerank_order(scores[:depth], logits[:depth], fusion, scale), np.arange(depth, len(ids))])
             res.cache_misses = getattr(self.scorer, "misses", 0) - misses
         elif rerank_depth and not cross:
             res.notes.append(f"{modality} -> {target} has no image-text pair to rerank: ITC order")
@@ -199,7 +200,7 @@ class SearchEngine:
                     itc=float(scores[j]),
                     itm=float(sigmoid(logits[j])) if reranked else None,
                     itm_logit=float(logits[j]) if reranked else None,
-                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], fusion)[0]) if reranked else float(scores[j]),
+                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], fusion, scale)[0]) if reranked else float(scores[j]),
                     retrieval_rank=int(j) + 1,
                     rank=rank,
                 )

@@ -84,14 +84,14 @@ def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "capt
 
 
 def rerank_ranks(
-    cand_groups: np.ndarray, itc: np.ndarray, itm: np.ndarray, target: int, depth: int, fusion: str
+    cand_groups: np.ndarray, itc: np.ndarray, itm: np.ndarray, target: int, depth: int, fusion: str, itc_scale: float = 1.0
 ) -> tuple[int, np.ndarray]:
     """1-based rank of the first candidate of group ``target`` after reordering the first
     ``depth`` candidates by the fused score (0 = ITC order); ``inf`` if absent. Also returns
     the final order of candidate positions."""
     order = np.arange(len(cand_groups))
     if depth:
-        head = np.argsort(-fuse(itc[:depth], itm[:depth], fusion), kind="stable")
+        head = np.argsort(-fuse(itc[:depth], itm[:depth], fusion, itc_scale), kind="stable")
         order = np.concatenate([head, np.arange(depth, len(cand_groups))])
     hits = np.nonzero(cand_groups[order] == target)[0]
     return (int(hits[0]) + 1 if len(hits) else np.inf), order
@@ -109,6 +109,7 @@ def rank_direction(
     chunk: int = 256,
     progress: bool = False,
     name: str = "",
+    itc_scale: float = 1.0,
 ) -> tuple[dict[int, list[float]], dict[int, dict], dict[str, set[str]]]:
     """Rank every query's target group at every depth, streaming (chunk, M) similarity blocks.
 
@@ -133,7 +134,7 @@ def rank_direction(
             qid = str(qi)
             qrels[qid] = {str(q_targets[qi])}  # runs list groups: one relevant group per query
             for d in depths:
-                rank, order = rerank_ranks(groups, itc, itm, q_targets[qi], min(d, len(cand)), fusion)
+                rank, order = rerank_ranks(groups, itc, itm, q_targets[qi], min(d, len(cand)), fusion, itc_scale)
                 ranks[d].append(rank)
                 seen, ranked = set(), []
                 for pos in order:  # a run lists groups (images) at their best rank
@@ -227,14 +228,18 @@ def evaluate(
 
     img_emb = _stored(c, image_ids, "image")  # (M, E)
     txt_emb = _stored(c, text_ids, "text")  # (T, E)
-    report: dict = {"pairs": str(pairs_path), "images": len(image_ids), "texts": len(text_ids), "depths": depths, "fusion": fusion}
+    report: dict = {
+        "pairs": str(pairs_path), "images": len(image_ids), "texts": len(text_ids), "depths": depths, "fusion": fusion,
+        "itc_scale": float(b.model.logit_scale_value().detach()),
+    }
 
     def run_direction(name, q_emb, db_emb, db_groups, q_targets, q_query, db_ids):
         def itm_fn(qi, cand):
             return scorer.score(q_query(qi), [db_ids[j] for j in cand])
 
         ranks, runs, qrels = rank_direction(
-            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, n_cand, chunk, progress, name
+            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, n_cand, chunk, progress, name,
+            float(b.model.logit_scale_value().detach()),
         )
         out, per_q = {}, {}
         for d in depths:

@@ -203,3 +203,16 @@ def test_filtered_recall_at_10_vs_exact(big, where, share, path, monkeypatch):
         assert np.isin(got, exact).sum() <= 10 and (mask[got[got > 0] - 1]).all()  # only matching items
         recalls.append(len(set(got.tolist()) & set(exact.tolist())) / 10)
     assert np.mean(recalls) >= 0.95, (where, np.mean(recalls))
+
+
+def test_itm_plus_itc_adds_the_itc_logit(col):
+    """Default fusion: ITM logit + (learned ITC scale x cosine), both in logit units."""
+    base = SearchEngine(col).search("a red mug", k=8, rerank_depth=0)
+    ids = [h.item_id for h in base.hits]
+    itc = np.array([h.itc for h in base.hits])
+    table = {i: float(v) for i, v in zip(ids, np.linspace(0.0, 0.3, 8))}  # small nudges up the list
+    res = SearchEngine(col, scorer=FakeScorer(table)).search("a red mug", k=8, rerank_depth=8)
+    scale = float(col.bundle.model.logit_scale_value().detach())
+    expect = [ids[j] for j in np.argsort(-(np.array([table[i] for i in ids]) + scale * itc), kind="stable")]
+    assert [h.item_id for h in res.hits] == expect
+    np.testing.assert_allclose([h.fused for h in res.hits], [table[i] + scale * h.itc for i, h in zip(expect, res.hits)], rtol=1e-5)
