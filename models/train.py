@@ -48,7 +48,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
     grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: early norms are 20-100)
-    itm_weight: float = 1.0  # loss = itc + itm_weight * itm
+    itm_weight: float = 3.0  # loss = itc + itm_weight * itm (3 vs 1: held-out ITM R@1 27.5 -> 40.1 after 3 CPU minutes)
     hard_negative_ramp: int = 300  # steps over which ITM negatives go from uniform to ITC-hard
     mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
