@@ -332,29 +332,25 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     depths = report["depths"]
     keys = ["itc" if d == 0 else f"rerank@{d}" for d in depths]
+
+    def save(fig, ax, ylabel: str, name: str) -> Path:
+        ax.set_xlabel("rerank depth (0 = ITC only)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        return out / name
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for direction, style in (("t2i", "o-"), ("i2t", "s--")):
         for k in ("R@1", "R@5"):
             ax.plot(depths, [report[direction][key][k] for key in keys], style, label=f"{direction} {k}")
-    ax.set_xlabel("rerank depth (0 = ITC only)")
-    ax.set_ylabel("recall (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p1 = out / "recall_vs_depth.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
+    p1 = save(fig, ax, "recall (%)", "recall_vs_depth.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     lat = report["latency_ms"]
     for stage in ("total", "rerank", "retrieve", "encode"):
         ax.plot(depths, [lat[key][stage]["mean"] for key in keys], "o-", label=f"{stage} (mean)")
     ax.plot(depths, [lat[key]["total"]["p95"] for key in keys], "k:", label="total (p95)")
-    ax.set_xlabel("rerank depth (0 = ITC only)")
-    ax.set_ylabel("ms per query")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p2 = out / "latency_vs_depth.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
+    return [p1, save(fig, ax, "ms per query", "latency_vs_depth.png")]
