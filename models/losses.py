@@ -16,14 +16,14 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
 
 
 def sample_hard_negatives(
-    logits: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor, generator: torch.Generator | None = None, k: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative text, and for each text a negative image, drawn in proportion
     to softmax(ITC logits) over the other items of the batch (never the positive), as ALBEF
     does: the more similar a wrong pair looks to ITC, the likelier ITM is trained on it.
 
     logits (B, B) image x text, scaled by the ITC temperature -> (text index per image (B,),
-    image index per text (B,)).
+    image index per text (B,)); with ``k`` > 1, k distinct negatives each: (B, k) and (B, k).
     """
     sim = logits
     B = sim.shape[0]
@@ -34,13 +34,22 @@ def sample_hard_negatives(
         w_i2t = sim.float().softmax(dim=1).masked_fill(eye, 0.0) + 1e-9 * (~eye)  # (B, B) rows: images
         w_t2i = sim.float().t().softmax(dim=1).masked_fill(eye, 0.0) + 1e-9 * (~eye)  # (B, B) rows: texts
         gen_device = generator.device if generator is not None else sim.device
-        neg_text = torch.multinomial(w_i2t.to(gen_device), 1, generator=generator).squeeze(1)
-        neg_image = torch.multinomial(w_t2i.to(gen_device), 1, generator=generator).squeeze(1)
+        k = min(k, B - 1)
+        neg_text = torch.multinomial(w_i2t.to(gen_device), k, generator=generator)  # (B, k), no repeats
+        neg_image = torch.multinomial(w_t2i.to(gen_device), k, generator=generator)
+        if k == 1:
+            neg_text, neg_image = neg_text.squeeze(1), neg_image.squeeze(1)
     return neg_text.to(sim.device), neg_image.to(sim.device)
 
 
 def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over matched (label 1) and mismatched (label 0) pair logits."""
-    logits = torch.cat([pos_logits, neg_logits])
-    labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(neg_logits)])
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    """Binary cross-entropy over matched (label 1) and mismatched (label 0) pair logits.
+
+    Positives are weighted so they carry a third of the loss whatever the number of negatives
+    (ALBEF's one positive for two negatives), keeping the logit's calibration comparable.
+    """
+    logits = torch.cat([pos_logits, neg_logits]).float()
+    labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(neg_logits)]).float()
+    w_pos = neg_logits.numel() / (2.0 * pos_logits.numel())  # 1.0 with one negative each way
+    weights = torch.cat([torch.full_like(pos_logits, w_pos), torch.ones_like(neg_logits)]).float()
+    return F.binary_cross_entropy_with_logits(logits, labels, weight=weights, reduction="sum") / weights.sum()

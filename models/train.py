@@ -49,6 +49,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
     grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: early norms are 20-100)
     itm_weight: float = 1.0  # loss = itc + itm_weight * itm (3 helped ITM after 3 CPU minutes, not after 10: see README)
+    itm_negatives: int = 1  # hard negatives per image and per text for ITM (ALBEF: 1)
     hard_negative_ramp: int = 300  # steps over which ITM negatives go from uniform to ITC-hard
     mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
@@ -224,12 +225,15 @@ def train_step(
         txt_emb = model.text_emb(txt_tokens, mask)  # (B, E)
         scale = model.logit_scale_value()
         l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale)
-        neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen)  # (B,), (B,)
-        # 3B fusion rows: positives, (image, hard text), (hard image, text)
-        f_img = torch.cat([img_tokens, img_tokens, img_tokens[neg_img]])  # (3B, N, D_v)
-        f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens])  # (3B, L, D_t)
-        f_mask = torch.cat([mask, mask[neg_txt], mask])  # (3B, L)
-        logits = model.fuse(f_img, f_txt, f_mask)  # (3B,)
+        K = cfg.itm_negatives
+        neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen, K)  # (B[, K]) each
+        neg_txt, neg_img = neg_txt.reshape(-1), neg_img.reshape(-1)  # (B*K,): row i*K+j = j-th negative of i
+        own = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(K)  # (B*K,)
+        # (1 + 2K)B fusion rows: positives, (image, hard text) pairs, (hard image, text) pairs
+        f_img = torch.cat([img_tokens, img_tokens[own], img_tokens[neg_img]])  # ((1+2K)B, N, D_v)
+        f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens[own]])  # ((1+2K)B, L, D_t)
+        f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
+        logits = model.fuse(f_img, f_txt, f_mask)  # ((1+2K)B,)
         B = ids.shape[0]
         l_itm = itm_loss(logits[:B], logits[B:])
     loss = l_itc + cfg.itm_weight * l_itm

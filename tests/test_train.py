@@ -140,3 +140,31 @@ def test_neighbour_batches_place_pairs_together():
     assert sorted(flat) == list(range(8))
     for b in batches:
         assert all(neighbour[i] in b for i in b)
+
+
+def test_several_hard_negatives_per_pair():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 6) * 3
+    neg_t, neg_i = sample_hard_negatives(logits, g, k=3)
+    assert neg_t.shape == neg_i.shape == (6, 3)
+    for row in range(6):
+        assert row not in neg_t[row].tolist() and len(set(neg_t[row].tolist())) == 3
+        assert row not in neg_i[row].tolist() and len(set(neg_i[row].tolist())) == 3
+
+
+def test_itm_loss_weights_positives_as_one_third():
+    from models.losses import itm_loss
+
+    pos, neg = torch.zeros(4), torch.zeros(16)  # p = 0.5 everywhere: every pair costs log 2
+    assert float(itm_loss(pos, neg)) == pytest.approx(math.log(2), rel=1e-6)
+    pos_loss = float(itm_loss(torch.full((4,), -2.0), torch.full((16,), -50.0)))  # only positives err
+    # positives carry 1/3 of the weight: loss = (1/3) * softplus(2)
+    assert pos_loss == pytest.approx(math.log1p(math.exp(2.0)) / 3, rel=1e-4)
+
+
+def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
+    b = _fresh(small_catalog)
+    ds = _dataset(small_catalog, b, cols=("caption",))
+    cfg = TrainConfig(epochs=6, batch_size=16, itm_negatives=4, warmup_steps=5, checkpoint_every=0, progress=False)
+    res = train(b, ds, tmp_path / "m", cfg)
+    assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3

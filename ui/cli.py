@@ -86,6 +86,7 @@ def train_cmd(
     image_col: Annotated[str, typer.Option("--image-col")] = "image",
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under --out.")] = False,
+    itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 1,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
     from indexer.catalog import CatalogError
@@ -98,7 +99,7 @@ def train_cmd(
     try:
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
-            device=device, checkpoint_every=checkpoint_every,
+            device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives,
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
