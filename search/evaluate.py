@@ -219,7 +219,10 @@ def evaluate(
     group_of_path = {p: g for g, p in enumerate(image_paths)}
     text_ids = [i for i, _, _ in items]  # every caption is a text item
     text_group = np.array([group_of_path[p] for _, p, _ in items])
-    image_ids = [next(i for i, p, _ in items if p == path) for path in image_paths]  # one item per image
+    first_item: dict[str, int] = {}
+    for i, p, _ in items:
+        first_item.setdefault(p, i)
+    image_ids = [first_item[path] for path in image_paths]  # one item per image
     depths = sorted(set(int(d) for d in depths) | {0})
     max_d = max(depths)
     n_cand = max(max(KS), max_d)
