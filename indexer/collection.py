@@ -176,8 +176,11 @@ class Collection:
     def last_change(self, session: Session) -> int:
         return int(session.scalar(select(func.coalesce(func.max(Change.seq), 0))))
 
-    def _vectors(self, session: Session, modality: str, since: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Active items' stored vectors: all of them, or those touched by changes after ``since``."""
+    def stored_vectors(
+        self, session: Session, modality: str, since: int | None = None, ids: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Active items' stored vectors as (ids (n,), xb (n, E)), by id: all of them, those touched
+        by changes after ``since``, and/or those among ``ids``."""
         q = (
             select(Embedding.item_id, Embedding.vector)
             .join(Item, Item.id == Embedding.item_id)
@@ -186,6 +189,8 @@ class Collection:
         )
         if since is not None:  # a subquery, not a bound id list: no parameter limit at any size
             q = q.where(Embedding.item_id.in_(select(Change.item_id).where(Change.seq > since)))
+        if ids is not None:
+            q = q.where(Embedding.item_id.in_(ids))
         rows = session.execute(q).all()
         dim = self.config.embed_dim
         xb = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -195,7 +200,7 @@ class Collection:
         """A fresh index from every active stored embedding (what reindex and first open do)."""
         with self.Session() as s:
             watermark = self.last_change(s)
-            ids, xb = self._vectors(s, modality)
+            ids, xb = self.stored_vectors(s, modality)
         factory = factory or self.config.index_factory
         if factory == "auto":
             factory = auto_factory(len(ids))
@@ -240,7 +245,7 @@ class Collection:
                     self.indexes[modality] = index
                     applied[modality] = 0
                     continue
-                keep_ids, xb = self._vectors(s, modality, since=meta.watermark)
+                keep_ids, xb = self.stored_vectors(s, modality, since=meta.watermark)
             index.remove(np.array(sorted({r.item_id for r in rows}), dtype=np.int64))
             index.add(keep_ids, xb)
             applied[modality] = len(rows)

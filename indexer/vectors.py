@@ -114,7 +114,7 @@ class VectorIndex:
             except RuntimeError as e:  # an index type without a GPU implementation
                 log.info("searching %s on the CPU: %s", self.factory, e)
                 return None
-            if isinstance(faiss.downcast_index(self.index.index), faiss.IndexIVF):
+            if self.nlist:
                 faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", self.nprobe)
             self._gpu_ids = self.ids()
         return self._gpu_index
@@ -124,6 +124,12 @@ class VectorIndex:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def nlist(self) -> int:
+        """Inverted lists of an IVF index (what ``nprobe`` ranges over); 0 for other indexes."""
+        base = faiss.downcast_index(self.index.index)
+        return int(base.nlist) if isinstance(base, faiss.IndexIVF) else 0
 
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
@@ -140,8 +146,7 @@ class VectorIndex:
             return D, np.where(P >= 0, self._gpu_ids[np.maximum(P, 0)], -1)
         params = None
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
-        base = faiss.downcast_index(self.index.index)
-        if isinstance(base, faiss.IndexIVF):
+        if self.nlist:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
         elif sel is not None:
             params = faiss.SearchParameters(sel=sel)

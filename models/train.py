@@ -225,16 +225,15 @@ def train_step(
         txt_emb = model.text_emb(txt_tokens, mask)  # (B, E)
         scale = model.logit_scale_value()
         l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale)
-        K = cfg.itm_negatives
+        B, K = ids.shape[0], cfg.itm_negatives
         neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen, K)  # (B[, K]) each
         neg_txt, neg_img = neg_txt.reshape(-1), neg_img.reshape(-1)  # (B*K,): row i*K+j = j-th negative of i
-        own = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(K)  # (B*K,)
+        own = torch.arange(B, device=ids.device).repeat_interleave(K)  # (B*K,)
         # (1 + 2K)B fusion rows: positives, (image, hard text) pairs, (hard image, text) pairs
         f_img = torch.cat([img_tokens, img_tokens[own], img_tokens[neg_img]])  # ((1+2K)B, N, D_v)
         f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens[own]])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
         logits = model.fuse(f_img, f_txt, f_mask)  # ((1+2K)B,)
-        B = ids.shape[0]
         l_itm = itm_loss(logits[:B], logits[B:])
     loss = l_itc + cfg.itm_weight * l_itm
     return {"loss": loss, "itc": l_itc.detach(), "itm": l_itm.detach()}

@@ -54,6 +54,7 @@ def text_to_image_r1(
     n = len(texts)
     k = min(rerank_k, n)
     hits = {"itc": 0, "itm": 0, "fused": 0, "in_k": 0}
+    itc_scale = model.logit_scale_value()
     for start in tqdm(range(0, n, chunk), desc="validate", unit="chunk", disable=not progress or None):
         ids, mask = bundle.tokenizer(texts[start : start + chunk])
         ids, mask = ids.to(device), mask.to(device)
@@ -65,7 +66,7 @@ def text_to_image_r1(
         for row in range(ids.shape[0]):
             logits = model.itm_logits(image_tokens[top_idx[row]], ids[row : row + 1], mask[row : row + 1])  # (k,)
             hits["itm"] += int(top_idx[row, logits.argmax()] == target[row])
-            fused = logits + model.logit_scale_value() * top_sim[row]  # both in logit units (see search.rerank.fuse)
+            fused = logits + itc_scale * top_sim[row]  # both in logit units (see search.rerank.fuse)
             hits["fused"] += int(top_idx[row, fused.argmax()] == target[row])
     model.train(was_training)
     return Validation(

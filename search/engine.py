@@ -95,15 +95,7 @@ class SearchEngine:
             return D[0], I[0]
         if len(allowed) <= EXACT_FILTER_MAX:  # small allowed set: exact, over the stored vectors
             with self.c.Session() as s:
-                rows = s.execute(
-                    select(Embedding.item_id, Embedding.vector).where(
-                        Embedding.modality == target, Embedding.item_id.in_(allowed.tolist())
-                    )
-                ).all()
-            if not rows:
-                return np.zeros(0, np.float32), np.zeros(0, np.int64)
-            ids = np.array([r.item_id for r in rows], dtype=np.int64)
-            xb = np.frombuffer(b"".join(r.vector for r in rows), np.float32).reshape(len(rows), -1)
+                ids, xb = self.c.stored_vectors(s, target, ids=allowed.tolist())
             sims = xb @ xq[0]
             order = np.argsort(-sims, kind="stable")[:n]
             return sims[order], ids[order]
@@ -111,7 +103,7 @@ class SearchEngine:
         # share of items allowed (so as many allowed vectors are scanned as an unfiltered search
         # scans), then keep probing more until enough survive.
         want = min(n, len(allowed))
-        nprobe, nlist = index.nprobe, getattr(_ivf(index), "nlist", index.nprobe)
+        nprobe, nlist = index.nprobe, index.nlist or index.nprobe
         share = len(allowed) / max(1, index.ntotal)
         index.nprobe = min(nlist, max(nprobe, int(np.ceil(nprobe / max(share, 1e-9)))))
         try:
@@ -217,9 +209,3 @@ class SearchEngine:
 def _ms(t: float) -> float:
     return (time.perf_counter() - t) * 1000.0
 
-
-def _ivf(index):
-    import faiss
-
-    base = faiss.downcast_index(index.index.index)
-    return base if isinstance(base, faiss.IndexIVF) else None

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from indexer.catalog import CatalogRow
 from indexer.collection import Collection
 from indexer.ingest import ingest_rows
-from indexer.schema import Embedding, Item
+from indexer.schema import Item
 
 from .engine import SearchEngine
 from .rerank import ITMScorer, Query, fuse
@@ -195,9 +195,11 @@ def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progre
 
 
 def _stored(c: Collection, ids: list[int], modality: str) -> np.ndarray:
+    """Stored vectors of ``ids``, in that order: (len(ids), E)."""
     with c.Session() as s:
-        rows = dict(s.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == modality, Embedding.item_id.in_(ids))).all())
-    return np.stack([np.frombuffer(rows[i], np.float32) for i in ids])
+        found, xb = c.stored_vectors(s, modality, ids=ids)
+    row = {int(i): k for k, i in enumerate(found)}
+    return xb[[row[i] for i in ids]]
 
 
 def evaluate(
