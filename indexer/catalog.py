@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 AUTO_TEXT_COLUMNS = ("title", "caption", "text", "description")
+SOURCE_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq"}  # catalog files read_source reads
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_TEXT_CHARS = 20_000
 

@@ -185,3 +185,37 @@ def parse(expr: str, columns: dict[str, str]) -> ColumnElement[bool]:
     if not expr or not expr.strip():
         raise FilterError("empty filter expression")
     return _Parser(expr, columns).parse()
+
+
+# ---- building expressions (front ends turn widget state into the same grammar) ---------------
+
+_NAME = re.compile(r"[A-Za-z_][\w.-]*\Z")
+
+
+def is_name(name: str) -> bool:
+    """True when ``name`` can be written as a column in an expression."""
+    return bool(_NAME.match(name)) and name.lower() not in KEYWORDS
+
+
+def quote(value) -> str:
+    """A literal for ``value``: numbers as they are, anything else single-quoted and escaped."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return repr(value)
+
+
+def build(any_of: dict[str, list] | None = None, ranges: dict[str, tuple[float, float]] | None = None, extra: str = "") -> str:
+    """AND of ``name IN (...)`` per ``any_of`` entry, ``name BETWEEN lo AND hi`` per range, and
+    ``extra`` (a user-written expression, parenthesised); '' when there is nothing to filter."""
+    parts = []
+    for name, values in (any_of or {}).items():
+        if values:
+            parts.append(f"{name} IN ({', '.join(quote(v) for v in values)})")
+    for name, (lo, hi) in (ranges or {}).items():
+        parts.append(f"{name} BETWEEN {quote(lo)} AND {quote(hi)}")
+    if extra and extra.strip():
+        parts.append(f"({extra.strip()})")
+    for name in [*(any_of or {}), *(ranges or {})]:
+        if not is_name(name):
+            raise FilterError(f"column {name!r} cannot be named in a filter expression")
+    return " AND ".join(parts)

@@ -25,6 +25,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,11 +119,13 @@ def ingest(
     batch_size: int = 64,
     workers: int | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
+    """``on_progress(done, total)`` is called after each batch (front ends draw their own bar)."""
     t_start = time.perf_counter()
     source = Path(source)
     rows, row_errors = read_source(source, cols)
-    return ingest_rows(collection, rows, row_errors, str(source.resolve()), batch_size, workers, progress, t_start)
+    return ingest_rows(collection, rows, row_errors, str(source.resolve()), batch_size, workers, progress, t_start, on_progress)
 
 
 def ingest_rows(
@@ -134,6 +137,7 @@ def ingest_rows(
     workers: int | None = None,
     progress: bool = True,
     t_start: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Ingest rows already read (what ``ingest`` does after reading its source)."""
     bundle = collection.bundle
@@ -160,6 +164,7 @@ def ingest_rows(
     writer.start()
     seen: set[str] = set()  # hashes taken by this run (its last batches may not be committed yet)
     status = "interrupted"
+    done = 0
     try:
         t_wait = time.perf_counter()
         for batch in loader:
@@ -170,6 +175,9 @@ def ingest_rows(
             writer.put(prepared)
             bar.update(len(batch))
             bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
+            done += len(batch)
+            if on_progress is not None:
+                on_progress(done, len(rows))
             t_wait = time.perf_counter()
         status = "done"
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -160,3 +161,72 @@ def verify(c: Collection) -> VerifyReport:
 def errors(c: Collection, limit: int = 100) -> list[IngestError]:
     with c.Session() as s:
         return list(s.scalars(select(IngestError).order_by(IngestError.id.desc()).limit(limit)))
+
+
+# ---- what front ends need: filter facets and the files they may serve ------------------------
+
+
+@dataclass(frozen=True)
+class Facet:
+    """One metadata column as a filter widget sees it."""
+
+    name: str
+    kind: str  # number | text
+    values: tuple[str, ...] = ()  # text: the distinct values (empty when there are more than the cap)
+    low: float | None = None  # number: the range over active items
+    high: float | None = None
+
+
+def facets(c: Collection, max_values: int = 50) -> list[Facet]:
+    """Filterable metadata columns (names the filter grammar accepts), with their values or range.
+
+    Text columns with more than ``max_values`` distinct values come back without values (a
+    front end then offers a free-text filter instead of a multiselect).
+    """
+    out = []
+    with c.Session() as s:
+        for name, kind in filters.known_columns(s).items():
+            if not filters.is_name(name):
+                continue
+            active = Item.status == "active"
+            if kind == "number":
+                col = Item.meta[name].as_float()
+                lo, hi = s.execute(select(func.min(col), func.max(col)).where(active, col.is_not(None))).one()
+                if lo is not None:
+                    out.append(Facet(name, kind, low=float(lo), high=float(hi)))
+            else:
+                col = Item.meta[name].as_string()
+                vals = s.scalars(select(col).where(active, col.is_not(None)).distinct().order_by(col).limit(max_values + 1)).all()
+                out.append(Facet(name, kind, values=tuple(vals) if len(vals) <= max_values else ()))
+    return out
+
+
+class MediaError(PermissionError):
+    """A file a front end was asked to serve that is not under a registered source root."""
+
+
+def source_roots(c: Collection) -> list[Path]:
+    """Folders whose files this collection may serve: each ingested catalog's folder (a
+    catalog file's parent, or the ingested folder itself)."""
+    with c.Session() as s:
+        sources = s.scalars(select(IngestRun.source).distinct()).all()
+    roots = set()
+    for src in sources:
+        if not src:
+            continue
+        p = Path(src)
+        roots.add((p if p.is_dir() else p.parent).resolve())
+    return sorted(roots)
+
+
+def media_path(path: str | Path, roots: list[Path]) -> Path:
+    """``path`` resolved, if it is an existing file under one of ``roots``; MediaError otherwise.
+
+    Symlinks are resolved first, so a link inside a root that points outside it is refused too.
+    """
+    p = Path(path).resolve()
+    if not any(p.is_relative_to(r) for r in roots):
+        raise MediaError(f"{path} is not under a registered source root of this collection")
+    if not p.is_file():
+        raise MediaError(f"{path} is not a file")
+    return p

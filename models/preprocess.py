@@ -59,6 +59,19 @@ def load_image(
         raise ImageError(f"corrupt or truncated image: {name} ({e})") from e
 
 
+def letterbox(img: Image.Image, size: int) -> Image.Image:
+    """Scale the longer side to ``size`` and pad to a white square, centred (what the model sees)."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if (nw, nh) != (size, size):
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        img = canvas
+    return img
+
+
 class ImageTransform:
     """PIL image -> uint8 (3, S, S): scale the longer side to S and pad to a square.
 
@@ -72,16 +85,7 @@ class ImageTransform:
         self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        s = self.size
-        w, h = img.size
-        scale = s / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        if (nw, nh) != (s, s):
-            canvas = Image.new("RGB", (s, s), (255, 255, 255))
-            canvas.paste(img, ((s - nw) // 2, (s - nh) // 2))
-            img = canvas
-        arr = np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+        arr = np.asarray(letterbox(img, self.size), dtype=np.uint8)  # (S, S, 3)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
 
     def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:

@@ -372,5 +372,38 @@ def eval_cmd(
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
+def ui_command(collection: Path, port: int, address: str, max_upload_mb: int) -> tuple[list[str], dict[str, str]]:
+    """The ``streamlit run`` command line and environment ``vtfusion ui`` executes."""
+    import os
+    import sys
+
+    app_py = Path(__file__).with_name("app.py")
+    argv = [
+        sys.executable, "-m", "streamlit", "run", str(app_py),
+        "--server.headless=true", "--browser.gatherUsageStats=false", "--global.developmentMode=false",
+        f"--server.port={port}", f"--server.address={address}", f"--server.maxUploadSize={max_upload_mb}",
+        "--client.showErrorDetails=none", "--client.toolbarMode=minimal", "--server.fileWatcherType=none",
+    ]
+    env = {**os.environ, "VTFUSION_COLLECTION": str(collection.resolve()), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    return argv, env
+
+
+@app.command("ui")
+def ui_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    port: Annotated[int, typer.Option("--port", help="TCP port to serve on.")] = 8501,
+    address: Annotated[str, typer.Option("--address", help="Interface to bind (0.0.0.0 exposes it to the network; there is no login).")] = "127.0.0.1",
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Upload cap for catalogs and archives, in MB.")] = 500,
+) -> None:
+    """Start the web front end (search, collection, evaluation) for a collection."""
+    import os
+
+    if not (collection / "collection.toml").is_file():
+        _fail(f"{collection} is not a collection (no collection.toml); create one with `vtfusion init`")
+    argv, env = ui_command(collection, port, address, max_upload_mb)
+    typer.echo(f"vtfusion ui: http://{address}:{port}  (collection {collection.resolve()})")
+    os.execve(argv[0], argv, env)
+
+
 if __name__ == "__main__":
     app()
