@@ -14,14 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import checkpoint
+from models.preprocess import load_image
 
 from .schema import MODALITIES, Change, Embedding, Item
-from .tokens import TokenCache
+from .tokens import TokenCache, auto_dtype
 from .vectors import IndexMeta, IndexMismatchError, VectorIndex, auto_factory, read_meta
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,11 @@ class CollectionError(RuntimeError):
 
 @dataclass
 class CollectionConfig:
-    model: str  # model reference: a vtfusion model folder
+    model: str  # model reference: a vtfusion model folder, hf:<BLIP id or folder>, clip:<CLIP id or folder>
     model_fingerprint: str  # the model the stored embeddings came from
     db_url: str  # SQLAlchemy URL; "" = catalog.db (SQLite) inside the folder
     index_factory: str = "auto"  # FAISS factory string, or "auto" (exact when small, IVF when large)
-    token_dtype: str = "fp16"  # rerank token cache precision: fp16 | int8
+    token_dtype: str = "fp16"  # rerank token cache precision: fp16 | int8 | none (re-encode at query time)
     embed_dim: int = 0
     num_tokens: int = 0  # N of the model's image_tokens
     token_width: int = 0  # D_v
@@ -108,26 +110,28 @@ class Collection:
         model: str | Path,
         db_url: str = "",
         index_factory: str = "auto",
-        token_dtype: str = "fp16",
+        token_dtype: str = "auto",
     ) -> Collection:
         folder = Path(folder)
         if (folder / CONFIG_NAME).exists():
             raise CollectionError(f"{folder} already holds a collection; open it, or pick another folder")
-        model_dir = Path(model).resolve()
+        ref = str(model) if checkpoint.is_pretrained_ref(model) else str(Path(model).resolve())
         try:
-            bundle = checkpoint.load(model_dir)
+            bundle = checkpoint.load(ref)
         except checkpoint.ModelLoadError as e:
             raise CollectionError(str(e)) from e
-        vc = bundle.config.vision
+        m = bundle.model
+        if token_dtype == "auto":
+            token_dtype = auto_dtype(m.num_tokens, m.token_width)
         config = CollectionConfig(
-            model=str(model_dir),
+            model=ref,
             model_fingerprint=bundle.fingerprint,
             db_url=db_url,
             index_factory=index_factory,
             token_dtype=token_dtype,
-            embed_dim=bundle.config.embed_dim,
-            num_tokens=vc.num_tokens,
-            token_width=vc.width,
+            embed_dim=m.embed_dim,
+            num_tokens=m.num_tokens,
+            token_width=m.token_width,
         )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "index").mkdir(exist_ok=True)
@@ -170,6 +174,33 @@ class Collection:
                 )
             self._bundle = bundle
         return self._bundle
+
+    @torch.no_grad()
+    def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Image tokens of these items, in order, as (K, N, D_v) float32 on the CPU, and how many
+        were re-encoded from their image files (no cache record: cache disabled, or a miss)."""
+        with self.Session() as s:
+            rows = {
+                r.id: r
+                for r in s.execute(
+                    select(Item.id, Item.token_shard, Item.token_offset, Item.image_path).where(Item.id.in_(list(item_ids)))
+                )
+            }
+        unknown = [i for i in item_ids if i not in rows]
+        if unknown:
+            raise KeyError(f"no items with ids {unknown[:5]}")
+        rows_l = [rows[i] for i in item_ids]
+        tokens = torch.empty(len(rows_l), self.config.num_tokens, self.config.token_width)
+        cached = [k for k, r in enumerate(rows_l) if r.token_shard is not None]
+        if cached:
+            arr = self.tokens.read([(rows_l[k].token_shard, rows_l[k].token_offset) for k in cached])
+            tokens[cached] = torch.from_numpy(arr)
+        missing = [k for k, r in enumerate(rows_l) if r.token_shard is None]
+        if missing:
+            b = self.bundle
+            px = b.transform.batch(load_image(rows_l[k].image_path) for k in missing)
+            tokens[missing] = b.model.image_tokens(b.transform.normalize(px.to(b.device))).float().cpu()
+        return tokens, len(missing)
 
     # ---- FAISS projection ------------------------------------------------------------
 

@@ -296,14 +296,15 @@ def _embed_batch(collection: Collection, rows: list[CatalogRow], batch, seen: se
         if any(p.has_text):
             ids, mask = bundle.tokenizer([x for x in texts if x])
             p.text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()  # (t, E)
-    p.tokens = tok.float().cpu().numpy()
+    if collection.tokens.enabled:
+        p.tokens = tok.float().cpu().numpy()
     return p
 
 
 def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, report: IngestReport) -> None:
     """Token-cache bytes (fsync'ed) first, then one SQL transaction for the whole batch."""
     t = time.perf_counter()
-    locations = collection.tokens.append(p.tokens) if p.fresh else []
+    locations = collection.tokens.append(p.tokens) if p.fresh and p.tokens is not None else [(None, None)] * len(p.fresh)
     with collection.Session.begin() as s:
         replaced = _replace_older_versions(s, [rows[i] for i, _ in p.fresh])
         items = [

@@ -145,6 +145,9 @@ def verify(c: Collection) -> VerifyReport:
                     r.problems.append(f"{m} index: vectors differ from SQL for ids {bad[:5]}")
         # token cache: every active item points at a complete record; no two share one
         refs = s.execute(select(Item.id, Item.token_shard, Item.token_offset).where(Item.status == "active")).all()
+    if not c.tokens.enabled:
+        r.notes.append("token cache: disabled (token_dtype none); reranking re-encodes candidate images")
+        return r
     sizes = {sh: c.tokens.records_in(sh) for sh in c.tokens.shards()}
     bad_refs = [i for i, sh, off in refs if sh is None or off is None or off >= sizes.get(sh, 0)]
     if bad_refs:

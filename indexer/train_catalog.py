@@ -64,13 +64,22 @@ def train_catalog(
     vision: VisionConfig | None = None,
     resume: bool = False,
     rerank_k: int = 32,
+    init_from: str | None = None,
 ) -> CatalogTrainReport:
+    """``init_from``: start from a model reference instead of a new model: ``clip:<id or
+    folder>`` (CLIP towers; the fusion layers and ITM head are trained on top) or a vtfusion
+    model folder (fine-tune it). BLIP (``hf:``) checkpoints are used as they are."""
     out_dir = Path(out_dir)
     rows, errors = read_source(catalog_csv, Columns(id_col, image_col, tuple(text_cols) if text_cols else None))
     skipped = [str(e) for e in errors]
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         bundle = checkpoint.load(ckpt)  # same architecture and tokenizer as the interrupted run
+    elif init_from:
+        if str(init_from).startswith(checkpoint.HF_SCHEME):
+            raise ValueError(f"--init-from {init_from}: BLIP checkpoints are used as they are (`vtfusion init --model {init_from}`); training starts from clip:… or a vtfusion model folder")
+        bundle = checkpoint.load(init_from)
+        bundle.has_itm = True  # trained below
     else:
         bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
     dataset = PairDataset(_pairs(rows), bundle.transform, seed=cfg.seed)
@@ -91,6 +100,7 @@ def train_catalog(
                 {
                     "val_csv": str(val_csv),
                     "text_tower": text_tower,
+                    "init_from": init_from,
                     "steps": result.steps,
                     "epochs": round(result.epochs_done, 3),
                     "train_seconds": round(result.seconds, 1),

@@ -1,12 +1,19 @@
-"""Build, save and load a model folder: ``config.json`` + ``model.safetensors`` + tokenizer files.
+"""Build, save and load models, named by a *model reference*:
 
-Loading needs that folder and nothing else, and never unpickles: weights are safetensors,
-the config is JSON, the tokenizer is ``tokenizer.json``.
+    path/to/folder            a folder written by vtfusion (config.json + model.safetensors + tokenizer)
+    hf:<hub id or folder>     a BLIP image-text retrieval checkpoint (BlipForImageTextRetrieval)
+    clip:<hub id or folder>   a CLIP checkpoint (CLIPModel): its towers index; reranking needs
+                              fusion layers trained on top (`vtfusion train --init-from clip:…`)
+
+Loading never unpickles: weights are safetensors only, configs JSON, tokenizers tokenizer.json.
+A hub id is looked up in the local Hugging Face cache; it is downloaded only when the
+environment allows it (``HF_HUB_OFFLINE`` unset), and a missing one is a clear error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -16,7 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import CONFIG_NAME, ModelConfig, TextConfig, VisionConfig
+from .blip import BlipAdapter
+from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .config import CONFIG_NAME, FusionConfig, ModelConfig, TextConfig, VisionConfig
 from .fusion import FusionModel
 from .preprocess import ImageTransform, TextTokenizer, train_wordpiece
 from .text import bert_config_dict, load_pretrained_bert, minilm_folder, scratch_bert_config
@@ -33,13 +42,16 @@ class ModelLoadError(RuntimeError):
 class Bundle:
     """A model with the preprocessing that belongs to it."""
 
-    model: FusionModel
+    model: FusionModel | BlipAdapter
     tokenizer: TextTokenizer
     transform: ImageTransform
     fingerprint: str = ""  # sha256 of config + weights of the folder it was loaded from ("" if unsaved)
+    has_itm: bool = True  # False: index-only (CLIP towers whose fusion layers are not trained yet)
+    ref: str = ""  # the model reference it was loaded from
 
     @property
     def config(self) -> ModelConfig:
+        """The native model's config (BLIP adapters have none: use the model's size properties)."""
         return self.model.cfg
 
     @property
@@ -128,17 +140,29 @@ def fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a folder written by :func:`save`. Safetensors and JSON only: nothing is unpickled."""
+def load(ref: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a model reference (see the module docstring). Safetensors and JSON only."""
+    device = torch.device(device) if isinstance(device, str) else device
+    ref = str(ref)
+    if ref.startswith(HF_SCHEME):
+        return load_blip(resolve_pretrained(ref), device, ref)
+    if ref.startswith(CLIP_SCHEME):
+        return load_clip(resolve_pretrained(ref), device, ref)
+    return load_folder(ref, device)
+
+
+def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a folder written by :func:`save`."""
     folder = Path(folder)
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
     if missing:
         raise ModelLoadError(
             f"{folder} is not a vtfusion model folder (missing {', '.join(missing)}); "
-            "train one with `vtfusion train` or pass the folder it wrote"
+            "train one with `vtfusion train`, pass the folder it wrote, or name a pretrained "
+            "checkpoint as hf:<BLIP id or folder> or clip:<CLIP id or folder>"
         )
     cfg = ModelConfig.load(folder)
-    model = FusionModel(cfg)  # the text tower is rebuilt from the BertConfig stored in config.json
+    model = FusionModel(cfg)  # the towers are rebuilt from the configs stored in config.json
     missing_keys, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False)
     if missing_keys or unexpected:
         raise ModelLoadError(
@@ -148,5 +172,132 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
     tokenizer = TextTokenizer.load(folder, cfg.text.max_length)
     device = torch.device(device) if isinstance(device, str) else device
     model.to(device).eval()
-    return Bundle(model, tokenizer, ImageTransform(cfg.vision), fingerprint(folder))
+    return Bundle(model, tokenizer, ImageTransform(cfg.vision), fingerprint(folder), ref=str(folder))
 
+
+# ---- pretrained checkpoints: hf:<BLIP>, clip:<CLIP> ------------------------------------------
+
+HF_SCHEME, CLIP_SCHEME = "hf:", "clip:"
+PRETRAINED_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # never *.bin / *.pt (pickles)
+
+
+def is_pretrained_ref(ref: str | Path) -> bool:
+    return str(ref).startswith((HF_SCHEME, CLIP_SCHEME))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def resolve_pretrained(ref: str) -> Path:
+    """The local folder holding ``ref``'s files: the folder itself, or the hub id's snapshot in
+    the Hugging Face cache (downloaded first only when HF_HUB_OFFLINE is not set)."""
+    scheme, _, body = ref.partition(":")
+    if not body:
+        raise ModelLoadError(f"{ref!r}: say which checkpoint, e.g. {scheme}:Salesforce/blip-itm-base-coco or {scheme}:/path/to/folder")
+    path = Path(body).expanduser()
+    if path.is_dir():
+        folder = path.resolve()
+    elif body.startswith((".", "/", "~")) or body.count("/") > 1:
+        raise ModelLoadError(f"{ref}: no folder at {path}; pass a local checkpoint folder or a hub id (owner/name)")
+    else:
+        offline = _offline()
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(body, local_files_only=offline, allow_patterns=PRETRAINED_FILES))
+        except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
+            why = "HF_HUB_OFFLINE is set, so nothing is downloaded" if offline else f"downloading failed ({type(e).__name__})"
+            raise ModelLoadError(
+                f"{ref}: the weights of {body!r} could not be found locally ({why}). Provide them: on a machine "
+                f"with internet access run `huggingface-cli download {body} --local-dir DIR` (or save_pretrained(DIR)), "
+                f"copy DIR here and pass {scheme}:DIR, or point HF_HOME at a Hugging Face cache that holds {body}"
+            ) from e
+    if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{ref}: {folder} needs config.json and *.safetensors weights (vtfusion never loads pickled "
+            "pytorch_model.bin files; convert with save_pretrained(DIR, safe_serialization=True))"
+        )
+    return folder
+
+
+def pretrained_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _preprocessor(folder: Path) -> dict:
+    p = folder / "preprocessor_config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _pixels(pp: dict, image_size: int, mean, std) -> dict:
+    size = pp.get("size") or {}
+    side = size.get("height") or size.get("shortest_edge") or image_size
+    crop = pp.get("crop_size") or {}
+    side = crop.get("height") or side
+    return dict(
+        image_size=int(side),
+        mean=tuple(pp.get("image_mean") or mean),
+        std=tuple(pp.get("image_std") or std),
+        resample="bicubic" if pp.get("resample", 3) == 3 else "bilinear",
+    )
+
+
+def _tokenizer(folder: Path, max_length: int) -> TextTokenizer:
+    from transformers import AutoTokenizer
+
+    return TextTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), max_length)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every collection open
+
+
+def load_blip(folder: Path, device: torch.device, ref: str = "") -> Bundle:
+    from transformers import BlipForImageTextRetrieval
+
+    _quiet_transformers()
+    hf = BlipForImageTextRetrieval.from_pretrained(
+        str(folder), use_safetensors=True, local_files_only=True, attn_implementation="eager"
+    )
+    vc, tc = hf.config.vision_config, hf.config.text_config
+    px = _pixels(_preprocessor(folder), vc.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    if px["image_size"] != vc.image_size:
+        raise ModelLoadError(f"{ref}: preprocessor size {px['image_size']} differs from the vision config's {vc.image_size}")
+    vision = VisionConfig(kind="blip", patch_size=vc.patch_size, width=vc.hidden_size, resize="squash", **px)
+    model = BlipAdapter(hf).to(device).eval()
+    tokenizer = _tokenizer(folder, min(64, tc.max_position_embeddings))
+    return Bundle(model, tokenizer, ImageTransform(vision), pretrained_fingerprint(folder), ref=ref)
+
+
+def clip_config(clip_cfg, folder: Path) -> ModelConfig:
+    """A native ModelConfig around a CLIP checkpoint's config (towers, projections, preprocessing)."""
+    vc, tc = clip_cfg.vision_config, clip_cfg.text_config
+    px = _pixels(_preprocessor(folder), vc.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    heads = next(h for h in (8, 4, 2, 1) if tc.hidden_size % h == 0)
+    return ModelConfig(
+        vision=VisionConfig(kind="clip", patch_size=vc.patch_size, width=vc.hidden_size, resize="crop", **px),
+        text=TextConfig(source="clip", pretrained_from=folder.name, pooling="eot", max_length=min(77, tc.max_position_embeddings)),
+        fusion=FusionConfig(num_layers=2, num_heads=heads),
+        embed_dim=clip_cfg.projection_dim,
+        clip=json.loads(clip_cfg.to_json_string(use_diff=False)),
+    )
+
+
+def load_clip(folder: Path, device: torch.device, ref: str = "") -> Bundle:
+    """CLIP towers with (untrained) native fusion layers: an index-only bundle (has_itm=False)."""
+    from transformers import CLIPModel
+
+    _quiet_transformers()
+    clip = CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    cfg = clip_config(clip.config, folder)
+    model = FusionModel(cfg, clip_model=clip).to(device).eval()
+    return Bundle(model, _tokenizer(folder, cfg.text.max_length), ImageTransform(cfg.vision),
+                  pretrained_fingerprint(folder), has_itm=False, ref=ref)

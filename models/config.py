@@ -19,7 +19,11 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class VisionConfig:
+    kind: str = "resnet"  # "resnet" (the native tower below) or "clip" (a CLIP ViT; see ModelConfig.clip)
     image_size: int = 64  # square input side in pixels (after preprocessing)
+    patch_size: int = 0  # ViT patch side (kind "clip"); the grid is image_size // patch_size
+    resize: str = "letterbox"  # preprocessing: "letterbox" (pad to square), "squash" (BLIP), "crop" (CLIP)
+    resample: str = "bilinear"  # PIL resampling filter for that resize: "bilinear" or "bicubic"
     block: str = "basic"  # torchvision ResNet block: "basic" (ResNet-18/34) or "bottleneck" (50+)
     stem_width: int = 32  # channels of the stem convolution
     stage_widths: tuple[int, ...] = (32, 64, 128)  # channels per ResNet stage (before expansion)
@@ -35,7 +39,10 @@ class VisionConfig:
 
     @property
     def grid(self) -> int:
-        """Side of the token grid: total stride is 2 (stem) x 2 (pool) x 2 per stage after the first."""
+        """Side of the token grid: total stride is 2 (stem) x 2 (pool) x 2 per stage after the first
+        for the ResNet; the patch size for a ViT."""
+        if self.patch_size:
+            return self.image_size // self.patch_size
         stride = 2 * (2 if self.stem_pool else 1) * 2 ** (len(self.stage_widths) - 1)
         return -(-self.image_size // stride)  # ceil: convs with padding round up
 
@@ -47,7 +54,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    source: str = "scratch"  # "scratch" (built from `bert`) or "pretrained" (weights came from a folder)
+    source: str = "scratch"  # "scratch" (built from `bert`), "pretrained" (weights came from a folder), "clip"
     pretrained_from: str = ""  # where pretrained weights were read from (provenance only)
     bert: dict[str, Any] = field(default_factory=dict)  # transformers BertConfig.to_dict()
     pooling: str = "mean"  # "mean" over real tokens or "cls"
@@ -69,6 +76,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     embed_dim: int = 128  # E: width of the shared unit-norm ITC space
     init_temperature: float = 0.07  # ITC softmax temperature at initialisation (learned)
+    clip: dict[str, Any] = field(default_factory=dict)  # transformers CLIPConfig.to_dict() when the towers are CLIP's
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +100,7 @@ class ModelConfig:
             fusion=FusionConfig(**d.get("fusion", {})),
             embed_dim=d.get("embed_dim", 128),
             init_temperature=d.get("init_temperature", 0.07),
+            clip=d.get("clip", {}),
             format_version=version,
         )
 

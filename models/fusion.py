@@ -25,21 +25,45 @@ from .vision import VisionTower
 
 
 class FusionModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_bert: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, text_bert: nn.Module | None = None, clip_model: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
-        self.text = TextTower(cfg.text, text_bert)
+        clip = None
+        if cfg.vision.kind == "clip":  # CLIP towers, projections and temperature (models/clip.py)
+            from .clip import clip_parts, split
+
+            clip = split(clip_model) if clip_model is not None else clip_parts(cfg.clip)
+            self.vision, self.text = clip["vision"], clip["text"]
+        else:
+            self.vision = VisionTower(cfg.vision)
+            self.text = TextTower(cfg.text, text_bert)
         d_t, d_v, f = self.text.width, cfg.vision.width, cfg.fusion
         self.fusion = nn.ModuleList(
             FusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout) for _ in range(f.num_layers)
         )
         self.fusion_norm = nn.LayerNorm(d_t)
         self.itm_head = nn.Linear(d_t, 1)
-        self.image_proj = nn.Linear(d_v, cfg.embed_dim)
-        self.text_proj = nn.Linear(d_t, cfg.embed_dim)
-        # ITC temperature, learned in log space as CLIP does; logit scale is capped at 100
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        if clip is not None:
+            self.image_proj, self.text_proj, self.logit_scale = clip["image_proj"], clip["text_proj"], clip["logit_scale"]
+        else:
+            self.image_proj = nn.Linear(d_v, cfg.embed_dim)
+            self.text_proj = nn.Linear(d_t, cfg.embed_dim)
+            # ITC temperature, learned in log space as CLIP does; logit scale is capped at 100
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    # ---- sizes the index and the token cache need ----------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim  # E
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cfg.vision.num_tokens  # N
+
+    @property
+    def token_width(self) -> int:
+        return self.cfg.vision.width  # D_v
 
     # ---- public verbs -------------------------------------------------------------------
 
@@ -114,7 +138,7 @@ class FusionModel(nn.Module):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.image_proj.weight.dtype
+        return self.text_proj.weight.dtype
 
     def _check_text(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         if ids.dim() != 2 or ids.shape != mask.shape:

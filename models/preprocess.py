@@ -59,12 +59,15 @@ def load_image(
         raise ImageError(f"corrupt or truncated image: {name} ({e})") from e
 
 
-def letterbox(img: Image.Image, size: int) -> Image.Image:
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def letterbox(img: Image.Image, size: int, resample: str = "bilinear") -> Image.Image:
     """Scale the longer side to ``size`` and pad to a white square, centred (what the model sees)."""
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    img = img.resize((nw, nh), RESAMPLE[resample], reducing_gap=3.0)
     if (nw, nh) != (size, size):
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
@@ -72,20 +75,39 @@ def letterbox(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-class ImageTransform:
-    """PIL image -> uint8 (3, S, S): scale the longer side to S and pad to a square.
+def fit(img: Image.Image, size: int, mode: str = "letterbox", resample: str = "bilinear") -> Image.Image:
+    """``img`` as a ``size`` square: ``letterbox`` (pad, native models), ``squash`` (resize both
+    sides, as BLIP's processor does) or ``crop`` (shorter side to ``size``, centre crop, as CLIP's)."""
+    if mode == "letterbox":
+        return letterbox(img, size, resample)
+    if mode == "squash":
+        return img.resize((size, size), RESAMPLE[resample])
+    if mode == "crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), RESAMPLE[resample])
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown resize mode {mode!r}; expected letterbox, squash or crop")
 
-    Letterboxing rather than centre-cropping keeps every object in frame (product shots
-    often place items near the edges). Padding is white, the usual catalog background.
+
+class ImageTransform:
+    """PIL image -> uint8 (3, S, S), resized as the config says (see :func:`fit`).
+
+    Native models letterbox rather than centre-crop: it keeps every object in frame (product
+    shots often place items near the edges); padding is white, the usual catalog background.
+    Pretrained towers get the resize they were trained with (BLIP squashes, CLIP crops).
     """
 
     def __init__(self, cfg: VisionConfig):
         self.size = cfg.image_size
+        self.mode, self.resample = cfg.resize, cfg.resample
         self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(letterbox(img, self.size), dtype=np.uint8)  # (S, S, 3)
+        arr = np.asarray(fit(img, self.size, self.mode, self.resample), dtype=np.uint8)  # (S, S, 3)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
 
     def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:

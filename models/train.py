@@ -43,7 +43,7 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock budget; stops at whichever of epochs/minutes ends first
     batch_size: int = 64  # pairs per step (also the pool hard negatives are drawn from)
     lr: float = 1e-3  # peak learning rate of the parts trained from scratch
-    pretrained_lr_scale: float = 0.1  # multiplier for a pretrained text tower
+    pretrained_lr_scale: float = 0.1  # multiplier for pretrained parts (a pretrained text tower; CLIP's towers)
     weight_decay: float = 0.05
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
@@ -58,10 +58,14 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     device: str = "auto"  # auto | cpu | cuda[:n]
     progress: bool = True
+    freeze_towers: bool = False  # train only the fusion layers and ITM head (towers, projections, temperature fixed)
 
     def __post_init__(self):
         if self.epochs is None and self.minutes is None:
             raise ValueError("give epochs, minutes, or both")
+
+
+TOWER_PREFIXES = ("vision.", "text.", "image_proj.", "text_proj.", "logit_scale")  # parameter name prefixes
 
 
 @dataclass
@@ -82,12 +86,13 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
 
 
 def _param_groups(bundle: Bundle, cfg: TrainConfig) -> list[dict]:
-    pretrained = bundle.config.text.source == "pretrained"
+    source = bundle.config.text.source
+    pretrained = ("text.",) if source == "pretrained" else TOWER_PREFIXES if source == "clip" else ()
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in bundle.model.named_parameters():
         if not p.requires_grad:
             continue
-        is_pre = pretrained and name.startswith("text.")
+        is_pre = name.startswith(pretrained) if pretrained else False
         no_decay = p.dim() < 2 or name.endswith("logit_scale") or name.startswith("vision.pos")
         groups.setdefault((is_pre, no_decay), []).append(p)
     out = []
@@ -249,6 +254,10 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     if device.type == "cuda":
         model.vision.to(memory_format=torch.channels_last)
     model.train()
+    if cfg.freeze_towers:
+        for name, p in model.named_parameters():
+            if name.startswith(TOWER_PREFIXES):
+                p.requires_grad_(False)
     opt = torch.optim.AdamW(_param_groups(bundle, cfg), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))

@@ -54,14 +54,14 @@ class SearchEngine:
         if isinstance(query, ItemQuery):
             with self.c.Session() as s:
                 row = s.execute(
-                    select(Item.id, Item.status, Item.token_shard, Item.token_offset, Embedding.vector)
+                    select(Item.id, Item.status, Embedding.vector)
                     .join(Embedding, (Embedding.item_id == Item.id) & (Embedding.modality == "image"))
                     .where(Item.id == query.item_id)
                 ).first()
             if row is None or row.status != "active":
                 raise SearchError(f"no active item with id {query.item_id}")
             xq = np.frombuffer(row.vector, np.float32)[None, :]
-            tokens = torch.from_numpy(self.c.tokens.read([(row.token_shard, row.token_offset)]))
+            tokens, _ = self.c.item_tokens([row.id])  # (1, N, D_v), re-encoded when not cached
             return "item", "image", xq, Query(image_tokens=tokens), row.id
         if isinstance(query, (Image.Image, Path)):
             img = load_image(query)
@@ -161,7 +161,8 @@ class SearchEngine:
 
         t = time.perf_counter()
         cross = modality != target
-        depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" else 0
+        has_itm = self.c.bundle.has_itm or not isinstance(self.scorer, ITMScorer)
+        depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" and has_itm else 0
         logits = np.full(len(ids), np.nan, dtype=np.float32)
         order = np.arange(len(ids))
         scale = float(self.c.bundle.model.logit_scale_value().detach())
@@ -172,6 +173,11 @@ class SearchEngine:
             res.cache_misses = getattr(self.scorer, "misses", 0) - misses
         elif rerank_depth and not cross:
             res.notes.append(f"{modality} -> {target} has no image-text pair to rerank: ITC order")
+        elif rerank_depth and fusion != "itc" and not has_itm:
+            res.notes.append(
+                f"the model {self.c.config.model} has no trained ITM head (CLIP towers alone): ITC order; "
+                "train fusion layers with `vtfusion train --init-from clip:…` to rerank"
+            )
         res.rerank_depth = depth
         res.timings_ms["rerank"] = _ms(t)
 

@@ -226,6 +226,11 @@ def evaluate(
         first_item.setdefault(p, i)
     image_ids = [first_item[path] for path in image_paths]  # one item per image
     depths = sorted(set(int(d) for d in depths) | {0})
+    notes = []
+    if not c.bundle.has_itm and depths != [0]:
+        notes.append(f"the model {c.config.model} has no trained ITM head: ITC only (depths {depths[1:]} skipped)")
+        log.warning(notes[-1])
+        depths = [0]
     max_d = max(depths)
     n_cand = max(max(KS), max_d)
     scorer = ITMScorer(c, chunk=64)
@@ -236,6 +241,7 @@ def evaluate(
     report: dict = {
         "pairs": str(pairs_path), "images": len(image_ids), "texts": len(text_ids), "depths": depths, "fusion": fusion,
         "itc_scale": float(b.model.logit_scale_value().detach()),
+        "notes": notes,
     }
 
     def run_direction(name, q_emb, db_emb, db_groups, q_targets, q_query, db_ids):
@@ -269,10 +275,8 @@ def evaluate(
 
         def i2t_query(qi):
             if qi not in img_tokens_cache:
-                with c.Session() as s:
-                    sh, off = s.execute(select(Item.token_shard, Item.token_offset).where(Item.id == image_ids[qi])).one()
                 img_tokens_cache.clear()
-                img_tokens_cache[qi] = torch.from_numpy(c.tokens.read([(sh, off)]))
+                img_tokens_cache[qi] = c.item_tokens([image_ids[qi]])[0]  # (1, N, D_v)
             return Query(image_tokens=img_tokens_cache[qi])
 
         report["i2t"] = run_direction("i2t", img_emb, txt_emb, text_group, np.arange(len(image_ids)), i2t_query, text_ids)

@@ -1,7 +1,7 @@
 """Why this result: where the fusion layers' cross-attention from a query text lands on an image.
 
     ex = explain(collection, "red striped mug", item_id)
-    ex.overlay  # PIL image: the item's image (as the model sees it, letterboxed) with the heatmap
+    ex.overlay  # PIL image: the item's image (framed as the model sees it) with the heatmap
 
 The map is the cross-attention weight from the query's word tokens ([CLS] and padding left
 out) onto the image's grid tokens, averaged over fusion layers and heads: (B, H, L, N) ->
@@ -20,13 +20,13 @@ from sqlalchemy import select
 
 from indexer.collection import Collection
 from indexer.schema import Item
-from models.preprocess import letterbox, load_image
+from models.preprocess import fit, load_image
 
 
 @dataclass
 class Explanation:
     heat: np.ndarray  # (g, g) in [0, 1], row-major over the image grid
-    image: Image.Image  # the item's image, letterboxed to a square the way the model sees it
+    image: Image.Image  # the item's image, made square the way the model's preprocessing does
     overlay: Image.Image  # image with the heatmap blended in
     itm: float  # ITM match probability of (text, image)
 
@@ -77,5 +77,5 @@ def explain(c: Collection, text: str, item_id: int, size: int = 320) -> Explanat
     ids, mask = ids.to(b.device), mask.to(b.device)
     logit, maps = b.model.itm_logits(tokens, ids, mask, return_attention=True)
     heat = attention_map(maps, mask)
-    view = letterbox(img, size)
+    view = fit(img, size, b.transform.mode, b.transform.resample)
     return Explanation(heat, view, blend(view, heat), float(torch.sigmoid(logit.float())[0]))

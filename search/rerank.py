@@ -2,7 +2,8 @@
 
 The reranker takes a scorer (STYLE: swappable parts by injection): anything with
 ``score(query, candidate_ids) -> (K,) logits``. ``ITMScorer`` is the real one: candidate image
-tokens come from the token cache (re-encoded on a miss, and counted), the query text is
+tokens come from the token cache (re-encoded from the image file on a miss or when the cache is
+disabled, and counted), the query text is
 tokenised once, and the fusion layers run over ``chunk`` candidates at a time, so depth 256 costs
 the memory of one chunk. For image -> text the query image's tokens are computed once and
 scored against each chunk of candidate texts.
@@ -21,7 +22,6 @@ from sqlalchemy import select
 
 from indexer.collection import Collection
 from indexer.schema import Item
-from models.preprocess import load_image
 
 FUSIONS = ("itm+itc", "itm", "itc")
 
@@ -47,43 +47,25 @@ class ITMScorer:
 
     @torch.no_grad()
     def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray:
-        model = self.c.bundle.model
-        device = self.c.bundle.device
+        b = self.c.bundle
+        if not b.has_itm:
+            raise ValueError(f"the model {self.c.config.model} has no trained ITM head; rerank with a model trained by `vtfusion train`")
+        model, device = b.model, b.device
         out = []
-        with self.c.Session() as s:
-            rows = {
-                r.id: r
-                for r in s.execute(
-                    select(Item.id, Item.token_shard, Item.token_offset, Item.image_path, Item.text).where(
-                        Item.id.in_(list(candidate_ids))
-                    )
-                )
-            }
+        if query.ids is None:  # image query -> candidate texts
+            with self.c.Session() as s:
+                texts = dict(s.execute(select(Item.id, Item.text).where(Item.id.in_(list(candidate_ids)))).all())
         for start in range(0, len(candidate_ids), self.chunk):
-            chunk = [rows[i] for i in candidate_ids[start : start + self.chunk]]
+            chunk = list(candidate_ids[start : start + self.chunk])
             if query.ids is not None:  # text query -> candidate images
-                tokens = self._image_tokens(chunk).to(device)  # (c, N, D_v)
-                logits = model.itm_logits(tokens, query.ids.to(device), query.mask.to(device))  # (c,)
-            else:  # image query -> candidate texts
-                ids, mask = self.c.bundle.tokenizer([r.text for r in chunk])  # (c, L)
+                tokens, misses = self.c.item_tokens(chunk)  # (c, N, D_v)
+                self.misses += misses
+                logits = model.itm_logits(tokens.to(device), query.ids.to(device), query.mask.to(device))  # (c,)
+            else:
+                ids, mask = b.tokenizer([texts[i] for i in chunk])  # (c, L)
                 logits = model.itm_logits(query.image_tokens.to(device), ids.to(device), mask.to(device))  # (c,)
             out.append(logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-    def _image_tokens(self, rows) -> torch.Tensor:
-        cached = [r for r in rows if r.token_shard is not None]
-        tokens = torch.empty(len(rows), self.c.config.num_tokens, self.c.config.token_width)
-        if cached:
-            arr = self.c.tokens.read([(r.token_shard, r.token_offset) for r in cached])
-            pos = [i for i, r in enumerate(rows) if r.token_shard is not None]
-            tokens[pos] = torch.from_numpy(arr)
-        missing = [i for i, r in enumerate(rows) if r.token_shard is None]
-        if missing:  # no cached tokens: re-encode from the image file
-            self.misses += len(missing)
-            b = self.c.bundle
-            px = b.transform.batch(load_image(rows[i].image_path) for i in missing)
-            tokens[missing] = b.model.image_tokens(b.transform.normalize(px.to(b.device))).float().cpu()
-        return tokens
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -302,7 +302,7 @@ def search_page(engine: SearchEngine) -> None:
     result = engine.search(req.query, target=req.target, k=req.k, where=req.where or None,
                            rerank_depth=req.rerank_depth, fusion=req.fusion)
     roots = lifecycle.source_roots(engine.c)
-    explainable = isinstance(req.query, str) and req.target == "image"
+    explainable = isinstance(req.query, str) and req.target == "image" and engine.c.bundle.has_itm
     render_summary(req, result)
     if req.compare:
         base = engine.search(req.query, target=req.target, k=req.k, where=req.where or None, rerank_depth=0)

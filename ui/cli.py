@@ -87,6 +87,8 @@ def train_cmd(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under --out.")] = False,
     itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 1,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
+    freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
     from indexer.catalog import CatalogError
@@ -99,11 +101,12 @@ def train_cmd(
     try:
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
-            device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives,
+            device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives, freeze_towers=freeze_towers,
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
             id_col=id_col, image_col=image_col, vision=VisionConfig(image_size=image_size), resume=resume,
+            init_from=init_from,
         )
     except (CatalogError, ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
@@ -167,10 +170,10 @@ def _open(collection: Path):
 @app.command("init")
 def init_cmd(
     collection: Annotated[Path, typer.Argument(help="Folder to create the collection in.")],
-    model: Annotated[Path, typer.Option("--model", help="Model folder written by `vtfusion train`.")],
+    model: Annotated[str, typer.Option("--model", help="Model reference: a folder written by `vtfusion train`, hf:<BLIP retrieval id or folder>, or clip:<CLIP id or folder>.")],
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder).")] = "",
     index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
-    token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache precision: fp16 | int8.")] = "fp16",
+    token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8) | fp16 | int8 | none (re-encode at query time).")] = "auto",
 ) -> None:
     """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
     from indexer.collection import Collection, CollectionError, mask_url
@@ -179,7 +182,13 @@ def init_cmd(
         c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype)
     except (CollectionError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"created {collection} (model {c.config.model_fingerprint}, db {mask_url(c.engine.url.render_as_string(hide_password=False))})")
+    typer.echo(
+        f"created {collection} (model {c.config.model_fingerprint}, db {mask_url(c.engine.url.render_as_string(hide_password=False))}, "
+        f"token cache {c.config.token_dtype}: {c.tokens.record_bytes / 1024:.1f} kB per image)"
+    )
+    if not c.bundle.has_itm:
+        typer.echo("note: this model has no trained ITM head, so searches keep ITC order; train fusion layers with "
+                   f"`vtfusion train CATALOG --init-from {model} --out DIR` and init a collection with DIR to rerank")
 
 
 @app.command("ingest")
