@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO_DIR     ?= demo-run
 DEMO_MINUTES ?= 3
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: $(VENV)/.installed-dev
 
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/ingest.py --n 1000
+	$(BIN)/python bench/retrieval.py --sizes 100000,1000000
+	$(BIN)/python bench/filtered.py --n 100000
+	$(BIN)/python bench/rerank.py
+	$(BIN)/python bench/e2e.py --n 100000
+	$(BIN)/python bench/forward.py --batch 64 --steps 5
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

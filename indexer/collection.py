@@ -179,10 +179,10 @@ class Collection:
     def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:
         """Image tokens of these items, in order, as (K, N, D_v) float32 on the CPU, and how many
         were re-encoded from their image files (no cache record: cache disabled, or a miss)."""
-        with self.Session() as s:
+        with self.engine.connect() as conn:  # Core, not an ORM session: this runs once per rerank chunk
             rows = {
                 r.id: r
-                for r in s.execute(
+                for r in conn.execute(
                     select(Item.id, Item.token_shard, Item.token_offset, Item.image_path).where(Item.id.in_(list(item_ids)))
                 )
             }

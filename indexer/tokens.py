@@ -121,19 +121,25 @@ class TokenCache:
         return cached[1]
 
     def read(self, locations: list[tuple[int, int]]) -> np.ndarray:
-        """[(shard, offset)] -> (K, N, D) float32 tokens."""
+        """[(shard, offset)] -> (K, N, D) float32 tokens: one gather and one decode per shard."""
         out = np.empty((len(locations), self.N, self.D), dtype=np.float32)
-        for i, (shard, offset) in enumerate(locations):
-            out[i] = self._decode(self._map(shard)[offset])
+        if not locations:
+            return out
+        loc = np.asarray(locations, dtype=np.int64)  # (K, 2)
+        for shard in np.unique(loc[:, 0]):
+            rows = np.flatnonzero(loc[:, 0] == shard)
+            out[rows] = self._decode(self._map(int(shard))[loc[rows, 1]])  # fancy index: copies only these records
         return out
 
-    def _decode(self, rec: np.ndarray) -> np.ndarray:
+    def _decode(self, recs: np.ndarray) -> np.ndarray:
+        """(K, record_bytes) uint8 -> (K, N, D) float32."""
+        K = recs.shape[0]
         if self.dtype == "fp16":
-            return rec.view(np.float16).reshape(self.N, self.D).astype(np.float32)
+            return recs.view(np.float16).reshape(K, self.N, self.D).astype(np.float32)
         nq = self.N * self.D
-        q = rec[:nq].view(np.int8).reshape(self.N, self.D).astype(np.float32)
-        scale = rec[nq:].view(np.float32)
-        return q * scale[:, None]
+        q = recs[:, :nq].view(np.int8).reshape(K, self.N, self.D).astype(np.float32)
+        scale = np.ascontiguousarray(recs[:, nq:]).view(np.float32)  # (K, N)
+        return q * scale[:, :, None]
 
     def total_records(self) -> int:
         return sum(self.records_in(s) for s in self.shards())

@@ -33,6 +33,9 @@ class IndexMismatchError(RuntimeError):
     """An index built by another model, or of another dimension, than the collection uses."""
 
 
+TRAIN_PER_LIST = 64  # k-means training sample per IVF list
+
+
 def auto_factory(n: int) -> str:
     """Exact below EXACT_MAX vectors, else IVF with ~4*sqrt(n) lists."""
     if n < EXACT_MAX:
@@ -79,9 +82,15 @@ class VectorIndex:
         return self.index.is_trained
 
     def train(self, xb: np.ndarray) -> None:
+        """Train on ``xb``, or on a seeded sample of TRAIN_PER_LIST vectors per inverted list
+        (k-means cost grows with the sample; beyond ~64 per list the centroids barely move)."""
         xb = self._check(xb)
-        if not self.index.is_trained:
-            self.index.train(xb)
+        if self.index.is_trained:
+            return
+        cap = TRAIN_PER_LIST * self.nlist
+        if self.nlist and len(xb) > cap:
+            xb = xb[np.sort(np.random.default_rng(0).choice(len(xb), size=cap, replace=False))]
+        self.index.train(xb)
 
     def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
         """Add vectors under their ids; ids already present are replaced (idempotent catch-up)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from .accel import for_inference
 from .blip import BlipAdapter
 from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .config import CONFIG_NAME, FusionConfig, ModelConfig, TextConfig, VisionConfig
@@ -171,7 +172,7 @@ def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> Bundl
         )
     tokenizer = TextTokenizer.load(folder, cfg.text.max_length)
     device = torch.device(device) if isinstance(device, str) else device
-    model.to(device).eval()
+    for_inference(model.to(device).eval(), device)
     return Bundle(model, tokenizer, ImageTransform(cfg.vision), fingerprint(folder), ref=str(folder))
 
 
@@ -298,6 +299,6 @@ def load_clip(folder: Path, device: torch.device, ref: str = "") -> Bundle:
     _quiet_transformers()
     clip = CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
     cfg = clip_config(clip.config, folder)
-    model = FusionModel(cfg, clip_model=clip).to(device).eval()
+    model = for_inference(FusionModel(cfg, clip_model=clip).to(device).eval(), device)
     return Bundle(model, _tokenizer(folder, cfg.text.max_length), ImageTransform(cfg.vision),
                   pretrained_fingerprint(folder), has_itm=False, ref=ref)

@@ -83,12 +83,18 @@ class FusionModel(nn.Module):
         self._check_text(ids, mask)
         return self.text_emb(self.text(ids, mask), mask)
 
+    def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> (B, L, D_t): the text tower's hidden states (what fusion attends from)."""
+        self._check_text(ids, mask)
+        return self.text(ids, mask)
+
     def itm_logits(
         self,
         image_tokens: torch.Tensor,
         ids: torch.Tensor,
         mask: torch.Tensor,
         return_attention: bool = False,
+        text_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Match logit for each (image, text) pair: (B, N, D_v), (B, L) -> (B,).
 
@@ -96,6 +102,8 @@ class FusionModel(nn.Module):
         image scored against K candidate texts, or one query text against K images).
         ``sigmoid`` of the logit is the ITM probability. With ``return_attention`` the
         cross-attention weights of every fusion layer, each (B, H, L, N), come back too.
+        ``text_tokens``: ``self.text_tokens(ids, mask)`` computed beforehand (a reranker
+        scoring one query text against many chunks of images runs the text tower once).
         """
         self._check_text(ids, mask)
         if image_tokens.dim() != 3 or image_tokens.shape[-1] != self.cfg.vision.width:
@@ -103,7 +111,8 @@ class FusionModel(nn.Module):
         b_img, b_txt = image_tokens.shape[0], ids.shape[0]
         if b_img != b_txt and 1 not in (b_img, b_txt):
             raise ValueError(f"batch sizes differ: {b_img} image token sets vs {b_txt} texts")
-        text_tokens = self.text(ids, mask)  # (b_txt, L, D_t)
+        if text_tokens is None:
+            text_tokens = self.text(ids, mask)  # (b_txt, L, D_t)
         B = max(b_img, b_txt)
         image_tokens = image_tokens.to(self._dtype).expand(B, -1, -1)  # (B, N, D_v)
         text_tokens, mask = text_tokens.expand(B, -1, -1), mask.expand(B, -1)  # (B, L, D_t), (B, L)

@@ -28,7 +28,8 @@ from models.preprocess import load_image
 from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
 from .results import Hit, SearchResult
 
-EXACT_FILTER_MAX = 20_000  # allowed sets up to this size are scored exactly over their stored vectors
+EXACT_FILTER_MAX = 20_000  # allowed sets up to this size are searched exhaustively (exact)
+ALLOWED_CACHE = 32  # filter expressions whose id sets are kept
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SearchEngine:
     def __init__(self, collection: Collection, scorer: Scorer | None = None, chunk: int = 64):
         self.c = collection
         self.scorer = scorer or ITMScorer(collection, chunk=chunk)
+        self._allowed_cache: dict[tuple[str, int], np.ndarray] = {}  # (where, last change) -> ids, oldest first
 
     # ---- stage 0: the query ----------------------------------------------------------
 
@@ -80,12 +82,23 @@ class SearchEngine:
     # ---- stage 1: filter + retrieve ----------------------------------------------------
 
     def _allowed(self, where: str | None) -> np.ndarray | None:
+        """Active item ids matching ``where`` (None: no filter). The id set of each expression is
+        kept until the next change to the collection (facet filters repeat across queries)."""
         if not where:
             return None
         with self.c.Session() as s:
+            key = (where.strip(), self.c.last_change(s))
+            hit = self._allowed_cache.get(key)
+            if hit is not None:
+                return hit
             expr = filters.parse(where, filters.known_columns(s))
-            ids = s.scalars(select(Item.id).where(Item.status == "active", expr).order_by(Item.id)).all()
-        return np.array(ids, dtype=np.int64)
+            ids = np.array(s.scalars(select(Item.id).where(Item.status == "active", expr)).all(), dtype=np.int64)
+        ids.sort()
+        ids.flags.writeable = False
+        if len(self._allowed_cache) >= ALLOWED_CACHE:
+            self._allowed_cache.pop(next(iter(self._allowed_cache)))
+        self._allowed_cache[key] = ids
+        return ids
 
     def _retrieve(self, target: str, xq: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Top n (scores, ids) by ITC among ``allowed`` (all when None); ids -1 where fewer exist."""
@@ -93,8 +106,18 @@ class SearchEngine:
         if allowed is None or index.factory == "Flat":
             D, I = index.search(xq, n, allowed)
             return D[0], I[0]
-        if len(allowed) <= EXACT_FILTER_MAX:  # small allowed set: exact, over the stored vectors
-            with self.c.Session() as s:
+        if len(allowed) <= EXACT_FILTER_MAX:
+            if index.factory.startswith("IVF") and index.factory.endswith(",Flat"):
+                # probing every list of an IVF,Flat index is exact; the selector skips the
+                # distance work for ids outside the allowed set
+                nprobe = index.nprobe
+                index.nprobe = index.nlist
+                try:
+                    D, I = index.search(xq, n, allowed)
+                finally:
+                    index.nprobe = nprobe
+                return D[0], I[0]
+            with self.c.Session() as s:  # other factories (lossy codes): exact over the stored vectors
                 ids, xb = self.c.stored_vectors(s, target, ids=allowed.tolist())
             sims = xb @ xq[0]
             order = np.argsort(-sims, kind="stable")[:n]

@@ -55,12 +55,17 @@ class ITMScorer:
         if query.ids is None:  # image query -> candidate texts
             with self.c.Session() as s:
                 texts = dict(s.execute(select(Item.id, Item.text).where(Item.id.in_(list(candidate_ids)))).all())
+        extra = {}
+        if query.ids is not None:
+            q_ids, q_mask = query.ids.to(device), query.mask.to(device)
+            if hasattr(model, "text_tokens"):  # run the text tower once, not once per chunk
+                extra["text_tokens"] = model.text_tokens(q_ids, q_mask)  # (1, L, D_t)
         for start in range(0, len(candidate_ids), self.chunk):
             chunk = list(candidate_ids[start : start + self.chunk])
             if query.ids is not None:  # text query -> candidate images
                 tokens, misses = self.c.item_tokens(chunk)  # (c, N, D_v)
                 self.misses += misses
-                logits = model.itm_logits(tokens.to(device), query.ids.to(device), query.mask.to(device))  # (c,)
+                logits = model.itm_logits(tokens.to(device), q_ids, q_mask, **extra)  # (c,)
             else:
                 ids, mask = b.tokenizer([texts[i] for i in chunk])  # (c, L)
                 logits = model.itm_logits(query.image_tokens.to(device), ids.to(device), mask.to(device))  # (c,)

@@ -203,6 +203,27 @@ def test_filtered_recall_at_10_vs_exact(big, where, share, path, monkeypatch):
         assert np.isin(got, exact).sum() <= 10 and (mask[got[got > 0] - 1]).all()  # only matching items
         recalls.append(len(set(got.tolist()) & set(exact.tolist())) / 10)
     assert np.mean(recalls) >= 0.95, (where, np.mean(recalls))
+    if path == "exact-small-sets" and where is not None:  # all lists probed: exact, not approximate
+        assert np.mean(recalls) == 1.0
+
+
+def test_filter_id_sets_are_reused_until_the_collection_changes(big):
+    from indexer.lifecycle import delete
+
+    c, xb, bucket = big
+    engine = SearchEngine(c)
+    first = engine._allowed("bucket < 1")
+    assert engine._allowed("bucket < 1") is first  # cached: no second SQL scan
+    victim = int(first[0])
+    try:
+        delete(c, [victim])
+        again = engine._allowed("bucket < 1")
+        assert victim not in again and len(again) == len(first) - 1
+    finally:
+        with c.Session.begin() as s:  # restore for the other tests (status back, index caught up)
+            s.get(Item, victim).status = "active"
+            s.add(Change(item_id=victim, op="add"))
+        c.catch_up()
 
 
 def test_itm_plus_itc_adds_the_itc_logit(col):
