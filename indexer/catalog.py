@@ -19,6 +19,7 @@ AUTO_TEXT_COLUMNS = ("title", "caption", "text", "description")
 SOURCE_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq"}  # catalog files read_source reads
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_TEXT_CHARS = 20_000
+CSV_FIELD_LIMIT = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,18 @@ def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols
 
 
 def _split(items: Iterable[CatalogRow | RowError]) -> tuple[list[CatalogRow], list[RowError]]:
-    rows, errors = [], []
+    """Rows and errors apart; a second row with an id already seen in the file is an error
+    (which of two contents is meant cannot be guessed), the first one stays."""
+    rows, errors, first = [], [], {}
     for x in items:
-        (errors if isinstance(x, RowError) else rows).append(x)
+        if isinstance(x, RowError):
+            errors.append(x)
+        elif x.external_id in first:
+            file, _, line = x.source.rpartition(":")
+            errors.append(RowError(file, int(line), f"duplicate id {x.external_id!r} (first on line {first[x.external_id]}); row skipped"))
+        else:
+            first[x.external_id] = x.source.rpartition(":")[2]
+            rows.append(x)
     return rows, errors
 
 
@@ -123,6 +133,9 @@ def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogR
     def gen():
         # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is reported
         # with its line number instead of aborting the whole file
+        # fields up to 16 MB are read (an over-long text is then refused with its own reason,
+        # not the csv module's "field larger than field limit" that stops at 128 kB)
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
         with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []

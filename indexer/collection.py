@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import tomllib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: in-process locking only
+    fcntl = None
 
 import numpy as np
 import torch
@@ -58,6 +65,12 @@ def mask_url(url: str) -> str:
         return "<unparseable url>"
 
 
+def _first_line(e: Exception) -> str:
+    """The driver's message without SQLAlchemy's trailer (statement, parameters, help link)."""
+    msg = str(getattr(e, "orig", None) or e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -99,6 +112,10 @@ class Collection:
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self._bundle: checkpoint.Bundle | None = None
         self.indexes: dict[str, VectorIndex] = {}
+        self._synced = -1  # last SQL change the in-memory indexes have applied
+        self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
+        self._lock_depth = 0
+        self._lock_file = None  # ...and across processes (flock on index/.lock)
         self.tokens = TokenCache(folder / "tokens", config.num_tokens, config.token_width, config.token_dtype)
 
     # ---- create / open ---------------------------------------------------------------
@@ -139,7 +156,7 @@ class Collection:
         try:
             migrate(self.engine)
         except Exception as e:
-            raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {e}") from e
+            raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {_first_line(e)}") from e
         (folder / CONFIG_NAME).write_text(config.dump())
         self._bundle = bundle
         return self
@@ -152,7 +169,10 @@ class Collection:
             raise CollectionError(f"{folder} is not a collection (no {CONFIG_NAME}); create one with `vtfusion init`")
         config = CollectionConfig(**tomllib.loads(path.read_text()))
         self = cls(folder, config)
-        migrate(self.engine)
+        try:
+            migrate(self.engine)
+        except Exception as e:  # noqa: BLE001 - say which database (password masked) and why
+            raise CollectionError(f"cannot open the database {mask_url(config.db_url or str(self.engine.url))}: {_first_line(e)}") from e
         if catch_up:
             self.catch_up()
         return self
@@ -227,8 +247,45 @@ class Collection:
         xb = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), dim)
         return np.array([r.item_id for r in rows], dtype=np.int64), xb
 
+    @contextmanager
+    def index_lock(self):
+        """Exclusive access to the index folder: across threads (RLock, re-entrant) and across
+        processes (flock), so that two writers never interleave a load, apply and save, and a
+        reader never opens an index file another process is about to delete."""
+        with self._lock:
+            if self._lock_depth == 0:
+                (self.folder / "index").mkdir(parents=True, exist_ok=True)
+                f = open(self.folder / "index" / ".lock", "a+")  # noqa: SIM115 - held across the yield
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                self._lock_file = f
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    if fcntl is not None:
+                        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                    self._lock_file.close()
+                    self._lock_file = None
+
+    def refresh(self) -> bool:
+        """Catch the in-memory indexes up if SQL holds changes they have not applied (another
+        process ingested or deleted). One indexed query when nothing changed."""
+        with self.Session() as s:
+            last = self.last_change(s)
+        if last == self._synced:
+            return False
+        self.catch_up()
+        return True
+
     def build_index(self, modality: str, factory: str | None = None) -> VectorIndex:
         """A fresh index from every active stored embedding (what reindex and first open do)."""
+        with self.index_lock():
+            return self._build_index(modality, factory)
+
+    def _build_index(self, modality: str, factory: str | None = None) -> VectorIndex:
         with self.Session() as s:
             watermark = self.last_change(s)
             ids, xb = self.stored_vectors(s, modality)
@@ -253,6 +310,14 @@ class Collection:
 
     def catch_up(self) -> dict[str, int]:
         """Apply every SQL change newer than each index's watermark; returns changes applied."""
+        with self.index_lock():
+            with self.Session() as s:
+                last = self.last_change(s)
+            applied = self._catch_up()
+            self._synced = last
+            return applied
+
+    def _catch_up(self) -> dict[str, int]:
         metas = read_meta(self.folder / "index")
         applied = {}
         for modality in MODALITIES:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -42,6 +43,7 @@ from .collection import Collection
 from .schema import Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 
 log = logging.getLogger(__name__)
+WRITE_RETRIES = 3  # re-commits of a batch that raced another writer on a unique key
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
 
@@ -302,11 +304,38 @@ def _embed_batch(collection: Collection, rows: list[CatalogRow], batch, seen: se
 
 
 def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, report: IngestReport) -> None:
-    """Token-cache bytes (fsync'ed) first, then one SQL transaction for the whole batch."""
+    """Token-cache bytes (fsync'ed) first, then one SQL transaction for the whole batch.
+
+    If another writer committed some of the same items (or metadata columns) in the meantime,
+    the transaction fails on a unique key; it is rolled back, those items count as duplicates,
+    and the rest is committed again (their token records stay unreferenced: harmless)."""
     t = time.perf_counter()
     locations = collection.tokens.append(p.tokens) if p.fresh and p.tokens is not None else [(None, None)] * len(p.fresh)
+    text_pos = (np.cumsum(p.has_text) - 1).tolist() if p.fresh else []  # fresh item k -> its row in p.text_emb
+    keep = list(range(len(p.fresh)))
+    for attempt in range(WRITE_RETRIES + 1):
+        try:
+            replaced, n_err = _commit_batch(collection, rows, p, keep, locations, text_pos, report)
+            break
+        except IntegrityError:
+            if attempt == WRITE_RETRIES:
+                raise
+            with collection.Session() as s:
+                taken = set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_([p.fresh[k][1] for k in keep]))))
+            log.info("ingest batch raced another writer: %d of its items were committed meanwhile; retrying", len(taken))
+            p.duplicates += sum(1 for k in keep if p.fresh[k][1] in taken)
+            keep = [k for k in keep if p.fresh[k][1] not in taken]
+    report.added += len(keep)
+    report.replaced += replaced
+    report.duplicates += p.duplicates
+    report.failed += n_err
+    report.stages["write"] += time.perf_counter() - t
+
+
+def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, text_pos, report) -> tuple[int, int]:
     with collection.Session.begin() as s:
-        replaced = _replace_older_versions(s, [rows[i] for i, _ in p.fresh])
+        fresh = [p.fresh[k] for k in keep]
+        replaced = _replace_older_versions(s, [rows[i] for i, _ in fresh])
         items = [
             Item(
                 source=_source_of(rows[i]),
@@ -317,20 +346,19 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
                 meta=rows[i].metadata,
                 status="active",
                 run_id=report.run_id,
-                token_shard=shard,
-                token_offset=offset,
+                token_shard=locations[k][0],
+                token_offset=locations[k][1],
             )
-            for (i, h), (shard, offset) in zip(p.fresh, locations)
+            for k, (i, h) in zip(keep, fresh)
         ]
         s.add_all(items)
         s.flush()  # one multi-row INSERT; assigns item.id, the FAISS id
-        text_rows = iter(p.text_emb if p.text_emb is not None else [])
-        for k, item in enumerate(items):
+        for k, item in zip(keep, items):
             s.add(Embedding(item_id=item.id, modality="image", vector=p.image_emb[k].astype("<f4").tobytes()))
             if p.has_text[k]:
-                s.add(Embedding(item_id=item.id, modality="text", vector=next(text_rows).astype("<f4").tobytes()))
+                s.add(Embedding(item_id=item.id, modality="text", vector=p.text_emb[text_pos[k]].astype("<f4").tobytes()))
             s.add(Change(item_id=item.id, op="add"))
-        _register_columns(s, [rows[i].metadata for i, _ in p.fresh])
+        _register_columns(s, [rows[i].metadata for i, _ in fresh])
         n_err = _record_errors(s, report.run_id, p.errors)
         s.execute(
             update(IngestRun)
@@ -341,11 +369,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
                 failed=IngestRun.failed + n_err,
             )
         )
-    report.added += len(items)
-    report.replaced += replaced
-    report.duplicates += p.duplicates
-    report.failed += n_err
-    report.stages["write"] += time.perf_counter() - t
+    return replaced, n_err
 
 
 class _Writer(threading.Thread):

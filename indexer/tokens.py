@@ -19,6 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: in-process locking only
+    fcntl = None
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ class TokenCache:
         self.N, self.D, self.dtype, self.shard_records = num_tokens, width, dtype, shard_records
         self.record_bytes = {"fp16": num_tokens * width * 2, "int8": num_tokens * width + 4 * num_tokens, "none": 0}[dtype]
         self._maps: dict[int, tuple[int, np.memmap]] = {}
+        self._append_lock = threading.Lock()
         if self.enabled:
             self._repair_tail()
 
@@ -61,6 +68,14 @@ class TokenCache:
         return p.stat().st_size // self.record_bytes if p.exists() and self.enabled else 0
 
     def _repair_tail(self) -> None:
+        """Cut torn records, holding the writers' lock (a record being appended right now by
+        another process is not torn, only unfinished)."""
+        with open(self.folder / ".lock", "a+") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self._cut_torn()
+
+    def _cut_torn(self) -> None:
         for shard in self.shards():
             p = self._path(shard)
             size = p.stat().st_size
@@ -91,6 +106,16 @@ class TokenCache:
         if not self.enabled:
             return [(None, None)] * len(tokens)
         recs = self.encode(tokens)
+        with self._append_lock:  # writers in this process...
+            lock = open(self.folder / ".lock", "a+")  # noqa: SIM115
+            try:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # ...and in other processes: offsets come from the file size
+                return self._append(recs)
+            finally:
+                lock.close()  # releases the flock
+
+    def _append(self, recs: np.ndarray) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         shards = self.shards()
         shard = shards[-1] if shards else 0

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,20 +144,25 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
-    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (D (nq, k) float32, I (nq, k) int64; -1 where fewer exist).
 
         ``allowed``: restrict to these ids (an ``IDSelectorBatch`` inside the search).
+        ``nprobe``: lists to probe for this call (IVF; default ``self.nprobe``). Passed per call,
+        never set on the shared index, so concurrent searches do not see each other's setting.
         """
         xq = self._check(xq)
-        gpu = self._gpu() if allowed is None else None  # filtered search stays on the CPU (selectors)
+        nprobe = self.nprobe if nprobe is None else min(int(nprobe), self.nlist or int(nprobe))
+        gpu = self._gpu() if allowed is None and nprobe == self.nprobe else None  # filtered search stays on the CPU (selectors)
         if gpu is not None:
             D, P = gpu.search(xq, k)  # positions in the inner index
             return D, np.where(P >= 0, self._gpu_ids[np.maximum(P, 0)], -1)
         params = None
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
         if self.nlist:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         elif sel is not None:
             params = faiss.SearchParameters(sel=sel)
         if params is None:
@@ -175,7 +181,7 @@ class VectorIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{meta.modality}-{meta.watermark:012d}.faiss"
-        tmp = folder / (name + ".tmp")
+        tmp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique: writers never share a temp file
         faiss.write_index(self.index, str(tmp))
         _fsync(tmp)
         os.replace(tmp, folder / name)
@@ -227,7 +233,7 @@ def write_meta(folder: str | Path, meta: IndexMeta) -> None:
     folder = Path(folder)
     metas = read_meta(folder)
     metas[meta.modality] = meta
-    tmp = folder / (META_NAME + ".tmp")
+    tmp = folder / f"{META_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps({m: asdict(v) for m, v in sorted(metas.items())}, indent=2) + "\n")
     _fsync(tmp)
     os.replace(tmp, folder / META_NAME)

@@ -54,6 +54,9 @@ def load_image(
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: keep the high byte, not a clipped low one
+            arr = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray((arr >> 8 if img.mode.startswith("I;16") or arr.max() > 255 else arr).clip(0, 255).astype(np.uint8))
         return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"corrupt or truncated image: {name} ({e})") from e

@@ -42,8 +42,11 @@ class SearchError(ValueError):
 
 
 class SearchEngine:
-    def __init__(self, collection: Collection, scorer: Scorer | None = None, chunk: int = 64):
+    def __init__(self, collection: Collection, scorer: Scorer | None = None, chunk: int = 64, refresh: bool = True):
+        """``refresh``: before each search, apply changes other processes committed (one SQL
+        query when there are none)."""
         self.c = collection
+        self.refresh = refresh
         self.scorer = scorer or ITMScorer(collection, chunk=chunk)
         self._allowed_cache: dict[tuple[str, int], np.ndarray] = {}  # (where, last change) -> ids, oldest first
 
@@ -106,16 +109,12 @@ class SearchEngine:
         if allowed is None or index.factory == "Flat":
             D, I = index.search(xq, n, allowed)
             return D[0], I[0]
+        nlist = index.nlist
         if len(allowed) <= EXACT_FILTER_MAX:
             if index.factory.startswith("IVF") and index.factory.endswith(",Flat"):
                 # probing every list of an IVF,Flat index is exact; the selector skips the
                 # distance work for ids outside the allowed set
-                nprobe = index.nprobe
-                index.nprobe = index.nlist
-                try:
-                    D, I = index.search(xq, n, allowed)
-                finally:
-                    index.nprobe = nprobe
+                D, I = index.search(xq, n, allowed, nprobe=nlist)
                 return D[0], I[0]
             with self.c.Session() as s:  # other factories (lossy codes): exact over the stored vectors
                 ids, xb = self.c.stored_vectors(s, target, ids=allowed.tolist())
@@ -126,17 +125,14 @@ class SearchEngine:
         # share of items allowed (so as many allowed vectors are scanned as an unfiltered search
         # scans), then keep probing more until enough survive.
         want = min(n, len(allowed))
-        nprobe, nlist = index.nprobe, index.nlist or index.nprobe
+        nlist = nlist or index.nprobe
         share = len(allowed) / max(1, index.ntotal)
-        index.nprobe = min(nlist, max(nprobe, int(np.ceil(nprobe / max(share, 1e-9)))))
-        try:
-            while True:
-                D, I = index.search(xq, n, allowed)
-                if (I[0] >= 0).sum() >= want or index.nprobe >= nlist:
-                    return D[0], I[0]
-                index.nprobe = min(nlist, index.nprobe * 4)
-        finally:
-            index.nprobe = nprobe
+        nprobe = min(nlist, max(index.nprobe, int(np.ceil(index.nprobe / max(share, 1e-9)))))
+        while True:
+            D, I = index.search(xq, n, allowed, nprobe=nprobe)
+            if (I[0] >= 0).sum() >= want or nprobe >= nlist:
+                return D[0], I[0]
+            nprobe = min(nlist, nprobe * 4)
 
     # ---- the whole search ------------------------------------------------------------
 
@@ -158,6 +154,8 @@ class SearchEngine:
         if k < 1 or rerank_depth < 0:
             raise SearchError("k must be >= 1 and rerank depth >= 0")
         t = time.perf_counter()
+        if self.refresh:
+            self.c.refresh()  # another process may have ingested or deleted since the last search
         kind, modality, xq, itm_query, exclude = self._encode(query)
         res = SearchResult([], target, kind, k, 0, fusion)
         res.timings_ms["encode"] = _ms(t)
@@ -208,6 +206,10 @@ class SearchEngine:
         final = order[:k]
         with self.c.Session() as s:
             items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids[final].tolist())))}
+        gone = [int(ids[j]) for j in final if int(ids[j]) not in items or items[int(ids[j])].status != "active"]
+        if gone:  # deleted or replaced after the index was read (a concurrent writer): never shown
+            final = [j for j in final if int(ids[j]) not in gone]
+            res.notes.append(f"{len(gone)} hits were deleted or replaced while this search ran and are left out")
         for rank, j in enumerate(final, 1):
             it = items[int(ids[j])]
             reranked = j < depth

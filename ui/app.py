@@ -472,7 +472,7 @@ def main() -> None:
     st.set_page_config(page_title="vtfusion", layout="wide")
     try:
         engine = load_engine(collection_folder())
-        engine.c.catch_up()  # another process may have ingested or deleted since the last run
+        engine.c.refresh()  # another process may have ingested or deleted since the last run
         page = st.sidebar.radio("Page", PAGES, key="page")
         {"Search": search_page, "Collection": collection_page, "Evaluation": evaluation_page}[page](engine)
     except Exception as e:  # noqa: BLE001 - the page shows a message, never a traceback

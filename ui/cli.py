@@ -210,6 +210,9 @@ def ingest_cmd(
         r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers)
     except CatalogError as e:
         _fail(str(e))
+    except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes
+        _fail(f"ingest stopped: {e.strerror or e} ({e.filename or 'collection files'}). Items committed before "
+              "this are kept; fix the cause and run the same command again to resume")
     typer.echo(
         f"added {r.added} ({r.replaced} replacing older versions), skipped {r.duplicates} duplicates, "
         f"{r.failed} failed in {r.seconds:.1f} s "
