@@ -27,7 +27,7 @@ from indexer.demo import generate
 from indexer.ingest import ingest
 from models import checkpoint
 from search.engine import SearchEngine
-from search.rerank import ITMScorer, Query
+from search.rerank import ITMScorer
 
 
 def main() -> None:
@@ -59,11 +59,9 @@ def main() -> None:
         for depth in depths:
             times = {k: [] for k in cols}
             for text in texts:
-                xq = engine._encode(text)[2]  # (1, E)
+                _, _, xq, query, _ = engine._encode(text)  # (1, E) and the ITM query, as a search builds them
                 _, cand = engine._retrieve("image", xq, depth, None)
                 cand = cand[cand >= 0].tolist()
-                ids, mask = b.tokenizer([text])
-                query = Query(ids=ids, mask=mask)
                 logits = {}
                 for k, c in cols.items():
                     scorer = ITMScorer(c)

@@ -78,10 +78,15 @@ class FusionModel(nn.Module):
         """pixels (B, 3, S, S) -> (B, E) unit vectors."""
         return self.image_emb(self.image_tokens(pixels))
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask (B, L) -> (B, E) unit vectors."""
+    def encode_text(
+        self, ids: torch.Tensor, mask: torch.Tensor, return_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask (B, L) -> (B, E) unit vectors; with ``return_tokens`` also the text tokens
+        (B, L, D_t) they were pooled from (a search reuses them for ITM reranking)."""
         self._check_text(ids, mask)
-        return self.text_emb(self.text(ids, mask), mask)
+        tokens = self.text(ids, mask)  # (B, L, D_t)
+        emb = self.text_emb(tokens, mask)
+        return (emb, tokens) if return_tokens else emb
 
     def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (B, L) -> (B, L, D_t): the text tower's hidden states (what fusion attends from)."""

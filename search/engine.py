@@ -78,6 +78,9 @@ class SearchEngine:
             if not query.strip():
                 raise SearchError("empty text query")
             ids, mask = b.tokenizer([query])
+            if hasattr(b.model, "text_tokens"):  # native model: keep the text tokens for reranking
+                emb, tokens = b.model.encode_text(ids.to(b.device), mask.to(b.device), return_tokens=True)
+                return "text", "text", emb.float().cpu().numpy(), Query(ids=ids, mask=mask, text_tokens=tokens), None
             xq = b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy()
             return "text", "text", xq, Query(ids=ids, mask=mask), None
         raise SearchError(f"a query is a text, an image, a path to one, or ItemQuery(id); got {type(query).__name__}")

@@ -37,6 +37,7 @@ class Query:
     ids: torch.Tensor | None = None  # (1, L)
     mask: torch.Tensor | None = None  # (1, L)
     image_tokens: torch.Tensor | None = None  # (1, N, D_v)
+    text_tokens: torch.Tensor | None = None  # (1, L, D_t): the text tower's output, when the query encoder kept it
 
 
 class ITMScorer:
@@ -45,7 +46,7 @@ class ITMScorer:
         self.chunk = chunk
         self.misses = 0
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray:
         b = self.c.bundle
         if not b.has_itm:
@@ -58,7 +59,9 @@ class ITMScorer:
         extra = {}
         if query.ids is not None:
             q_ids, q_mask = query.ids.to(device), query.mask.to(device)
-            if hasattr(model, "text_tokens"):  # run the text tower once, not once per chunk
+            if query.text_tokens is not None:  # computed with the query embedding: no second text-tower pass
+                extra["text_tokens"] = query.text_tokens.to(device)
+            elif hasattr(model, "text_tokens"):  # run the text tower once, not once per chunk
                 extra["text_tokens"] = model.text_tokens(q_ids, q_mask)  # (1, L, D_t)
         for start in range(0, len(candidate_ids), self.chunk):
             chunk = list(candidate_ids[start : start + self.chunk])
