@@ -11,6 +11,7 @@ to score and stay in ITC order (a note says so).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class SearchEngine:
         self.refresh = refresh
         self.scorer = scorer or ITMScorer(collection, chunk=chunk)
         self._allowed_cache: dict[tuple[str, int], np.ndarray] = {}  # (where, last change) -> ids, oldest first
+        self._cache_lock = threading.Lock()
 
     # ---- stage 0: the query ----------------------------------------------------------
 
@@ -94,16 +96,18 @@ class SearchEngine:
             return None
         with self.c.Session() as s:
             key = (where.strip(), self.c.last_change(s))
-            hit = self._allowed_cache.get(key)
+            with self._cache_lock:
+                hit = self._allowed_cache.get(key)
             if hit is not None:
                 return hit
             expr = filters.parse(where, filters.known_columns(s))
             ids = np.array(s.scalars(select(Item.id).where(Item.status == "active", expr)).all(), dtype=np.int64)
         ids.sort()
         ids.flags.writeable = False
-        if len(self._allowed_cache) >= ALLOWED_CACHE:
-            self._allowed_cache.pop(next(iter(self._allowed_cache)))
-        self._allowed_cache[key] = ids
+        with self._cache_lock:  # searches run in threads (one engine serves the web app)
+            if len(self._allowed_cache) >= ALLOWED_CACHE:
+                self._allowed_cache.pop(next(iter(self._allowed_cache)))
+            self._allowed_cache[key] = ids
         return ids
 
     def _retrieve(self, target: str, xq: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
