@@ -14,10 +14,9 @@ import os
 import re
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 from PIL import Image
 
@@ -170,7 +169,6 @@ class SearchRequest:
     fusion: str
     where: str = ""
     compare: bool = False  # show the retrieval-only order beside the reranked one
-    notes: list[str] = field(default_factory=list)
 
 
 def filters_ui(engine: SearchEngine) -> str:
@@ -368,11 +366,6 @@ def ingest_ui(engine: SearchEngine) -> None:
     bar.progress(1.0, text="done")
     st.success(f"{rep.added} added, {rep.duplicates} already there, {rep.replaced} replaced, {rep.failed} failed "
                f"in {rep.seconds:.1f} s")
-    lifecycle_cache_clear()
-
-
-def lifecycle_cache_clear() -> None:
-    st.session_state.pop("verify", None)
 
 
 def collection_page(engine: SearchEngine) -> None:
