@@ -15,11 +15,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: in-process locking only
-    fcntl = None
-
 import numpy as np
 import torch
 from sqlalchemy import create_engine, event, func, select
@@ -29,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import checkpoint
 from models.preprocess import load_image
 
+from .locks import file_lock
 from .schema import MODALITIES, Change, Embedding, Item
 from .tokens import TokenCache, auto_dtype
 from .vectors import IndexMeta, IndexMismatchError, VectorIndex, auto_factory, read_meta
@@ -114,8 +110,7 @@ class Collection:
         self.indexes: dict[str, VectorIndex] = {}
         self._synced = -1  # last SQL change the in-memory indexes have applied
         self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
-        self._lock_depth = 0
-        self._lock_file = None  # ...and across processes (flock on index/.lock)
+        self._lock_depth = 0  # ...and across processes (flock on index/.lock, taken at depth 1)
         self.tokens = TokenCache(folder / "tokens", config.num_tokens, config.token_width, config.token_dtype)
 
     # ---- create / open ---------------------------------------------------------------
@@ -253,22 +248,16 @@ class Collection:
         processes (flock), so that two writers never interleave a load, apply and save, and a
         reader never opens an index file another process is about to delete."""
         with self._lock:
-            if self._lock_depth == 0:
-                (self.folder / "index").mkdir(parents=True, exist_ok=True)
-                f = open(self.folder / "index" / ".lock", "a+")  # noqa: SIM115 - held across the yield
-                if fcntl is not None:
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                self._lock_file = f
             self._lock_depth += 1
             try:
-                yield
+                if self._lock_depth > 1:  # re-entered (catch-up rebuilding an index): already held
+                    yield
+                else:
+                    (self.folder / "index").mkdir(parents=True, exist_ok=True)
+                    with file_lock(self.folder / "index" / ".lock"):
+                        yield
             finally:
                 self._lock_depth -= 1
-                if self._lock_depth == 0:
-                    if fcntl is not None:
-                        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-                    self._lock_file.close()
-                    self._lock_file = None
 
     def refresh(self) -> bool:
         """Catch the in-memory indexes up if SQL holds changes they have not applied (another

@@ -20,14 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: in-process locking only
-    fcntl = None
 from pathlib import Path
 
 import numpy as np
+
+from .locks import file_lock
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp16", "int8", "none")
@@ -70,9 +67,7 @@ class TokenCache:
     def _repair_tail(self) -> None:
         """Cut torn records, holding the writers' lock (a record being appended right now by
         another process is not torn, only unfinished)."""
-        with open(self.folder / ".lock", "a+") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self.folder / ".lock"):
             self._cut_torn()
 
     def _cut_torn(self) -> None:
@@ -106,14 +101,9 @@ class TokenCache:
         if not self.enabled:
             return [(None, None)] * len(tokens)
         recs = self.encode(tokens)
-        with self._append_lock:  # writers in this process...
-            lock = open(self.folder / ".lock", "a+")  # noqa: SIM115
-            try:
-                if fcntl is not None:
-                    fcntl.flock(lock, fcntl.LOCK_EX)  # ...and in other processes: offsets come from the file size
-                return self._append(recs)
-            finally:
-                lock.close()  # releases the flock
+        # writers in this process and in others: offsets come from the file size
+        with self._append_lock, file_lock(self.folder / ".lock"):
+            return self._append(recs)
 
     def _append(self, recs: np.ndarray) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []

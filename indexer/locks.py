@@ -1,0 +1,21 @@
+"""An exclusive lock on a file, across processes (``flock``; on systems without it, a no-op:
+the callers' in-process locks still serialise threads)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
+
+@contextmanager
+def file_lock(path: str | Path):
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block."""
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
