@@ -212,9 +212,7 @@ class Collection:
             tokens[cached] = torch.from_numpy(arr)
         missing = [k for k, r in enumerate(rows_l) if r.token_shard is None]
         if missing:
-            b = self.bundle
-            px = b.transform.batch(load_image(rows_l[k].image_path) for k in missing)
-            tokens[missing] = b.model.image_tokens(b.transform.normalize(px.to(b.device))).float().cpu()
+            tokens[missing] = self.bundle.image_tokens(load_image(rows_l[k].image_path) for k in missing).float().cpu()
         return tokens, len(missing)
 
     # ---- FAISS projection ------------------------------------------------------------

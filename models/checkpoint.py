@@ -59,6 +59,12 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def image_tokens(self, images: Iterable) -> torch.Tensor:
+        """PIL images -> their image tokens (B, N, D_v) on the bundle's device: transform,
+        normalise, tower. The one path from decoded images to tokens outside the batched ingest."""
+        px = self.transform.normalize(self.transform.batch(images).to(self.device))  # (B, 3, S, S)
+        return self.model.image_tokens(px)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":

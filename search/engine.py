@@ -71,9 +71,7 @@ class SearchEngine:
             tokens, _ = self.c.item_tokens([row.id])  # (1, N, D_v), re-encoded when not cached
             return "item", "image", xq, Query(image_tokens=tokens), row.id
         if isinstance(query, (Image.Image, Path)):
-            img = load_image(query)
-            px = b.transform.normalize(b.transform.batch([img]).to(b.device))
-            tokens = b.model.image_tokens(px)  # (1, N, D_v)
+            tokens = b.image_tokens([load_image(query)])  # (1, N, D_v)
             xq = b.model.image_emb(tokens).float().cpu().numpy()
             return "image", "image", xq, Query(image_tokens=tokens.float().cpu()), None
         if isinstance(query, str):

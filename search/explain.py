@@ -71,8 +71,7 @@ def explain(c: Collection, text: str, item_id: int, size: int = 320) -> Explanat
         raise ValueError(f"no item with id {item_id}")
     b = c.bundle
     img = load_image(path)
-    px = b.transform.normalize(b.transform.batch([img]).to(b.device))
-    tokens = b.model.image_tokens(px)  # (1, N, D_v)
+    tokens = b.image_tokens([img])  # (1, N, D_v)
     ids, mask = b.tokenizer([text])
     ids, mask = ids.to(b.device), mask.to(b.device)
     logit, maps = b.model.itm_logits(tokens, ids, mask, return_attention=True)
