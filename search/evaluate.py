@@ -146,6 +146,16 @@ def rank_direction(
     return ranks, runs, qrels
 
 
+def depth_key(depth: int) -> str:
+    """A report's key for a rerank depth: ``itc`` (0, ITC only) or ``rerank@<depth>``."""
+    return "itc" if depth == 0 else f"rerank@{depth}"
+
+
+def key_depth(key: str) -> int:
+    """The inverse of :func:`depth_key`."""
+    return 0 if key == "itc" else int(key.split("@", 1)[1])
+
+
 def recall_at(ranks: Sequence[float], ks: Sequence[int] = KS) -> dict[str, float]:
     r = np.asarray(ranks, dtype=float)
     return {f"R@{k}": float(100.0 * np.mean(r <= k)) for k in ks}
@@ -254,7 +264,7 @@ def evaluate(
         )
         out, per_q = {}, {}
         for d in depths:
-            key = "itc" if d == 0 else f"rerank@{d}"
+            key = depth_key(d)
             agg, per_q[d] = ir_metrics(runs[d], qrels)
             out[key] = {**recall_at(ranks[d]), **agg}
             if d:
@@ -301,7 +311,7 @@ def latency(c: Collection, texts: list[str], within: list[int], depths: Sequence
             for s, v in res.timings_ms.items():
                 per_stage.setdefault(s, []).append(v)
             per_stage.setdefault("total", []).append((time.perf_counter() - t) * 1000)
-        out["itc" if d == 0 else f"rerank@{d}"] = {
+        out[depth_key(d)] = {
             s: {"mean": float(np.mean(v)), "p95": float(np.percentile(v, 95))} for s, v in per_stage.items()
         }
     return out
@@ -340,7 +350,7 @@ def plots(report: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     depths = report["depths"]
-    keys = ["itc" if d == 0 else f"rerank@{d}" for d in depths]
+    keys = [depth_key(d) for d in depths]
 
     def save(fig, ax, ylabel: str, name: str) -> Path:
         ax.set_xlabel("rerank depth (0 = ITC only)")

@@ -26,6 +26,7 @@ from indexer.collection import Collection
 from indexer.ingest import ingest
 from models.preprocess import ImageError, load_image
 from search.engine import ItemQuery, SearchEngine
+from search.evaluate import key_depth
 from search.explain import explain
 from search.results import SearchResult
 
@@ -150,10 +151,6 @@ def report_tables(report: dict) -> dict[str, list[dict]]:
             })
         out[direction] = rows
     return out
-
-
-def depth_of(key: str) -> int:
-    return 0 if key == "itc" else int(key.split("@", 1)[1])
 
 
 # ---- search page ------------------------------------------------------------------------------
@@ -405,10 +402,10 @@ def render_report(report: dict) -> None:
         st.subheader(title)
         st.dataframe(rows, width="stretch", hide_index=True)
         for r in rows:
-            recall.setdefault(depth_of(r["stage"]), {})[f"{direction} R@1"] = r["R@1"]
+            recall.setdefault(key_depth(r["stage"]), {})[f"{direction} R@1"] = r["R@1"]
     for key, stages in report.get("latency_ms", {}).items():
-        latency.setdefault(depth_of(key), {})["mean ms"] = stages.get("total", {}).get("mean")
-        latency[depth_of(key)]["p95 ms"] = stages.get("total", {}).get("p95")
+        latency.setdefault(key_depth(key), {})["mean ms"] = stages.get("total", {}).get("mean")
+        latency[key_depth(key)]["p95 ms"] = stages.get("total", {}).get("p95")
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Recall@1 vs rerank depth** (0 = ITC only)")
