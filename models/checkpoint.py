@@ -139,9 +139,13 @@ def save(bundle: Bundle, folder: str | Path) -> str:
 
 def fingerprint(folder: str | Path) -> str:
     """sha256 over the config and the weights: what an index stamps to refuse a mismatched model."""
+    return _sha256_files([Path(folder) / CONFIG_NAME, Path(folder) / WEIGHTS_NAME])
+
+
+def _sha256_files(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        with open(Path(folder) / name, "rb") as f:
+    for path in paths:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
@@ -229,12 +233,8 @@ def resolve_pretrained(ref: str) -> Path:
 
 
 def pretrained_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    """sha256 over a pretrained checkpoint's config and weight files (as :func:`fingerprint`)."""
+    return _sha256_files([folder / "config.json", *sorted(folder.glob("*.safetensors"))])
 
 
 def _preprocessor(folder: Path) -> dict:

@@ -83,8 +83,7 @@ class FusionModel(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids, mask (B, L) -> (B, E) unit vectors; with ``return_tokens`` also the text tokens
         (B, L, D_t) they were pooled from (a search reuses them for ITM reranking)."""
-        self._check_text(ids, mask)
-        tokens = self.text(ids, mask)  # (B, L, D_t)
+        tokens = self.text_tokens(ids, mask)  # (B, L, D_t)
         emb = self.text_emb(tokens, mask)
         return (emb, tokens) if return_tokens else emb
 

@@ -92,7 +92,7 @@ def _param_groups(bundle: Bundle, cfg: TrainConfig) -> list[dict]:
     for name, p in bundle.model.named_parameters():
         if not p.requires_grad:
             continue
-        is_pre = name.startswith(pretrained) if pretrained else False
+        is_pre = name.startswith(pretrained)  # () matches nothing
         no_decay = p.dim() < 2 or name.endswith("logit_scale") or name.startswith("vision.pos")
         groups.setdefault((is_pre, no_decay), []).append(p)
     out = []

@@ -52,12 +52,11 @@ class ITMScorer:
         if not b.has_itm:
             raise ValueError(f"the model {self.c.config.model} has no trained ITM head; rerank with a model trained by `vtfusion train`")
         model, device = b.model, b.device
-        out = []
+        out, extra = [], {}
         if query.ids is None:  # image query -> candidate texts
             with self.c.Session() as s:
                 texts = dict(s.execute(select(Item.id, Item.text).where(Item.id.in_(list(candidate_ids)))).all())
-        extra = {}
-        if query.ids is not None:
+        else:
             q_ids, q_mask = query.ids.to(device), query.mask.to(device)
             if query.text_tokens is not None:  # computed with the query embedding: no second text-tower pass
                 extra["text_tokens"] = query.text_tokens.to(device)
