@@ -50,6 +50,22 @@ def clustered(
     return draw(n, rng), draw(nq, np.random.default_rng(seed + 1))
 
 
+def demo_catalog(tmp: Path, n: int, model: Path | None = None, test_frac: float = 0.2) -> tuple[list, Path, Path]:
+    """The demo catalog generated under ``tmp/cat`` -> (its train.csv rows, train.csv, a model
+    folder: ``model``, or an untrained default-size model saved under ``tmp/model``)."""
+    from indexer.catalog import read_csv
+    from indexer.demo import generate
+    from models import checkpoint
+
+    generate(tmp / "cat", n=n, seed=0, test_frac=test_frac)
+    csv = tmp / "cat" / "train.csv"
+    rows, _ = read_csv(csv)
+    if model is None:
+        model = tmp / "model"
+        checkpoint.save(checkpoint.build_scratch([t for r in rows for t in r.texts]), model)
+    return rows, csv, model
+
+
 def recall_at(I: np.ndarray, I_true: np.ndarray, k: int = 10) -> float:
     """Mean |top-k ∩ true top-k| / k."""
     return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, I_true)]))

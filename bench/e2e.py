@@ -19,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import table
+from common import demo_catalog, table
 from synthetic import bulk_collection, read_real
 
-from indexer.catalog import read_csv
 from indexer.collection import Collection
-from indexer.demo import generate
 from indexer.ingest import ingest
-from models import checkpoint
 from search.engine import SearchEngine
 
 
@@ -38,13 +35,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate(tmp / "cat", n=300, seed=0, test_frac=0.0)
-        rows, _ = read_csv(tmp / "cat" / "train.csv")
-        if args.model is None:
-            checkpoint.save(checkpoint.build_scratch([t for r in rows for t in r.texts]), tmp / "model")
-            args.model = tmp / "model"
+        rows, catalog, args.model = demo_catalog(tmp, 300, args.model, test_frac=0.0)
         real = Collection.init(tmp / "real", args.model, token_dtype="fp16")
-        ingest(real, tmp / "cat" / "train.csv", progress=False)
+        ingest(real, catalog, progress=False)
         t = time.perf_counter()
         c, _ = bulk_collection(tmp / "big", args.model, args.n, real=read_real(real), token_dtype="fp16")
         for shard in (tmp / "real" / "tokens").glob("shard-*.bin"):

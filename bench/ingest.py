@@ -12,21 +12,18 @@ Not a test: it prints a table; these machines are noisy, so compare ratios, not 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import demo_catalog  # also puts the repository on sys.path
 
-from indexer.catalog import read_csv  # noqa: E402
-from indexer.collection import Collection  # noqa: E402
-from indexer.demo import generate  # noqa: E402
-from indexer.ingest import default_workers, ingest, item_text  # noqa: E402
-from models import checkpoint  # noqa: E402
-from models.preprocess import load_image  # noqa: E402
+from indexer.collection import Collection
+from indexer.ingest import default_workers, ingest, item_text
+from models import checkpoint
+from models.preprocess import load_image
 
 
 @torch.no_grad()
@@ -56,12 +53,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate(tmp / "cat", n=args.n, seed=0)
-        rows, _ = read_csv(tmp / "cat" / "train.csv")
-        if args.model is None:
-            bundle = checkpoint.build_scratch([t for r in rows for t in r.texts])
-            checkpoint.save(bundle, tmp / "model")
-            args.model = tmp / "model"
+        rows, catalog, args.model = demo_catalog(tmp, args.n, args.model)
         bundle = checkpoint.load(args.model, device=checkpoint.resolve_device("auto"))
         pixels = torch.stack([bundle.transform(load_image(r.image)) for r in rows])
         texts = [item_text(r) for r in rows]
@@ -70,7 +62,7 @@ def main() -> None:
 
         c = Collection.init(tmp / "col", args.model)
         workers = default_workers(bundle.device) if args.workers is None else args.workers
-        rep = ingest(c, tmp / "cat" / "train.csv", batch_size=args.batch_size, workers=workers, progress=False)
+        rep = ingest(c, catalog, batch_size=args.batch_size, workers=workers, progress=False)
         e2e = rep.added / rep.seconds
 
     print(f"items {len(rows)}  batch {args.batch_size}  decode workers {workers}  device {bundle.device}")

@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from common import table
+from common import demo_catalog, table
 
-from indexer.catalog import read_csv
 from indexer.collection import Collection
-from indexer.demo import generate
 from indexer.ingest import ingest
-from models import checkpoint
 from search.engine import SearchEngine
 from search.rerank import ITMScorer
 
@@ -40,15 +37,11 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate(tmp / "cat", n=args.n, seed=0, test_frac=0.0)
-        rows, _ = read_csv(tmp / "cat" / "train.csv")
-        if args.model is None:
-            checkpoint.save(checkpoint.build_scratch([t for r in rows for t in r.texts]), tmp / "model")
-            args.model = tmp / "model"
+        rows, catalog, args.model = demo_catalog(tmp, args.n, args.model, test_frac=0.0)
         cols = {}
         for dtype in ("fp16", "int8", "none"):
             c = Collection.init(tmp / dtype, args.model, token_dtype=dtype)
-            ingest(c, tmp / "cat" / "train.csv", progress=False)
+            ingest(c, catalog, progress=False)
             cols[dtype] = c
         b = cols["fp16"].bundle
         print(f"{len(rows)} items, model {args.model.name}, device {b.device}; bytes per cached image: "
