@@ -118,9 +118,11 @@ class FusionModel(nn.Module):
         if text_tokens is None:
             text_tokens = self.text(ids, mask)  # (b_txt, L, D_t)
         B = max(b_img, b_txt)
-        image_tokens = image_tokens.to(self._dtype).expand(B, -1, -1)  # (B, N, D_v)
-        text_tokens, mask = text_tokens.expand(B, -1, -1), mask.expand(B, -1)  # (B, L, D_t), (B, L)
-        return self.fuse(image_tokens, text_tokens, mask, return_attention)
+        image_tokens = image_tokens.to(self._dtype)
+        # one image against B texts: its keys/values are projected once, not B times; one text
+        # against B images: the first layer's text self-attention and queries run once
+        index = torch.zeros(B, dtype=torch.long, device=image_tokens.device) if b_img < B else None
+        return self.fuse(image_tokens, text_tokens, mask, return_attention, image_index=index)
 
     # ---- internals shared with training (same package) ----------------------------------
 
@@ -138,12 +140,23 @@ class FusionModel(nn.Module):
         text_tokens: torch.Tensor,  # (B, L, D_t)
         mask: torch.Tensor,  # (B, L)
         return_attention: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """ITM logits (B,) for text rows against ``image_tokens`` (B, N, D_v), or against
+        ``image_tokens[image_index]`` when ``image_index`` (B,) is given (U distinct images).
+        Text tokens and mask of batch 1 are broadcast against B images."""
+        B = max(text_tokens.shape[0], image_tokens.shape[0] if image_index is None else image_index.shape[0])
         x, maps = text_tokens, []
         for block in self.fusion:
-            x, weights = block(x, mask, image_tokens, return_weights=return_attention)
+            x, weights = block(x, mask, image_tokens, return_weights=return_attention, image_index=image_index)
             maps.append(weights)
-        logits = self.itm_head(self.fusion_norm(x[:, 0])).squeeze(-1)  # (B,) from the [CLS] position
+        x = self.fusion_norm(x).expand(B, -1, -1)  # (B, L, D_t)
+        if self.cfg.fusion.itm_pool == "mean":
+            m = mask.to(x.dtype).unsqueeze(-1)  # (B | 1, L, 1)
+            pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D_t)
+        else:
+            pooled = x[:, 0]  # the [CLS] position
+        logits = self.itm_head(pooled).squeeze(-1)  # (B,)
         return (logits, maps) if return_attention else logits
 
     def logit_scale_value(self) -> torch.Tensor:

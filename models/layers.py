@@ -40,17 +40,27 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         return_weights: bool = False,
+        context_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``context_index`` (B,): row b attends to ``context[context_index[b]]``; the keys and
+        values are then projected once per distinct context (U, S, ·) and gathered, which is what
+        makes scoring many texts against few images (ITM negatives, image→text rerank) cheap.
+        ``x`` with batch 1 against a context of batch B is projected once and broadcast (one
+        query text against B candidate images)."""
         context = x if context is None else context
-        B, T, D = x.shape
-        S = context.shape[1]
+        Bq, T, D = x.shape
+        U, S = context.shape[:2]
         H = self.num_heads
-        q = self.q(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hs)
-        k, v = self.kv(context).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, hs)
+        q = self.q(x).view(Bq, T, H, D // H).transpose(1, 2)  # (Bq, H, T, hs)
+        k, v = self.kv(context).view(U, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (U, H, S, hs)
+        if context_index is not None:
+            k, v = _gather_rows(k, context_index), _gather_rows(v, context_index)  # 2 x (B, H, S, hs)
+        B = max(Bq, k.shape[0])
+        q, k, v = q.expand(B, -1, -1, -1), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         bias = None
         if key_mask is not None:
-            # (B, 1, 1, S) additive mask: 0 for real keys, -inf for padding
-            bias = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device)
+            # (B | 1, 1, 1, S) additive mask: 0 for real keys, -inf for padding
+            bias = torch.zeros(key_mask.shape[0], 1, 1, S, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
         if return_weights:
             scores = (q @ k.transpose(-2, -1)) / (D // H) ** 0.5  # (B, H, T, S)
@@ -65,6 +75,15 @@ class Attention(nn.Module):
             )  # (B, H, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out(y), weights
+
+
+def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along dim 0. Under autograd as a one-hot matrix product: indexing's backward
+    accumulates with atomics and is not bit-reproducible on CPU; a matmul's is."""
+    if not (torch.is_grad_enabled() and t.requires_grad):
+        return t.index_select(0, index)
+    onehot = F.one_hot(index, t.shape[0]).to(t.dtype)  # (B, U)
+    return (onehot @ t.reshape(t.shape[0], -1)).view(index.shape[0], *t.shape[1:])
 
 
 class MLP(nn.Sequential):
@@ -111,9 +130,12 @@ class FusionBlock(nn.Module):
         text_mask: torch.Tensor,  # (B, L)
         image_tokens: torch.Tensor,  # (B, N, D_v)
         return_weights: bool = False,
+        image_index: torch.Tensor | None = None,  # (B,): row b reads image_tokens[image_index[b]] (U, N, D_v)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = text_tokens
         x = x + self.self_attn(self.norm1(x), key_mask=text_mask)[0]
-        y, weights = self.cross_attn(self.norm2(x), self.norm_kv(image_tokens), return_weights=return_weights)
+        y, weights = self.cross_attn(
+            self.norm2(x), self.norm_kv(image_tokens), return_weights=return_weights, context_index=image_index
+        )
         x = x + y
         return x + self.mlp(self.norm3(x)), weights  # (B, L, D_t), (B, H, L, N) | None

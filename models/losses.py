@@ -53,3 +53,14 @@ def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor
     w_pos = neg_logits.numel() / (2.0 * pos_logits.numel())  # 1.0 with one negative each way
     weights = torch.cat([torch.full_like(pos_logits, w_pos), torch.ones_like(neg_logits)]).float()
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weights, reduction="sum") / weights.sum()
+
+
+def itm_rank_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Listwise ITM loss: each query's positive against its own hard negatives.
+
+    pos_logits (B,), neg_logits (B, K): for query i the ITM logits of its matching partner and of
+    K mismatched partners mined from ITC. Cross-entropy over the K + 1 (positive first), so
+    the head learns to *order* a query's candidates, which is what reranking asks of it.
+    """
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()  # (B, 1 + K)
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))

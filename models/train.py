@@ -1,8 +1,11 @@
 """Training loop: ITC (symmetric InfoNCE, learned temperature) + ITM with hard negatives.
 
 One step: the image tower and the text tower run once on the batch; ITC is computed from
-their pooled embeddings; ALBEF-style hard negatives are drawn from the in-batch ITC
-similarities; the fusion encoder scores B positives and 2B negatives for ITM.
+their pooled embeddings; ALBEF-style hard negatives (K per image and per text) are drawn from
+the in-batch ITC similarities; the fusion encoder scores B positives and 2KB negatives. ITM
+is trained twice over on those logits: ALBEF's binary cross-entropy (a calibrated match
+probability) and a listwise cross-entropy that ranks each query's positive above its own
+negatives by the score search sorts by (ITM logit + ITC logit).
 
 AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
 Checkpoints every N steps under ``OUT/checkpoints/step-XXXXXXX/`` (a model folder plus
@@ -31,7 +34,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .checkpoint import Bundle
 from .data import PairCollator, PairDataset
-from .losses import itc_loss, itm_loss, sample_hard_negatives
+from .losses import itc_loss, itm_loss, itm_rank_loss, sample_hard_negatives
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -49,7 +52,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
     grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: early norms are 20-100)
     itm_weight: float = 1.0  # loss = itc + itm_weight * itm (3 helped ITM after 3 CPU minutes, not after 10: see README)
-    itm_negatives: int = 1  # hard negatives per image and per text for ITM (ALBEF: 1)
+    itm_negatives: int = 2  # hard negatives per image and per text for ITM (ALBEF: 1)
+    itm_rank_weight: float = 1.0  # listwise ITM loss: each query's positive vs its own hard negatives (0: ALBEF's BCE only)
     hard_negative_ramp: int = 300  # steps over which ITM negatives go from uniform to ITC-hard
     mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
@@ -63,6 +67,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs is None and self.minutes is None:
             raise ValueError("give epochs, minutes, or both")
+        if self.itm_negatives < 1 or self.itm_rank_weight < 0:
+            raise ValueError("itm_negatives must be at least 1 and itm_rank_weight at least 0")
 
 
 TOWER_PREFIXES = ("vision.", "text.", "image_proj.", "text_proj.", "logit_scale")  # parameter name prefixes
@@ -230,16 +236,26 @@ def train_step(
         txt_emb = model.text_emb(txt_tokens, mask)  # (B, E)
         scale = model.logit_scale_value()
         l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale)
-        B, K = ids.shape[0], cfg.itm_negatives
+        B = ids.shape[0]
+        K = min(cfg.itm_negatives, B - 1)  # a batch of B holds B - 1 negatives for each pair
         neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen, K)  # (B[, K]) each
         neg_txt, neg_img = neg_txt.reshape(-1), neg_img.reshape(-1)  # (B*K,): row i*K+j = j-th negative of i
         own = torch.arange(B, device=ids.device).repeat_interleave(K)  # (B*K,)
         # (1 + 2K)B fusion rows: positives, (image, hard text) pairs, (hard image, text) pairs
-        f_img = torch.cat([img_tokens, img_tokens[own], img_tokens[neg_img]])  # ((1+2K)B, N, D_v)
+        f_img = torch.cat([torch.arange(B, device=ids.device), own, neg_img])  # ((1+2K)B,) rows -> batch images
         f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens[own]])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
-        logits = model.fuse(f_img, f_txt, f_mask)  # ((1+2K)B,)
+        logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B,)
         l_itm = itm_loss(logits[:B], logits[B:])
+        if cfg.itm_rank_weight:
+            # rank each query's candidates by what search ranks them by: ITM logit + ITC logit
+            # (the ITC part held fixed), so ITM learns what ITC gets wrong rather than relearning it
+            itc = (sim * scale).detach().float()  # (B, B) image x text
+            rows = torch.arange(B, device=ids.device)
+            pos = logits[:B].float() + itc[rows, rows]  # (B,)
+            neg_t = logits[B : B + B * K].float().view(B, K) + itc[own, neg_txt].view(B, K)  # image i vs its hard texts
+            neg_i = logits[B + B * K :].float().view(B, K) + itc[neg_img, own].view(B, K)  # text i vs its hard images
+            l_itm = l_itm + cfg.itm_rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
     loss = l_itc + cfg.itm_weight * l_itm
     return {"loss": loss, "itc": l_itc.detach(), "itm": l_itm.detach()}
 

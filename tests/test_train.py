@@ -162,6 +162,36 @@ def test_itm_loss_weights_positives_as_one_third():
     assert pos_loss == pytest.approx(math.log1p(math.exp(2.0)) / 3, rel=1e-4)
 
 
+def test_itm_rank_loss_is_cross_entropy_over_each_querys_candidates():
+    from models.losses import itm_rank_loss
+
+    pos, neg = torch.tensor([2.0, 0.0]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    by_hand = (
+        -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(1)))  # query 0: positive leads
+        - math.log(1 / 3)  # query 1: all three tie
+    ) / 2
+    assert float(itm_rank_loss(pos, neg)) == pytest.approx(by_hand, rel=1e-6)
+    # only the order inside a query matters: shifting one query's logits together changes nothing
+    assert float(itm_rank_loss(pos + torch.tensor([5.0, -3.0]), neg + torch.tensor([[5.0], [-3.0]]))) == pytest.approx(by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("rank_weight", [0.0, 1.0, 0.5])
+def test_listwise_itm_loss_in_a_train_step_by_hand(rank_weight):
+    """Two pairs, one negative each way (more are asked for; a pair of two has one): the negatives are forced, so with a silenced ITM head
+    (every logit 0) the ITM loss is BCE's log 2 plus the listwise term, which ranks ITM + ITC
+    logits and is then exactly the batch's ITC InfoNCE."""
+    from models.train import train_step
+
+    b = tiny_bundle()
+    torch.nn.init.zeros_(b.model.itm_head.weight)
+    torch.nn.init.zeros_(b.model.itm_head.bias)
+    ids, mask = b.tokenizer(["a red mug on the left", "a big green dotted hat"])
+    pixels = torch.randint(0, 256, (2, 3, TINY_VISION.image_size, TINY_VISION.image_size), dtype=torch.uint8)
+    cfg = TrainConfig(epochs=1, itm_rank_weight=rank_weight, itm_negatives=2, progress=False)  # 1 is all there is
+    out = train_step(b, {"pixels": pixels, "ids": ids, "mask": mask}, torch.Generator().manual_seed(0), cfg, torch.device("cpu"))
+    assert float(out["itm"]) == pytest.approx(math.log(2) + rank_weight * float(out["itc"]), rel=1e-5)
+
+
 def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     ds = _dataset(small_catalog, b, cols=("caption",))
