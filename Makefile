@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_DIR     ?= demo-run
-DEMO_MINUTES ?= 3
+DEMO_MINUTES ?= 10
 
 .PHONY: demo test test-slow bench lint clean
 

@@ -86,7 +86,8 @@ def train_cmd(
     image_col: Annotated[str, typer.Option("--image-col")] = "image",
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints (0: end only).")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under --out.")] = False,
-    itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 1,
+    itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 2,
+    itm_rank_weight: Annotated[float, typer.Option("--itm-rank-weight", help="Weight of the listwise ITM loss (0: ALBEF's binary ITM loss only).")] = 1.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
@@ -102,6 +103,7 @@ def train_cmd(
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
             device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives, freeze_towers=freeze_towers,
+            itm_rank_weight=itm_rank_weight,
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
@@ -124,8 +126,8 @@ def train_cmd(
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/, model/, collection/ and eval/ go inside).")] = Path("demo-run"),
-    n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 2000,
-    minutes: Annotated[float, typer.Option("--minutes", help="Training budget.")] = 3.0,
+    n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
+    minutes: Annotated[float, typer.Option("--minutes", help="Training budget.")] = 10.0,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
     device: Annotated[str, typer.Option("--device")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
