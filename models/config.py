@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fusion.itm_pool (format 1 configs read as "cls"); older vtfusion refuses 2 clearly
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class ModelConfig:
             embed_dim=d.get("embed_dim", 128),
             init_temperature=d.get("init_temperature", 0.07),
             clip=d.get("clip", {}),
-            format_version=version,
+            format_version=FORMAT_VERSION,  # read into the current format (saved again as such)
         )
 
     def save(self, folder: str | Path) -> Path:
