@@ -24,6 +24,13 @@ from .text import TextTower
 from .vision import VisionTower
 
 
+def fused_score(itm_logits, itc_cosine, itc_scale):
+    """The score reranking sorts candidates by: ITM logit + ITC logit (the learned scale x the
+    cosine). Training's listwise ITM loss ranks by it, validation and search sort by it; tensors
+    or numpy arrays alike."""
+    return itm_logits + itc_scale * itc_cosine
+
+
 class FusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, text_bert: nn.Module | None = None, clip_model: nn.Module | None = None):
         super().__init__()

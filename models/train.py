@@ -34,6 +34,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .checkpoint import Bundle
 from .data import PairCollator, PairDataset
+from .fusion import fused_score
 from .losses import itc_loss, itm_loss, itm_rank_loss, sample_hard_negatives
 
 log = logging.getLogger(__name__)
@@ -240,21 +241,21 @@ def train_step(
         K = min(cfg.itm_negatives, B - 1)  # a batch of B holds B - 1 negatives for each pair
         neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen, K)  # (B[, K]) each
         neg_txt, neg_img = neg_txt.reshape(-1), neg_img.reshape(-1)  # (B*K,): row i*K+j = j-th negative of i
-        own = torch.arange(B, device=ids.device).repeat_interleave(K)  # (B*K,)
+        rows = torch.arange(B, device=ids.device)  # (B,)
+        own = rows.repeat_interleave(K)  # (B*K,)
         # (1 + 2K)B fusion rows: positives, (image, hard text) pairs, (hard image, text) pairs
-        f_img = torch.cat([torch.arange(B, device=ids.device), own, neg_img])  # ((1+2K)B,) rows -> batch images
+        f_img = torch.cat([rows, own, neg_img])  # ((1+2K)B,) rows -> batch images
         f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens[own]])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
         logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B,)
         l_itm = itm_loss(logits[:B], logits[B:])
         if cfg.itm_rank_weight:
-            # rank each query's candidates by what search ranks them by: ITM logit + ITC logit
-            # (the ITC part held fixed), so ITM learns what ITC gets wrong rather than relearning it
-            itc = (sim * scale).detach().float()  # (B, B) image x text
-            rows = torch.arange(B, device=ids.device)
-            pos = logits[:B].float() + itc[rows, rows]  # (B,)
-            neg_t = logits[B : B + B * K].float().view(B, K) + itc[own, neg_txt].view(B, K)  # image i vs its hard texts
-            neg_i = logits[B + B * K :].float().view(B, K) + itc[neg_img, own].view(B, K)  # text i vs its hard images
+            # rank each query's candidates by what search ranks them by (fused_score), the ITC
+            # part held fixed, so ITM learns what ITC gets wrong rather than relearning it
+            cos, s = sim.detach().float(), scale.detach()  # (B, B) image x text
+            pos = fused_score(logits[:B].float(), cos[rows, rows], s)  # (B,)
+            neg_t = fused_score(logits[B : B + B * K].float().view(B, K), cos[own, neg_txt].view(B, K), s)  # image i vs its hard texts
+            neg_i = fused_score(logits[B + B * K :].float().view(B, K), cos[neg_img, own].view(B, K), s)  # text i vs its hard images
             l_itm = l_itm + cfg.itm_rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
     loss = l_itc + cfg.itm_weight * l_itm
     return {"loss": loss, "itc": l_itc.detach(), "itm": l_itm.detach()}

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Bundle
+from .fusion import fused_score
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def text_to_image_r1(
         for row in range(ids.shape[0]):
             logits = model.itm_logits(image_tokens[top_idx[row]], ids[row : row + 1], mask[row : row + 1])  # (k,)
             hits["itm"] += int(top_idx[row, logits.argmax()] == target[row])
-            fused = logits + itc_scale * top_sim[row]  # both in logit units (see search.rerank.fuse)
+            fused = fused_score(logits, top_sim[row], itc_scale)
             hits["fused"] += int(top_idx[row, fused.argmax()] == target[row])
     model.train(was_training)
     return Validation(

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from indexer.collection import Collection
 from indexer.schema import Item
+from models.fusion import fused_score
 
 FUSIONS = ("itm+itc", "itm", "itc")
 
@@ -91,7 +92,7 @@ def fuse(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float 
     ITM alone and 75.1 / 74.9 for ITC alone.
     """
     if fusion == "itm+itc":
-        return itm_logits + itc_scale * itc
+        return fused_score(itm_logits, itc, itc_scale)
     if fusion == "itm":
         return itm_logits
     if fusion == "itc":
