@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,11 @@ class Columns:
     text: tuple[str, ...] | None = None  # None: whichever of AUTO_TEXT_COLUMNS exist
 
 
+_BAD_BYTES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as the surrogateescape error handler keeps them
+
+
 def _has_bad_bytes(s: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in s)
+    return _BAD_BYTES.search(s) is not None
 
 
 def _typed(v: Any) -> Any:
@@ -82,7 +86,10 @@ def _text_columns(cols: Columns, header: Sequence[str], path: Path) -> tuple[str
     return text
 
 
-def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str]) -> CatalogRow | RowError:
+def _to_row(
+    rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str], root: Path | None = None
+) -> CatalogRow | RowError:
+    """``root``: ``path.parent.resolve()``, computed once per file by the readers."""
     def err(reason: str) -> RowError:
         return RowError(str(path), line, reason)
 
@@ -100,7 +107,7 @@ def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols
         return err(f"no text in {list(text_cols)}")
     if any(len(t) > MAX_TEXT_CHARS for t in texts):
         return err(f"text longer than {MAX_TEXT_CHARS} characters")
-    root = path.parent.resolve()
+    root = path.parent.resolve() if root is None else root
     image = (root / img).resolve()
     if not image.is_relative_to(root):
         return err(f"image path {img!r} points outside the catalog folder {root}")
@@ -130,6 +137,8 @@ def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogR
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
 
+    root = path.parent.resolve()
+
     def gen():
         # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is reported
         # with its line number instead of aborting the whole file
@@ -155,7 +164,7 @@ def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogR
                     n = len(header) + len(rec.get(None) or []) - sum(v is None for v in rec.values())
                     yield RowError(str(path), start, f"wrong number of fields: {n}, the header has {len(header)}")
                     continue
-                yield _to_row(rec, path, start, cols, text_cols)
+                yield _to_row(rec, path, start, cols, text_cols, root)
 
     return _split(gen())
 
@@ -164,6 +173,8 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
+
+    root = path.parent.resolve()
 
     def gen():
         with open(path, "rb") as f:
@@ -182,7 +193,7 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
                     yield RowError(str(path), line_no, "a JSONL line must be an object")
                     continue
                 text_cols = cols.text if cols.text is not None else tuple(c for c in AUTO_TEXT_COLUMNS if c in rec)
-                yield _to_row(rec, path, line_no, cols, text_cols or AUTO_TEXT_COLUMNS)
+                yield _to_row(rec, path, line_no, cols, text_cols or AUTO_TEXT_COLUMNS, root)
 
     return _split(gen())
 
@@ -195,7 +206,8 @@ def read_parquet(path: str | Path, cols: Columns = Columns()) -> tuple[list[Cata
         raise CatalogError(f"catalog file not found: {path}")
     table = pq.read_table(path)
     text_cols = _text_columns(cols, table.column_names, path)
-    return _split(_to_row(rec, path, i, cols, text_cols) for i, rec in enumerate(table.to_pylist(), 1))
+    root = path.parent.resolve()
+    return _split(_to_row(rec, path, i, cols, text_cols, root) for i, rec in enumerate(table.to_pylist(), 1))
 
 
 def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:

@@ -37,7 +37,8 @@ def load_image(
     """
     if name is None:
         name = str(path)
-    if isinstance(path, Image.Image):
+    owned = not isinstance(path, Image.Image)  # opened here: transposed and converted in place, no copies
+    if not owned:
         img = path
     else:
         try:
@@ -53,11 +54,14 @@ def load_image(
         raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {name}")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if owned:
+            ImageOps.exif_transpose(img, in_place=True)
+        else:
+            img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: keep the high byte, not a clipped low one
             arr = np.asarray(img, dtype=np.uint32)
             img = Image.fromarray((arr >> 8 if img.mode.startswith("I;16") or arr.max() > 255 else arr).clip(0, 255).astype(np.uint8))
-        return img.convert("RGB")
+        return img if owned and img.mode == "RGB" else img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"corrupt or truncated image: {name} ({e})") from e
 
