@@ -6,6 +6,7 @@ bytes per cached image; int8 against fp16 cache (score agreement and speed).
 
 Three collections ingest the same demo catalog: token cache fp16, int8 and none. Candidates
 for each query are its ITC top-depth images; the ITM scorer scores them in chunks of 64.
+Each (query, cache) is scored once to warm up, then ``--reps`` times; the fastest counts.
 Goals: cache >= 5x faster than re-encoding; <= 50 kB per cached image for the default model.
 """
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="model folder (default: an untrained default-size model)")
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--depths", default="16,64,256")
+    ap.add_argument("--reps", type=int, default=5, help="timed repeats per query and cache; the fastest counts")
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,10 +60,13 @@ def main() -> None:
                 logits = {}
                 for k, c in cols.items():
                     scorer = ITMScorer(c)
-                    scorer.score(query, cand[:4])  # warm
-                    t = time.perf_counter()
-                    logits[k] = scorer.score(query, cand)
-                    times[k].append(time.perf_counter() - t)
+                    logits[k] = scorer.score(query, cand)  # warm: OS file cache, SQL locations (a server's steady state)
+                    best = float("inf")
+                    for _ in range(args.reps):  # the least of a few: these machines are noisy
+                        t = time.perf_counter()
+                        scorer.score(query, cand)
+                        best = min(best, time.perf_counter() - t)
+                    times[k].append(best)
                 if depth == max(depths):
                     agree.append((np.abs(logits["int8"] - logits["fp16"]).max(), spearmanr(logits["int8"], logits["fp16"]).statistic,
                                   int(np.argmax(logits["int8"]) == np.argmax(logits["fp16"])), np.abs(logits["fp16"] - logits["none"]).max()))

@@ -30,6 +30,7 @@ from .tokens import TokenCache, auto_dtype
 from .vectors import IndexMeta, IndexMismatchError, VectorIndex, auto_factory, read_meta
 
 log = logging.getLogger(__name__)
+TOKEN_LOCATIONS_KEPT = 200_000  # item token locations kept in memory (~30 MB)
 CONFIG_NAME = "collection.toml"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -112,6 +113,10 @@ class Collection:
         self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
         self._lock_depth = 0  # ...and across processes (flock on index/.lock, taken at depth 1)
         self.tokens = TokenCache(folder / "tokens", config.num_tokens, config.token_width, config.token_dtype)
+        # item id -> (token shard, offset, image path): fixed when the item is written, so kept
+        # (oldest dropped first) and a rerank of items seen before needs no SQL round trip
+        self._token_locs: dict[int, tuple[int | None, int | None, str]] = {}
+        self._token_locs_lock = threading.Lock()
 
     # ---- create / open ---------------------------------------------------------------
 
@@ -194,25 +199,34 @@ class Collection:
     def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:
         """Image tokens of these items, in order, as (K, N, D_v) float32 on the CPU, and how many
         were re-encoded from their image files (no cache record: cache disabled, or a miss)."""
-        with self.engine.connect() as conn:  # Core, not an ORM session: this runs once per rerank chunk
-            rows = {
-                r.id: r
-                for r in conn.execute(
-                    select(Item.id, Item.token_shard, Item.token_offset, Item.image_path).where(Item.id.in_(list(item_ids)))
-                )
-            }
-        unknown = [i for i in item_ids if i not in rows]
-        if unknown:
-            raise KeyError(f"no items with ids {unknown[:5]}")
-        rows_l = [rows[i] for i in item_ids]
-        tokens = torch.empty(len(rows_l), self.config.num_tokens, self.config.token_width)
-        cached = [k for k, r in enumerate(rows_l) if r.token_shard is not None]
+        with self._token_locs_lock:
+            locs = [self._token_locs.get(i) for i in item_ids]
+        need = [i for i, loc in zip(item_ids, locs) if loc is None]
+        if need:
+            with self.engine.connect() as conn:  # Core, not an ORM session: this runs once per rerank chunk
+                found = {
+                    r.id: (r.token_shard, r.token_offset, r.image_path)
+                    for r in conn.execute(
+                        select(Item.id, Item.token_shard, Item.token_offset, Item.image_path).where(Item.id.in_(need))
+                    )
+                }
+            unknown = [i for i in need if i not in found]
+            if unknown:
+                raise KeyError(f"no items with ids {unknown[:5]}")
+            with self._token_locs_lock:
+                for i, loc in found.items():
+                    if len(self._token_locs) >= TOKEN_LOCATIONS_KEPT:
+                        self._token_locs.pop(next(iter(self._token_locs)))
+                    self._token_locs[i] = loc
+            locs = [found[i] if loc is None else loc for i, loc in zip(item_ids, locs)]
+        cached = [k for k, loc in enumerate(locs) if loc[0] is not None]
+        if len(cached) == len(locs):  # the usual case: one read, no re-encoding
+            return torch.from_numpy(self.tokens.read([loc[:2] for loc in locs])), 0
+        tokens = torch.empty(len(locs), self.config.num_tokens, self.config.token_width)
         if cached:
-            arr = self.tokens.read([(rows_l[k].token_shard, rows_l[k].token_offset) for k in cached])
-            tokens[cached] = torch.from_numpy(arr)
-        missing = [k for k, r in enumerate(rows_l) if r.token_shard is None]
-        if missing:
-            tokens[missing] = self.bundle.image_tokens(load_image(rows_l[k].image_path) for k in missing).float().cpu()
+            tokens[cached] = torch.from_numpy(self.tokens.read([locs[k][:2] for k in cached]))
+        missing = [k for k, loc in enumerate(locs) if loc[0] is None]
+        tokens[missing] = self.bundle.image_tokens(load_image(locs[k][2]) for k in missing).float().cpu()
         return tokens, len(missing)
 
     # ---- FAISS projection ------------------------------------------------------------

@@ -127,9 +127,13 @@ class TokenCache:
 
     # ---- reading ---------------------------------------------------------------------
 
-    def _map(self, shard: int) -> np.memmap:
-        n = self.records_in(shard)
+    def _map(self, shard: int, need: int = -1) -> np.memmap:
+        """The shard's records, mapped. The map is reused while it covers record ``need``
+        (records are only ever appended), so a read of known records costs no ``stat``."""
         cached = self._maps.get(shard)
+        if cached is not None and need < cached[0] and need >= 0:
+            return cached[1]
+        n = self.records_in(shard)
         if cached is None or cached[0] != n:
             mm = np.memmap(self._path(shard), dtype=np.uint8, mode="r", shape=(n, self.record_bytes))
             self._maps[shard] = cached = (n, mm)
@@ -141,20 +145,26 @@ class TokenCache:
         if not locations:
             return out
         loc = np.asarray(locations, dtype=np.int64)  # (K, 2)
+        if (loc[:, 0] == loc[0, 0]).all():  # one shard (the usual case): decode straight into out
+            offsets = loc[:, 1]
+            return self._decode(self._map(int(loc[0, 0]), int(offsets.max()))[offsets], out)
         for shard in np.unique(loc[:, 0]):
             rows = np.flatnonzero(loc[:, 0] == shard)
-            out[rows] = self._decode(self._map(int(shard))[loc[rows, 1]])  # fancy index: copies only these records
+            out[rows] = self._decode(self._map(int(shard), int(loc[rows, 1].max()))[loc[rows, 1]])  # fancy index: copies only these records
         return out
 
-    def _decode(self, recs: np.ndarray) -> np.ndarray:
-        """(K, record_bytes) uint8 -> (K, N, D) float32."""
+    def _decode(self, recs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(K, record_bytes) uint8 -> (K, N, D) float32 (written into ``out`` when given)."""
         K = recs.shape[0]
+        out = np.empty((K, self.N, self.D), dtype=np.float32) if out is None else out
         if self.dtype == "fp16":
-            return recs.view(np.float16).reshape(K, self.N, self.D).astype(np.float32)
+            out[...] = recs.view(np.float16).reshape(K, self.N, self.D)
+            return out
         nq = self.N * self.D
-        q = recs[:, :nq].view(np.int8).reshape(K, self.N, self.D).astype(np.float32)
         scale = np.ascontiguousarray(recs[:, nq:]).view(np.float32)  # (K, N)
-        return q * scale[:, :, None]
+        out[...] = recs[:, :nq].view(np.int8).reshape(K, self.N, self.D)
+        out *= scale[:, :, None]
+        return out
 
     def total_records(self) -> int:
         return sum(self.records_in(s) for s in self.shards())

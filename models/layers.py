@@ -41,8 +41,10 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None = None,
         return_weights: bool = False,
         context_index: torch.Tensor | None = None,
+        context_kv: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``context_index`` (B,): row b attends to ``context[context_index[b]]``; the keys and
+        """``context_kv``: ``self.kv(context)`` (U, S, 2D) computed by the caller (inference
+        projects every fusion layer's image keys and values in one product). ``context_index`` (B,): row b attends to ``context[context_index[b]]``; the keys and
         values are then projected once per distinct context (U, S, ·) and gathered, which is what
         makes scoring many texts against few images (ITM negatives, image→text rerank) cheap.
         ``x`` with batch 1 against a context of batch B is projected once and broadcast (one
@@ -52,7 +54,8 @@ class Attention(nn.Module):
         U, S = context.shape[:2]
         H = self.num_heads
         q = self.q(x).view(Bq, T, H, D // H).transpose(1, 2)  # (Bq, H, T, hs)
-        k, v = self.kv(context).view(U, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (U, H, S, hs)
+        kv = self.kv(context) if context_kv is None else context_kv  # (U, S, 2D)
+        k, v = kv.view(U, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (U, H, S, hs)
         if context_index is not None:
             k, v = _gather_rows(k, context_index), _gather_rows(v, context_index)  # 2 x (B, H, S, hs)
         B = max(Bq, k.shape[0])
@@ -131,11 +134,13 @@ class FusionBlock(nn.Module):
         image_tokens: torch.Tensor,  # (B, N, D_v)
         return_weights: bool = False,
         image_index: torch.Tensor | None = None,  # (B,): row b reads image_tokens[image_index[b]] (U, N, D_v)
+        image_kv: torch.Tensor | None = None,  # (U, N, 2 D_t): cross_attn.kv(norm_kv(image_tokens)), precomputed
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = text_tokens
         x = x + self.self_attn(self.norm1(x), key_mask=text_mask)[0]
+        context = image_tokens if image_kv is not None else self.norm_kv(image_tokens)
         y, weights = self.cross_attn(
-            self.norm2(x), self.norm_kv(image_tokens), return_weights=return_weights, context_index=image_index
+            self.norm2(x), context, return_weights=return_weights, context_index=image_index, context_kv=image_kv
         )
         x = x + y
         return x + self.mlp(self.norm3(x)), weights  # (B, L, D_t), (B, H, L, N) | None

@@ -161,3 +161,24 @@ def test_fuse_with_image_index_equals_gathered_images_in_value_and_gradient(bund
         results.append((logits.detach(), t.grad))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_inference_folds_the_image_layer_norm_into_one_kv_product():
+    """Without autograd the fusion layers' image keys/values come from one product with the
+    LayerNorm affines folded in; that must equal each layer's own LayerNorm + projection."""
+    b = tiny_bundle()
+    m = b.model
+    with torch.no_grad():
+        for blk in m.fusion:  # affines away from (1, 0): folding them must matter
+            blk.norm_kv.weight.uniform_(0.5, 1.5)
+            blk.norm_kv.bias.normal_()
+    assert len(m.fusion) >= 1
+    img = torch.randn(3, m.cfg.vision.num_tokens, m.cfg.vision.width)
+    ids, mask = b.tokenizer(["a red mug on the left", "a big hat", "two small blue socks"])
+    with torch.no_grad():
+        fast, maps_fast = m.itm_logits(img, ids, mask, return_attention=True)
+    slow, maps_slow = m.itm_logits(img.clone().requires_grad_(True), ids, mask, return_attention=True)
+    assert slow.requires_grad  # the per-layer path ran
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    for a, c in zip(maps_fast, maps_slow):
+        torch.testing.assert_close(a, c.detach(), atol=1e-5, rtol=1e-5)

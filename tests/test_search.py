@@ -94,7 +94,7 @@ def test_cache_miss_re_encodes_and_is_counted(col):
         for i in s.scalars(select(Item).where(Item.id.in_(ids[:2]))):
             i.token_shard = i.token_offset = None
     try:
-        scorer = ITMScorer(col)
+        scorer = ITMScorer(Collection.open(col.folder))  # a fresh process's view (``col`` keeps the locations it read)
         again = scorer.score(q, ids)
         assert scorer.misses == 2
         np.testing.assert_allclose(again, cached, atol=2e-2)  # fp16 cache vs fresh fp32 tokens
@@ -102,6 +102,25 @@ def test_cache_miss_re_encodes_and_is_counted(col):
         with col.Session.begin() as s:
             for i in s.scalars(select(Item).where(Item.id.in_(ids[:2]))):
                 i.token_shard, i.token_offset = saved[i.id]
+
+
+def test_token_locations_are_read_from_sql_once(col):
+    from sqlalchemy import event
+
+    c = Collection.open(col.folder)
+    with c.Session() as s:
+        ids = s.scalars(select(Item.id).order_by(Item.id).limit(6)).all()
+    statements = []
+    event.listen(c.engine, "before_cursor_execute", lambda conn, cur, stmt, params, *rest: statements.append(params))
+    first, misses = c.item_tokens(ids[:4])
+    assert misses == 0 and len(statements) == 1
+    again, _ = c.item_tokens(list(reversed(ids)))  # four known, two new: one query for the two
+    assert len(statements) == 2 and sorted(statements[1]) == sorted(ids[4:])
+    torch.testing.assert_close(again[2:], first.flip(0))
+    c.item_tokens(ids)
+    assert len(statements) == 2  # all known now: no SQL
+    with pytest.raises(KeyError, match="no items"):
+        c.item_tokens([ids[0], 10**9])
 
 
 def test_filtered_search_returns_only_matching_items(col):

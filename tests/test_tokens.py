@@ -44,3 +44,20 @@ def test_torn_tail_is_cut_on_open(tmp_path):
 def test_wrong_shape_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\(B, 3, 4\)"):
         TokenCache(tmp_path, 3, 4).append(np.zeros((1, 3, 5), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_a_reader_sees_records_appended_after_it_mapped_the_shard(tmp_path, dtype):
+    rng = np.random.default_rng(2)
+    t = rng.normal(size=(6, 5, 7)).astype(np.float32)
+    writer = TokenCache(tmp_path, 5, 7, dtype=dtype, shard_records=4)
+    reader = TokenCache(tmp_path, 5, 7, dtype=dtype, shard_records=4)  # another process
+    locs = writer.append(t[:2])
+    first = reader.read(locs)  # maps shard 0 at 2 records
+    locs += writer.append(t[2:])  # shard 0 grows to 4, shard 1 appears
+    both = reader.read(locs)  # offsets past the old map: remapped, not an IndexError
+    np.testing.assert_array_equal(both[:2], first)
+    np.testing.assert_array_equal(both, writer.read(locs))
+    # one-shard reads (decoded straight into the output) equal the same records read across shards
+    np.testing.assert_array_equal(reader.read(locs[:4]), both[:4])
+    np.testing.assert_array_equal(reader.read([locs[5], locs[1]]), both[[5, 1]])
