@@ -296,7 +296,9 @@ def evaluate(
 
 
 def latency(c: Collection, texts: list[str], within: list[int], depths: Sequence[int], fusion: str, n: int) -> dict:
-    """Per-stage mean and p95 over ``n`` text -> image searches at each depth."""
+    """Per-stage mean and p95 over ``n`` text -> image searches at each depth ({} when n is 0)."""
+    if n <= 0 or not texts:
+        return {}
     engine = SearchEngine(c)
     rng = np.random.default_rng(0)
     sample = [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)]
@@ -367,8 +369,10 @@ def plots(report: dict, out: Path) -> list[Path]:
         for k in ("R@1", "R@5"):
             ax.plot(depths, [report[direction][key][k] for key in keys], style, label=f"{direction} {k}")
     p1 = save(fig, ax, "recall (%)", "recall_vs_depth.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
     lat = report["latency_ms"]
+    if not lat:  # latency not measured (--latency-queries 0)
+        return [p1]
+    fig, ax = plt.subplots(figsize=(6, 4))
     for stage in ("total", "rerank", "retrieve", "encode"):
         ax.plot(depths, [lat[key][stage]["mean"] for key in keys], "o-", label=f"{stage} (mean)")
     ax.plot(depths, [lat[key]["total"]["p95"] for key in keys], "k:", label="total (p95)")

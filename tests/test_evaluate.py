@@ -123,3 +123,8 @@ def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
     n = json.loads(r.stdout)["items_active"]
     runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(out), "--latency-queries", "2"])
     assert json.loads(runner.invoke(app, ["stats", col, "--json"]).stdout)["items_active"] == n
+    # recall only: no latency measured, no latency plot, no crash
+    r = runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(tmp_path / "quick"), "--latency-queries", "0"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "quick" / "report.json").read_text())["latency_ms"] == {}
+    assert not (tmp_path / "quick" / "latency_vs_depth.png").exists()

@@ -88,6 +88,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint under --out.")] = False,
     itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 2,
     itm_rank_weight: Annotated[float, typer.Option("--itm-rank-weight", help="Weight of the listwise ITM loss (0: ALBEF's binary ITM loss only).")] = 1.0,
+    mlm_weight: Annotated[float, typer.Option("--mlm-weight", help="Weight of image-conditioned masked language modelling (ALBEF; default 0: off).")] = 0.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
@@ -103,7 +104,7 @@ def train_cmd(
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
             device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives, freeze_towers=freeze_towers,
-            itm_rank_weight=itm_rank_weight,
+            itm_rank_weight=itm_rank_weight, mlm_weight=mlm_weight,
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
@@ -127,7 +128,8 @@ def train_cmd(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/, model/, collection/ and eval/ go inside).")] = Path("demo-run"),
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
-    minutes: Annotated[float, typer.Option("--minutes", help="Training budget.")] = 10.0,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so a seed gives the same model on every CPU run.")] = 16,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Also stop after this many minutes (the schedule then follows the clock: not repeatable).")] = None,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
     device: Annotated[str, typer.Option("--device")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -139,7 +141,7 @@ def demo(
     catalog = out / "catalog"
     if not (catalog / "train.csv").exists():
         demo_catalog(catalog, n=n, seed=seed, image_size=128, test_frac=0.2)
-    train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", minutes=minutes,
+    train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", epochs=epochs, minutes=minutes,
               text_tower=text_tower, device=device, seed=seed)
     col = out / "collection"
     shutil.rmtree(col, ignore_errors=True)  # a fresh index for the freshly trained model
@@ -381,8 +383,10 @@ def eval_cmd(
     for direction in ("t2i", "i2t"):
         typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'ms':>8}")
         for key, m in rep[direction].items():
-            ms = rep["latency_ms"][key]["total"]["mean"]
-            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{ms:8.1f}")
+            # latency is timed on text -> image searches only (--latency-queries; 0: not timed)
+            ms = rep["latency_ms"].get(key, {}).get("total", {}).get("mean") if direction == "t2i" else None
+            ms_s = f"{ms:8.1f}" if ms is not None else f"{'–':>8}"
+            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{ms_s}")
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
