@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_DIR     ?= demo-run
-DEMO_MINUTES ?= 10
+DEMO_EPOCHS  ?= 16
 
 .PHONY: demo test test-slow bench lint clean
 
@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/vtfusion demo --out $(DEMO_DIR) --minutes $(DEMO_MINUTES)
+	$(BIN)/vtfusion demo --out $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/lint-imports

@@ -64,3 +64,32 @@ def itm_rank_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.T
     """
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()  # (B, 1 + K)
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+IGNORE = -100  # label of positions masked language modelling does not predict
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    special: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+    prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking, as ALBEF's image-conditioned MLM uses it: each ordinary token (``special``
+    (B, L) False: not padding, [CLS] or [SEP]) is chosen with probability ``prob``; a chosen
+    token becomes [MASK] 80 % of the time, a random token 10 %, itself 10 %.
+
+    -> (masked ids (B, L), labels (B, L): the original id where chosen, ``IGNORE`` elsewhere).
+    Draws come from ``generator`` on the CPU, so a seeded run masks the same tokens every time.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(ids.shape, generator=generator, device=gen_device).to(ids.device)  # (B, L)
+    how = torch.rand(ids.shape, generator=generator, device=gen_device).to(ids.device)
+    rand_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=gen_device).to(ids.device)
+    chosen = (u < prob) & ~special
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    out = torch.where(chosen & (how < 0.8), torch.full_like(ids, mask_id), ids)
+    out = torch.where(chosen & (how >= 0.8) & (how < 0.9), rand_ids, out)
+    return out, labels

@@ -1,11 +1,16 @@
-"""Training loop: ITC (symmetric InfoNCE, learned temperature) + ITM with hard negatives.
+"""Training loop: ITC (symmetric InfoNCE, learned temperature) + ITM with hard negatives + MLM.
 
 One step: the image tower and the text tower run once on the batch; ITC is computed from
 their pooled embeddings; ALBEF-style hard negatives (K per image and per text) are drawn from
 the in-batch ITC similarities; the fusion encoder scores B positives and 2KB negatives. ITM
 is trained twice over on those logits: ALBEF's binary cross-entropy (a calibrated match
 probability) and a listwise cross-entropy that ranks each query's positive above its own
-negatives by the score search sorts by (ITM logit + ITC logit).
+negatives by the score search sorts by (ITM logit + ITC logit). ALBEF's third objective,
+masked language modelling conditioned on the image, runs the fusion encoder once more on the
+batch's texts with 15 % of their words hidden and predicts them (a head owned by the trainer,
+not saved with the model): naming a hidden colour or size of *this* object is only possible
+by reading it off the image, which teaches the cross-attention to bind attributes to objects
+word by word, a denser signal than one match bit per pair.
 
 AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
 Checkpoints every N steps under ``OUT/checkpoints/step-XXXXXXX/`` (a model folder plus
@@ -27,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,7 +42,7 @@ from . import checkpoint
 from .checkpoint import Bundle
 from .data import PairCollator, PairDataset
 from .fusion import fused_score
-from .losses import itc_loss, itm_loss, itm_rank_loss, sample_hard_negatives
+from .losses import IGNORE, itc_loss, itm_loss, itm_rank_loss, mask_tokens, sample_hard_negatives
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -56,6 +63,8 @@ class TrainConfig:
     itm_negatives: int = 2  # hard negatives per image and per text for ITM (ALBEF: 1)
     itm_rank_weight: float = 1.0  # listwise ITM loss: each query's positive vs its own hard negatives (0: ALBEF's BCE only)
     hard_negative_ramp: int = 300  # steps over which ITM negatives go from uniform to ITC-hard
+    mlm_weight: float = 0.0  # image-conditioned masked language modelling (ALBEF), off by default: see README
+    mlm_prob: float = 0.15  # share of words hidden
     mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -68,8 +77,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs is None and self.minutes is None:
             raise ValueError("give epochs, minutes, or both")
-        if self.itm_negatives < 1 or self.itm_rank_weight < 0:
-            raise ValueError("itm_negatives must be at least 1 and itm_rank_weight at least 0")
+        if self.itm_negatives < 1 or self.itm_rank_weight < 0 or self.mlm_weight < 0:
+            raise ValueError("itm_negatives must be at least 1, itm_rank_weight and mlm_weight at least 0")
+        if not 0 < self.mlm_prob < 1:
+            raise ValueError(f"mlm_prob must be in (0, 1); got {self.mlm_prob}")
 
 
 TOWER_PREFIXES = ("vision.", "text.", "image_proj.", "text_proj.", "logit_scale")  # parameter name prefixes
@@ -155,12 +166,46 @@ def nearest_text_neighbours(bundle: Bundle, dataset: PairDataset, device, chunk:
     return out
 
 
+class MLMHead(nn.Module):
+    """BERT's prediction head over the fused text tokens: dense, GELU, LayerNorm, vocabulary.
+
+    Owned by the trainer (its weights live in the checkpoints' trainer state, not in the
+    model folder): search never predicts words."""
+
+    def __init__(self, width: int, vocab_size: int, mask_id: int, special_ids: list[int]):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(x))))  # (..., vocab)
+
+
+def mlm_head_for(bundle: Bundle, cfg: TrainConfig) -> MLMHead | None:
+    """The MLM head for this model's tokenizer, or None when MLM is off or the tokenizer has no
+    [MASK] token (CLIP's)."""
+    if not cfg.mlm_weight:
+        return None
+    hf = bundle.tokenizer.hf
+    if getattr(hf, "mask_token_id", None) is None:
+        log.info("the tokenizer has no mask token: training without masked language modelling")
+        return None
+    with torch.random.fork_rng(devices=[]):  # the head's initial weights, the same for a seed
+        torch.manual_seed(cfg.seed + 1)
+        return MLMHead(bundle.model.fusion_norm.normalized_shape[0], len(hf), int(hf.mask_token_id), list(hf.all_special_ids))
+
+
 # ---- trainer state (no pickle) -------------------------------------------------------------
 
 
-def _save_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, meta: dict) -> None:
+def _save_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, meta: dict, mlm: MLMHead | None = None) -> None:
     sd = opt.state_dict()
     tensors = {f"opt.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    if mlm is not None:
+        tensors.update({f"mlm.{k}": v.detach().cpu().contiguous() for k, v in mlm.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.negatives"] = gen.get_state()
     if torch.cuda.is_available():
@@ -170,9 +215,17 @@ def _save_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, 
     (folder / "trainer.json").write_text(json.dumps({**meta, "param_groups": groups}, indent=1))
 
 
-def _load_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+def _load_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, mlm: MLMHead | None = None) -> dict:
     tensors = load_file(str(folder / "trainer.safetensors"))
     meta = json.loads((folder / "trainer.json").read_text())
+    has_mlm = any(k.startswith("mlm.") for k in tensors)
+    if (mlm is not None) != has_mlm:
+        raise ValueError(
+            f"the checkpoint {folder} was trained {'with' if has_mlm else 'without'} masked language modelling; "
+            f"resume with the same setting (--mlm-weight {'1' if has_mlm else '0'})"
+        )
+    if mlm is not None:
+        mlm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlm.")})
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
@@ -196,14 +249,14 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep: int) -> Path:
+def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep: int, mlm: MLMHead | None = None) -> Path:
     root = out_dir / CHECKPOINTS
     folder = root / f"step-{meta['step']:07d}"
     tmp = root / f".tmp-{meta['step']:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     checkpoint.save(bundle, tmp)
-    _save_state(tmp, opt, gen, meta)
+    _save_state(tmp, opt, gen, meta, mlm)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # a checkpoint folder is complete or absent
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -215,7 +268,13 @@ def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep:
 
 
 def train_step(
-    bundle: Bundle, batch: dict[str, torch.Tensor], gen: torch.Generator, cfg: TrainConfig, device, hardness: float = 1.0
+    bundle: Bundle,
+    batch: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    cfg: TrainConfig,
+    device,
+    hardness: float = 1.0,
+    mlm: MLMHead | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward one batch and return the losses (no backward).
 
@@ -257,8 +316,21 @@ def train_step(
             neg_t = fused_score(logits[B : B + B * K].float().view(B, K), cos[own, neg_txt].view(B, K), s)  # image i vs its hard texts
             neg_i = fused_score(logits[B + B * K :].float().view(B, K), cos[neg_img, own].view(B, K), s)  # text i vs its hard images
             l_itm = l_itm + cfg.itm_rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
-    loss = l_itc + cfg.itm_weight * l_itm
-    return {"loss": loss, "itc": l_itc.detach(), "itm": l_itm.detach()}
+        loss = l_itc + cfg.itm_weight * l_itm
+        out = {"itc": l_itc.detach(), "itm": l_itm.detach()}
+        if mlm is not None:
+            # each text, some words hidden, fused with its own image; predict the hidden words
+            special = ~mask.bool() | torch.isin(ids, mlm.special_ids)
+            m_ids, labels = mask_tokens(ids, special, mlm.mask_id, mlm.vocab_size, gen, cfg.mlm_prob)  # (B, L) each
+            fused, _ = model.fuse_tokens(img_tokens, model.text(m_ids, mask), mask)  # (B, L, D_t)
+            chosen = labels != IGNORE
+            if bool(chosen.any()):
+                l_mlm = F.cross_entropy(mlm(fused[chosen]).float(), labels[chosen])
+            else:  # no word drawn this step (tiny batches)
+                l_mlm = fused.sum().float() * 0.0
+            loss = loss + cfg.mlm_weight * l_mlm
+            out["mlm"] = l_mlm.detach()
+    return {"loss": loss, **out}
 
 
 def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> TrainResult:
@@ -275,7 +347,14 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
         for name, p in model.named_parameters():
             if name.startswith(TOWER_PREFIXES):
                 p.requires_grad_(False)
-    opt = torch.optim.AdamW(_param_groups(bundle, cfg), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    mlm = mlm_head_for(bundle, cfg)
+    groups = _param_groups(bundle, cfg)
+    if mlm is not None:
+        mlm.to(device).train()
+        for no_decay in (False, True):
+            params = [p for n, p in mlm.named_parameters() if (p.dim() < 2) == no_decay]
+            groups.append({"params": params, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else None
@@ -289,7 +368,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir / CHECKPOINTS)
         else:
             load_model(model, str(ckpt / checkpoint.WEIGHTS_NAME), device=str(device))
-            state = _load_state(ckpt, opt, gen)
+            state = _load_state(ckpt, opt, gen, mlm)
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             elapsed_before = state.get("elapsed", 0.0)
             epoch_batches = state.get("epoch_batches")
@@ -343,10 +422,10 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             hardness = min(1.0, step / cfg.hard_negative_ramp) if cfg.hard_negative_ramp else 1.0
-            out = train_step(bundle, batch, gen, cfg, device, hardness)
+            out = train_step(bundle, batch, gen, cfg, device, hardness, mlm)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
             step += 1
             batch_in_epoch += 1
@@ -359,17 +438,18 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss:.3f}", itc=f"{float(out['itc']):.3f}", itm=f"{float(out['itm']):.3f}",
+                **({"mlm": f"{float(out['mlm']):.3f}"} if "mlm" in out else {}),
                 pairs_s=f"{pairs_seen / max(now - t_rate, 1e-9):.0f}", refresh=False,
             )
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints)
+                _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints, mlm)
         else:
             epoch += 1
             batch_in_epoch = 0
             epoch_batches = None
     bar.close()
     model.eval()
-    _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints)
+    _write_checkpoint(out_dir, bundle, opt, gen, meta(), cfg.keep_checkpoints, mlm)
     checkpoint.save(bundle, out_dir)
     result.steps = step
     result.epochs_done = epoch + batch_in_epoch / max(steps_per_epoch, 1)

@@ -132,7 +132,7 @@ def test_search_command(tmp_path, model_dir, small_catalog):
 
 def test_demo_runs_the_whole_job(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--n", "60", "--minutes", "0.05", "--device", "cpu"])
+    r = runner.invoke(app, ["demo", "--out", str(out), "--n", "60", "--epochs", "2", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     for marker in ("R@1 ITC only", "== index the training catalog", "== evaluate reranking", "text -> image", "image -> text", "timings ms"):
         assert marker in r.output, marker

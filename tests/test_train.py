@@ -53,8 +53,9 @@ def test_training_lowers_loss_and_retrieves_far_above_chance(small_catalog, tmp_
     assert v2 == v  # the saved model is the trained one
 
 
-def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_path):
-    cfg = TrainConfig(epochs=3, batch_size=16, warmup_steps=2, checkpoint_every=4, progress=False)
+@pytest.mark.parametrize("mlm_weight", [0.0, 1.0])  # with MLM, its head's weights and moments are resumed too
+def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_path, mlm_weight):
+    cfg = TrainConfig(epochs=3, batch_size=16, warmup_steps=2, checkpoint_every=4, progress=False, mlm_weight=mlm_weight)
     runs = []
     for name in ("a", "b"):
         b = _fresh(small_catalog)
@@ -198,3 +199,64 @@ def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
     cfg = TrainConfig(epochs=6, batch_size=16, itm_negatives=4, warmup_steps=5, checkpoint_every=0, progress=False)
     res = train(b, ds, tmp_path / "m", cfg)
     assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3
+
+
+def test_mask_tokens_hides_only_ordinary_tokens_bert_style():
+    from models.losses import IGNORE, mask_tokens
+
+    ids = torch.randint(10, 100, (400, 50))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = special[:, -5:] = True  # [CLS] and padding never masked
+    out, labels = mask_tokens(ids, special, mask_id=3, vocab_size=100, generator=torch.Generator().manual_seed(0), prob=0.15)
+    chosen = labels != IGNORE
+    assert not chosen[special].any()
+    assert torch.equal(labels[chosen], ids[chosen])  # the label is the original word
+    assert torch.equal(out[~chosen], ids[~chosen])  # nothing else changes
+    assert chosen.float().mean().item() == pytest.approx(0.15 * 44 / 50, abs=0.01)
+    masked, kept = (out[chosen] == 3).float().mean().item(), (out[chosen] == ids[chosen]).float().mean().item()
+    assert masked == pytest.approx(0.8, abs=0.03)
+    assert kept == pytest.approx(0.1 + 0.9 * 0.01, abs=0.03)  # kept on purpose, or replaced by itself at random
+    again = mask_tokens(ids, special, 3, 100, torch.Generator().manual_seed(0), 0.15)
+    assert torch.equal(again[0], out) and torch.equal(again[1], labels)  # seeded: the same words every run
+
+
+def test_mlm_loss_in_a_train_step_by_hand(monkeypatch):
+    """The MLM loss is the cross-entropy of the head's predictions at the hidden positions of
+    each text fused with ITS OWN image (recomputed here from the masked ids train_step drew)."""
+    import torch.nn.functional as F
+
+    import models.train as train_mod
+
+    b = tiny_bundle()
+    b.model.eval()  # no dropout: the recomputation must see the same network
+    texts = ["a red mug on the left", "a big green dotted hat", "a small blue striped sock", "a plain yellow cup"]
+    ids, mask = b.tokenizer(texts)
+    pixels = torch.randint(0, 256, (4, 3, TINY_VISION.image_size, TINY_VISION.image_size), dtype=torch.uint8)
+    cfg = TrainConfig(epochs=1, mlm_weight=1.0, mlm_prob=0.5, progress=False)
+    head = train_mod.mlm_head_for(b, cfg)
+    drawn = []
+    real = train_mod.mask_tokens
+    monkeypatch.setattr(train_mod, "mask_tokens", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    out = train_mod.train_step(b, {"pixels": pixels, "ids": ids, "mask": mask}, torch.Generator().manual_seed(0), cfg, torch.device("cpu"), mlm=head)
+    m_ids, labels = drawn[0]
+    chosen = labels != -100
+    assert chosen.any() and not chosen[mask == 0].any() and not chosen[:, 0].any()  # never padding or [CLS]
+    with torch.no_grad():
+        img = b.model.vision(b.transform.normalize(pixels))
+        fused, _ = b.model.fuse_tokens(img, b.model.text(m_ids, mask), mask)
+        by_hand = F.cross_entropy(head(fused[chosen]), labels[chosen])
+    assert float(out["mlm"]) == pytest.approx(float(by_hand), rel=1e-5)
+    # and the total loss counts it once, weighted
+    out0 = train_mod.train_step(b, {"pixels": pixels, "ids": ids, "mask": mask}, torch.Generator().manual_seed(0),
+                                TrainConfig(epochs=1, mlm_weight=0.0, progress=False), torch.device("cpu"))
+    assert "mlm" not in out0
+    assert float(out["loss"].detach()) == pytest.approx(float(out0["loss"].detach()) + float(out["mlm"]), rel=1e-5)
+
+
+def test_resuming_with_another_mlm_setting_is_refused(small_catalog, tmp_path):
+    b = _fresh(small_catalog)
+    train(b, _dataset(small_catalog, b), tmp_path / "m", TrainConfig(epochs=1, batch_size=16, checkpoint_every=0, progress=False))
+    b = _fresh(small_catalog)
+    with pytest.raises(ValueError, match="without masked language modelling"):
+        train(b, _dataset(small_catalog, b), tmp_path / "m",
+              TrainConfig(epochs=2, batch_size=16, checkpoint_every=0, progress=False, mlm_weight=1.0), resume=True)
