@@ -355,6 +355,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             params = [p for n, p in mlm.named_parameters() if (p.dim() < 2) == no_decay]
             groups.append({"params": params, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    clip_params = list(model.parameters()) + (list(mlm.parameters()) if mlm is not None else [])
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else None
@@ -425,7 +426,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             out = train_step(bundle, batch, gen, cfg, device, hardness, mlm)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
             opt.step()
             step += 1
             batch_in_epoch += 1
