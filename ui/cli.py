@@ -128,7 +128,7 @@ def train_cmd(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/, model/, collection/ and eval/ go inside).")] = Path("demo-run"),
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so a seed gives the same model on every CPU run.")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so the schedule does not depend on the machine's load.")] = 16,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Also stop after this many minutes (the schedule then follows the clock: not repeatable).")] = None,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
     device: Annotated[str, typer.Option("--device")] = "auto",
