@@ -86,9 +86,7 @@ def _text_columns(cols: Columns, header: Sequence[str], path: Path) -> tuple[str
     return text
 
 
-def _to_row(
-    rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str], root: Path | None = None
-) -> CatalogRow | RowError:
+def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str], root: Path) -> CatalogRow | RowError:
     """``root``: ``path.parent.resolve()``, computed once per file by the readers."""
     def err(reason: str) -> RowError:
         return RowError(str(path), line, reason)
@@ -107,7 +105,6 @@ def _to_row(
         return err(f"no text in {list(text_cols)}")
     if any(len(t) > MAX_TEXT_CHARS for t in texts):
         return err(f"text longer than {MAX_TEXT_CHARS} characters")
-    root = path.parent.resolve() if root is None else root
     image = (root / img).resolve()
     if not image.is_relative_to(root):
         return err(f"image path {img!r} points outside the catalog folder {root}")

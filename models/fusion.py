@@ -190,11 +190,7 @@ class FusionModel(nn.Module):
         x̂ is computed once and one product with the layers' folded weights stacked gives all
         of them: at rerank depth 16 the image side is most of the work (65 image tokens
         against ~12 text tokens per candidate)."""
-        norms = [blk.norm_kv for blk in self.fusion]
-        eps = {n.eps for n in norms}
-        if len(eps) != 1 or any(n.weight is None or n.bias is None for n in norms):
-            return [None] * len(self.fusion)
-        xhat = F.layer_norm(image_tokens, image_tokens.shape[-1:], eps=eps.pop())  # (U, N, D_v)
+        xhat = F.layer_norm(image_tokens, image_tokens.shape[-1:], eps=self.fusion[0].norm_kv.eps)  # (U, N, D_v): every layer's norm_kv is the same LayerNorm(D_v)
         weight = torch.cat([blk.cross_attn.kv.weight * blk.norm_kv.weight for blk in self.fusion])  # (layers*2D, D_v)
         bias = torch.cat([blk.cross_attn.kv.weight @ blk.norm_kv.bias + blk.cross_attn.kv.bias for blk in self.fusion])
         return list(F.linear(xhat, weight.to(xhat.dtype), bias.to(xhat.dtype)).chunk(len(self.fusion), dim=-1))  # layers x (U, N, 2D)

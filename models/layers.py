@@ -43,12 +43,13 @@ class Attention(nn.Module):
         context_index: torch.Tensor | None = None,
         context_kv: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``context_kv``: ``self.kv(context)`` (U, S, 2D) computed by the caller (inference
-        projects every fusion layer's image keys and values in one product). ``context_index`` (B,): row b attends to ``context[context_index[b]]``; the keys and
+        """``context_index`` (B,): row b attends to ``context[context_index[b]]``; the keys and
         values are then projected once per distinct context (U, S, ·) and gathered, which is what
         makes scoring many texts against few images (ITM negatives, image→text rerank) cheap.
         ``x`` with batch 1 against a context of batch B is projected once and broadcast (one
-        query text against B candidate images)."""
+        query text against B candidate images). ``context_kv``: ``self.kv(context)`` (U, S, 2D)
+        computed by the caller (inference projects every fusion layer's image keys and values
+        in one product)."""
         context = x if context is None else context
         Bq, T, D = x.shape
         U, S = context.shape[:2]

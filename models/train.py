@@ -103,11 +103,16 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _param_groups(bundle: Bundle, cfg: TrainConfig) -> list[dict]:
+def _param_groups(bundle: Bundle, cfg: TrainConfig, mlm: nn.Module | None = None) -> list[dict]:
+    """AdamW groups by (pretrained, no weight decay); the trainer's MLM head, when there is one,
+    is trained from scratch like the fusion layers."""
     source = bundle.config.text.source
     pretrained = ("text.",) if source == "pretrained" else TOWER_PREFIXES if source == "clip" else ()
     groups: dict[tuple[bool, bool], list] = {}
-    for name, p in bundle.model.named_parameters():
+    named = list(bundle.model.named_parameters())
+    if mlm is not None:
+        named += [(f"mlm.{n}", p) for n, p in mlm.named_parameters()]
+    for name, p in named:
         if not p.requires_grad:
             continue
         is_pre = name.startswith(pretrained)  # () matches nothing
@@ -195,7 +200,7 @@ def mlm_head_for(bundle: Bundle, cfg: TrainConfig) -> MLMHead | None:
         return None
     with torch.random.fork_rng(devices=[]):  # the head's initial weights, the same for a seed
         torch.manual_seed(cfg.seed + 1)
-        return MLMHead(bundle.model.fusion_norm.normalized_shape[0], len(hf), int(hf.mask_token_id), list(hf.all_special_ids))
+        return MLMHead(bundle.model.fusion_norm.normalized_shape[0], bundle.tokenizer.vocab_size, int(hf.mask_token_id), list(hf.all_special_ids))
 
 
 # ---- trainer state (no pickle) -------------------------------------------------------------
@@ -348,13 +353,9 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             if name.startswith(TOWER_PREFIXES):
                 p.requires_grad_(False)
     mlm = mlm_head_for(bundle, cfg)
-    groups = _param_groups(bundle, cfg)
     if mlm is not None:
         mlm.to(device).train()
-        for no_decay in (False, True):
-            params = [p for n, p in mlm.named_parameters() if (p.dim() < 2) == no_decay]
-            groups.append({"params": params, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(_param_groups(bundle, cfg, mlm), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     clip_params = list(model.parameters()) + (list(mlm.parameters()) if mlm is not None else [])
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))
