@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from models import checkpoint
 from models.config import VisionConfig
 from models.data import Pair, PairDataset
@@ -75,13 +77,18 @@ def train_catalog(
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         bundle = checkpoint.load(ckpt)  # same architecture and tokenizer as the interrupted run
-    elif init_from:
-        if str(init_from).startswith(checkpoint.HF_SCHEME):
-            raise ValueError(f"--init-from {init_from}: BLIP checkpoints are used as they are (`vtfusion init --model {init_from}`); training starts from clip:… or a vtfusion model folder")
-        bundle = checkpoint.load(init_from)
-        bundle.has_itm = True  # trained below
     else:
-        bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
+        if init_from and str(init_from).startswith(checkpoint.HF_SCHEME):
+            raise ValueError(f"--init-from {init_from}: BLIP checkpoints are used as they are (`vtfusion init --model {init_from}`); training starts from clip:… or a vtfusion model folder")
+        # the new parts' initial weights come from the seed too (not from whatever the process's
+        # random state happens to be): with the seeded training loop, a seed gives one model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if init_from:
+                bundle = checkpoint.load(init_from)
+                bundle.has_itm = True  # trained below
+            else:
+                bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
     dataset = PairDataset(_pairs(rows), bundle.transform, seed=cfg.seed)
     skipped += [f"{e.source}: {e.reason}" for e in dataset.preload(progress=cfg.progress)]
     result = train(bundle, dataset, out_dir, cfg, resume=resume)

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         kv = self.kv(context) if context_kv is None else context_kv  # (U, S, 2D)
         k, v = kv.view(U, S, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (U, H, S, hs)
         if context_index is not None:
-            k, v = _gather_rows(k, context_index), _gather_rows(v, context_index)  # 2 x (B, H, S, hs)
+            k, v = gather_rows(k, context_index), gather_rows(v, context_index)  # 2 x (B, H, S, hs)
         B = max(Bq, k.shape[0])
         q, k, v = q.expand(B, -1, -1, -1), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         bias = None
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         return self.out(y), weights
 
 
-def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t[index]`` along dim 0. Under autograd as a one-hot matrix product: indexing's backward
     accumulates with atomics and is not bit-reproducible on CPU; a matmul's is."""
     if not (torch.is_grad_enabled() and t.requires_grad):

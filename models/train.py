@@ -16,7 +16,9 @@ AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA
 Checkpoints every N steps under ``OUT/checkpoints/step-XXXXXXX/`` (a model folder plus
 ``trainer.safetensors`` / ``trainer.json`` holding optimizer and RNG state: no pickle);
 ``resume=True`` continues from the newest one. On CPU with an epoch budget the run is
-bit-reproducible for a seed, resumed or not. With a time budget (``minutes``) the learning
+bit-reproducible for a seed, resumed or not (rows are gathered with ``gather_rows``, whose
+backward is a matrix product: indexing's backward accumulates with atomics in parallel on the
+CPU and made two runs of one seed drift apart at the default size). With a time budget (``minutes``) the learning
 rate follows elapsed time instead of steps, so the schedule completes when time runs out.
 """
 
@@ -42,6 +44,7 @@ from . import checkpoint
 from .checkpoint import Bundle
 from .data import PairCollator, PairDataset
 from .fusion import fused_score
+from .layers import gather_rows
 from .losses import IGNORE, itc_loss, itm_loss, itm_rank_loss, mask_tokens, sample_hard_negatives
 
 log = logging.getLogger(__name__)
@@ -309,7 +312,7 @@ def train_step(
         own = rows.repeat_interleave(K)  # (B*K,)
         # (1 + 2K)B fusion rows: positives, (image, hard text) pairs, (hard image, text) pairs
         f_img = torch.cat([rows, own, neg_img])  # ((1+2K)B,) rows -> batch images
-        f_txt = torch.cat([txt_tokens, txt_tokens[neg_txt], txt_tokens[own]])  # ((1+2K)B, L, D_t)
+        f_txt = torch.cat([txt_tokens, gather_rows(txt_tokens, neg_txt), gather_rows(txt_tokens, own)])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
         logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B,)
         l_itm = itm_loss(logits[:B], logits[B:])

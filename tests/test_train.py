@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -90,6 +91,25 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
     assert res.losses == runs[0][0][4:]
     w = _weights(b)
     assert all(torch.equal(w[k], runs[0][1][k]) for k in w)
+
+
+def test_a_seed_gives_one_model_through_train_catalog(small_catalog, tmp_path):
+    """The product path (``vtfusion train``/``demo``) builds the model itself: its initial
+    weights must come from the seed, not from the process's random state before the call."""
+    from indexer.train_catalog import train_catalog
+
+    cfg = TrainConfig(epochs=1, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False)
+    weights = []
+    for name, noise in (("a", 1), ("b", 2), ("c", 1)):
+        torch.manual_seed(noise)  # whatever ran before in this process
+        seed = 1 if name == "c" else 0
+        report = train_catalog(small_catalog / "train.csv", tmp_path / name, dataclasses.replace(cfg, seed=seed),
+                               text_tower="scratch", vision=TINY_VISION)
+        assert report.result.steps == 3
+        weights.append(_weights(checkpoint.load(tmp_path / name)))
+    a, b, c = weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # another seed, another model
 
 
 def test_time_budget_stops_training(small_catalog, tmp_path):
