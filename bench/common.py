@@ -50,15 +50,30 @@ def clustered(
     return draw(n, rng), draw(nq, np.random.default_rng(seed + 1))
 
 
-def demo_catalog(tmp: Path, n: int, model: Path | None = None, test_frac: float = 0.2) -> tuple[list, Path, Path]:
+def demo_catalog(
+    tmp: Path, n: int, model: Path | None = None, test_frac: float = 0.2, jpeg_side: int = 0
+) -> tuple[list, Path, Path]:
     """The demo catalog generated under ``tmp/cat`` -> (its train.csv rows, train.csv, a model
-    folder: ``model``, or an untrained default-size model saved under ``tmp/model``)."""
+    folder: ``model``, or an untrained default-size model saved under ``tmp/model``).
+
+    ``jpeg_side``: the images re-saved as JPEGs of that side (quality 90), as product photos
+    come, instead of the demo's 128-pixel PNGs."""
+    from PIL import Image
+
     from indexer.catalog import read_csv
     from indexer.demo import generate
     from models import checkpoint
 
     generate(tmp / "cat", n=n, seed=0, test_frac=test_frac)
     csv = tmp / "cat" / "train.csv"
+    if jpeg_side:
+        for png in (tmp / "cat" / "images").glob("*.png"):
+            img = Image.open(png).convert("RGB").resize((jpeg_side, jpeg_side), Image.Resampling.BICUBIC)
+            img.save(png.with_suffix(".jpg"), "JPEG", quality=90)
+            png.unlink()
+        for part in ("train.csv", "test.csv"):
+            f = tmp / "cat" / part
+            f.write_text(f.read_text().replace(".png,", ".jpg,"))
     rows, _ = read_csv(csv)
     if model is None:
         model = tmp / "model"

@@ -1,11 +1,16 @@
 """Ingest throughput: end-to-end images/s against model-forward-only images/s, same batches, same run.
 
-    .venv/bin/python bench/ingest.py [--n 1000] [--model MODEL_DIR] [--workers W] [--batch-size B]
+    .venv/bin/python bench/ingest.py [--n 1000] [--model MODEL_DIR] [--workers W] [--batch-size B] [--jpeg SIDE]
 
 The forward-only baseline runs exactly the model work ingest does per batch (image tokens,
 image embedding, text embedding) on images decoded beforehand; end-to-end is ``ingest`` into
 a fresh SQLite collection (read, decode, hash, dedup, embed, token cache, SQL, FAISS). The
 ratio end-to-end / forward-only is what the pipeline overhead costs (goal >= 0.9).
+
+``--jpeg SIDE`` re-saves the demo images as SIDE-pixel JPEGs, as product photos come; a
+second table then compares decoding each file in full with decoding it at reduced scale
+(``ImageTransform.load``: libjpeg's DCT scaling down to no less than the model's side), both
+followed by the model's resize, in the same run.
 Not a test: it prints a table; these machines are noisy, so compare ratios, not seconds.
 """
 
@@ -24,7 +29,7 @@ from common import demo_catalog  # also puts the repository on sys.path
 from indexer.collection import Collection
 from indexer.ingest import default_workers, ingest, item_text
 from models import checkpoint
-from models.preprocess import load_image
+from models.preprocess import DEFAULT_MAX_PIXELS, load_image
 
 
 @torch.no_grad()
@@ -44,6 +49,14 @@ def forward_only(bundle, pixels_u8: torch.Tensor, texts: list[str], batch_size: 
     return len(texts) / (time.perf_counter() - t)
 
 
+def decode_ms(rows, transform, draft: bool) -> float:
+    """ms per image: file -> uint8 (3, S, S), decoded in full or at reduced scale."""
+    t = time.perf_counter()
+    for r in rows:
+        transform(transform.load(r.image) if draft else load_image(r.image))
+    return 1000 * (time.perf_counter() - t) / len(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="demo catalog size")
@@ -51,13 +64,25 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="alternating forward-only / end-to-end rounds; medians reported")
+    ap.add_argument("--jpeg", type=int, default=0, metavar="SIDE", help="re-save the images as SIDE-pixel JPEGs (0: the demo's PNGs)")
+    ap.add_argument("--full-decode", action="store_true", help="baseline: ingest decodes every JPEG in full, as before reduced-scale decoding")
     args = ap.parse_args()
+    if args.full_decode:
+        from models.preprocess import ImageTransform
+
+        ImageTransform.load = lambda self, path, max_pixels=DEFAULT_MAX_PIXELS, name=None: load_image(path, max_pixels, name)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows, catalog, args.model = demo_catalog(tmp, args.n, args.model)
+        rows, catalog, args.model = demo_catalog(tmp, args.n, args.model, jpeg_side=args.jpeg)
         bundle = checkpoint.load(args.model, device=checkpoint.resolve_device("auto"))
-        pixels = torch.stack([bundle.transform(load_image(r.image)) for r in rows])
+        decodes = []
+        if args.jpeg and not args.full_decode:
+            sample = rows[: min(len(rows), 300)]
+            decode_ms(sample[:20], bundle.transform, True)  # warm-up
+            for _ in range(args.repeats):
+                decodes.append((decode_ms(sample, bundle.transform, False), decode_ms(sample, bundle.transform, True)))
+        pixels = torch.stack([bundle.transform(bundle.transform.load(r.image)) for r in rows])
         texts = [item_text(r) for r in rows]
         forward_only(bundle, pixels[: args.batch_size], texts[: args.batch_size], args.batch_size)  # warm-up
         workers = default_workers(bundle.device) if args.workers is None else args.workers
@@ -71,7 +96,13 @@ def main() -> None:
     ratios = [e / f for e, f in zip(e2es, fwds)]
     best = reps[int(np.argsort(ratios)[len(ratios) // 2])]  # the median run's stages
 
-    print(f"items {len(rows)}  batch {args.batch_size}  decode workers {workers}  device {bundle.device}  repeats {args.repeats}")
+    print(f"items {len(rows)}  batch {args.batch_size}  decode workers {workers}  device {bundle.device}  repeats {args.repeats}"
+          f"  images {'%d px JPEG' % args.jpeg if args.jpeg else 'demo PNG'}")
+    if decodes:
+        full, draft = np.median([d[0] for d in decodes]), np.median([d[1] for d in decodes])
+        print(f"{'decode + resize (median)':<28}{'ms/image':>10}")
+        print(f"{'full decode':<28}{full:>10.2f}")
+        print(f"{'reduced-scale decode':<28}{draft:>10.2f}   speed-up {full / draft:.1f}x")
     print(f"{'stage (median run)':<20}{'seconds':>10}")
     for k, v in best.stages.items():
         print(f"{k:<20}{v:>10.2f}")

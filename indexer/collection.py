@@ -22,7 +22,6 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import checkpoint
-from models.preprocess import load_image
 
 from .locks import file_lock
 from .schema import MODALITIES, Change, Embedding, Item
@@ -226,7 +225,7 @@ class Collection:
         if cached:
             tokens[cached] = torch.from_numpy(self.tokens.read([locs[k][:2] for k in cached]))
         missing = [k for k, loc in enumerate(locs) if loc[0] is None]
-        tokens[missing] = self.bundle.image_tokens(load_image(locs[k][2]) for k in missing).float().cpu()
+        tokens[missing] = self.bundle.image_tokens(self.bundle.transform.load(locs[k][2]) for k in missing).float().cpu()
         return tokens, len(missing)
 
     # ---- FAISS projection ------------------------------------------------------------

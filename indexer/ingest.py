@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform, load_image
+from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
 
 from .catalog import CatalogRow, Columns, RowError, read_source
 from .collection import Collection
@@ -89,7 +89,7 @@ class DecodeStage(Dataset):
             if size > MAX_IMAGE_BYTES:
                 raise ImageError(f"image file is {size} bytes, over the cap of {MAX_IMAGE_BYTES}: {row.image}")
             data = row.image.read_bytes()
-            img = load_image(io.BytesIO(data), self.max_pixels, name=str(row.image))
+            img = self.transform.load(io.BytesIO(data), self.max_pixels, name=str(row.image))
             return i, self.transform(img), content_hash(data, item_text(row)), None
         except FileNotFoundError:
             return i, None, None, f"image file not found: {row.image}"

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .preprocess import ImageError, ImageTransform, TextTokenizer, load_image
+from .preprocess import ImageError, ImageTransform, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class PairDataset(Dataset):
         keep, pixels, errors = [], [], []
         for p in tqdm(self.pairs, desc="decode", unit="img", disable=not progress or None):
             try:
-                pixels.append(self.transform(load_image(p.image)))
+                pixels.append(self.transform(self.transform.load(p.image)))
                 keep.append(p)
             except ImageError as e:
                 errors.append(PairError(p.source, str(e)))
@@ -83,7 +83,7 @@ class PairDataset(Dataset):
     def pixels(self, i: int) -> torch.Tensor:
         if self._pixels is not None:
             return self._pixels[i]
-        return self.transform(load_image(self.pairs[i].image))
+        return self.transform(self.transform.load(self.pairs[i].image))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         return self.pixels(i), self.text(i)

@@ -28,12 +28,18 @@ class ImageError(ValueError):
 
 
 def load_image(
-    path: str | os.PathLike | IO[bytes] | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    path: str | os.PathLike | IO[bytes] | Image.Image,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    draft: int | None = None,
 ) -> Image.Image:
     """Open, fully decode, apply EXIF orientation and convert to RGB; raise ImageError on failure.
 
     ``name`` is what error messages call the image (defaults to ``path``; pass the file name
-    when ``path`` is an in-memory buffer).
+    when ``path`` is an in-memory buffer). ``draft``: the side of the square the image will be
+    resized to; a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as
+    long as both sides stay at least ``draft``, which skips most of the decoding work for
+    product photos many times the model's input size. Other formats decode in full.
     """
     if name is None:
         name = str(path)
@@ -53,6 +59,8 @@ def load_image(
     if w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {name}")
     try:
+        if owned and draft:
+            img.draft(None, (draft, draft))  # a no-op but for JPEG
         img.load()
         if owned:
             ImageOps.exif_transpose(img, in_place=True)
@@ -112,6 +120,15 @@ class ImageTransform:
         self.mode, self.resample = cfg.resize, cfg.resample
         self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def load(
+        self, path: str | os.PathLike | IO[bytes] | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    ) -> Image.Image:
+        """:func:`load_image` for this transform: a JPEG is decoded no larger than it needs to be
+        for a ``size`` square. Every path from an image file to the model goes through here
+        (training, ingest, query by file, re-encoding on a token-cache miss), so each sees the
+        same pixels."""
+        return load_image(path, max_pixels, name, draft=self.size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         arr = np.asarray(fit(img, self.size, self.mode, self.resample), dtype=np.uint8)  # (S, S, 3)
