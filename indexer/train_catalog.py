@@ -111,6 +111,8 @@ def train_catalog(
                     "steps": result.steps,
                     "epochs": round(result.epochs_done, 3),
                     "train_seconds": round(result.seconds, 1),
+                    "rerank_steps": result.rerank_steps,
+                    "rerank_seconds": round(result.rerank_seconds, 1),
                     **validation.as_dict(),
                 },
                 indent=2,

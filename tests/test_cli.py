@@ -25,10 +25,11 @@ def test_demo_catalog_then_train_with_validation(tmp_path):
         app,
         ["train", str(tmp_path / "cat" / "train.csv"), "--out", str(tmp_path / "model"),
          "--val", str(tmp_path / "cat" / "test.csv"), "--epochs", "2", "--text-tower", "scratch",
-         "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--checkpoint-every", "3"],
+         "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--checkpoint-every", "3", "--rerank-epochs", "2"],
     )
     assert r.exit_code == 0, r.output
     assert "R@1 ITC only" in r.output and "R@1 ITM rerank of top" in r.output
+    assert "reranker steps on ITC's own candidates" in r.output
     assert "1 rows skipped" in r.output and "missing.png" in r.output
     v = json.loads((tmp_path / "model" / "validation.json").read_text())
     assert 0.0 <= v["itc_r1"] <= 1.0 and v["n"] > 0 and v["text_tower"] == "scratch"
@@ -37,7 +38,7 @@ def test_demo_catalog_then_train_with_validation(tmp_path):
     r = runner.invoke(
         app,
         ["train", str(tmp_path / "cat" / "train.csv"), "--out", str(tmp_path / "model"), "--epochs", "3",
-         "--text-tower", "scratch", "--batch-size", "8", "--device", "cpu", "--resume"],
+         "--text-tower", "scratch", "--batch-size", "8", "--device", "cpu", "--resume", "--rerank-epochs", "1"],
     )
     assert r.exit_code == 0, r.output
     assert "3.0 epochs" in r.output
@@ -132,7 +133,7 @@ def test_search_command(tmp_path, model_dir, small_catalog):
 
 def test_demo_runs_the_whole_job(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--n", "60", "--epochs", "2", "--device", "cpu"])
+    r = runner.invoke(app, ["demo", "--out", str(out), "--n", "60", "--epochs", "2", "--rerank-epochs", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     for marker in ("R@1 ITC only", "== index the training catalog", "== evaluate reranking", "text -> image", "image -> text", "timings ms"):
         assert marker in r.output, marker

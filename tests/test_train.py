@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,15 @@ from indexer.catalog import Columns, read_csv
 from models import checkpoint
 from models.data import Pair, PairDataset
 from models.losses import itc_loss, sample_hard_negatives
-from models.train import TrainConfig, _batches, latest_checkpoint, lr_factor, train
+from models.train import (
+    TrainConfig,
+    _batches,
+    _sample_from_pool,
+    itc_candidates,
+    latest_checkpoint,
+    lr_factor,
+    train,
+)
 from models.validate import text_to_image_r1
 
 
@@ -110,6 +119,59 @@ def test_a_seed_gives_one_model_through_train_catalog(small_catalog, tmp_path):
     a, b, c = weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # another seed, another model
+
+
+def test_itc_candidates_match_brute_force_and_never_hold_the_positive():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    vals, idx = itc_candidates(q, d, pool=7, chunk=16)  # chunks of 16 over 50 queries
+    sim = (q @ d.t()).numpy()
+    for i in range(50):
+        sim[i, i] = -np.inf
+        want = np.argsort(-sim[i])[:7]
+        assert idx[i].tolist() == want.tolist()
+        assert np.allclose(vals[i].numpy(), sim[i, want], atol=1e-6)
+        assert i not in idx[i].tolist()
+
+
+def test_negatives_from_the_pool_are_distinct_candidates_weighted_by_itc():
+    g = torch.Generator().manual_seed(1)
+    values = torch.tensor([[0.9, 0.5, 0.4, 0.1], [0.3, 0.2, 0.2, 0.1]])
+    index = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    counts = torch.zeros(9)
+    for _ in range(300):
+        neg = _sample_from_pool(values, index, torch.tensor([0, 1]), scale=20.0, k=2, gen=g)  # (2, 2)
+        assert neg.shape == (2, 2) and neg[0, 0] != neg[0, 1] and neg[1, 0] != neg[1, 1]
+        assert set(neg[0].tolist()) <= {5, 6, 7, 8} and set(neg[1].tolist()) <= {1, 2, 3, 4}
+        counts.index_add_(0, neg[0], torch.ones(2))
+    assert counts[5] == 300  # cosine 0.9 at scale 20 outweighs the rest by e^8: always drawn
+    assert counts[6] > counts[8]  # then by likeness
+
+
+def test_reranker_stage_trains_fusion_alone_reproducibly_and_survives_resume(small_catalog, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False,
+                      rerank_epochs=3, rerank_pool=6, rerank_negatives=2)
+    joint = _fresh(small_catalog)
+    train(joint, _dataset(small_catalog, joint), tmp_path / "joint", dataclasses.replace(cfg, rerank_epochs=0))
+    runs = []
+    for name in ("a", "b"):
+        b = _fresh(small_catalog)
+        ds = _dataset(small_catalog, b)
+        res = train(b, ds, tmp_path / name, cfg)
+        assert res.rerank_steps == 3 * (len(ds) // 16) and len(res.rerank_losses) == res.rerank_steps
+        runs.append(_weights(checkpoint.load(tmp_path / name)))
+    a, b_, j = runs[0], runs[1], _weights(joint)
+    assert all(torch.equal(a[k], b_[k]) for k in a)  # a seed gives one model, second stage included
+    for k in a:
+        fusion = k.startswith(("fusion.", "fusion_norm.", "itm_head."))
+        assert torch.equal(a[k], j[k]) != fusion, k  # towers exactly as the joint run left them; fusion moved
+    # resumed from the joint run's final checkpoint, the second stage is redone bit for bit
+    b = checkpoint.load(latest_checkpoint(tmp_path / "a"))
+    res = train(b, _dataset(small_catalog, b), tmp_path / "a", cfg, resume=True)
+    assert res.rerank_steps > 0
+    w = _weights(checkpoint.load(tmp_path / "a"))
+    assert all(torch.equal(w[k], a[k]) for k in a)
 
 
 def test_time_budget_stops_training(small_catalog, tmp_path):

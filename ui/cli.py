@@ -89,6 +89,7 @@ def train_cmd(
     itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 2,
     itm_rank_weight: Annotated[float, typer.Option("--itm-rank-weight", help="Weight of the listwise ITM loss (0: ALBEF's binary ITM loss only).")] = 1.0,
     mlm_weight: Annotated[float, typer.Option("--mlm-weight", help="Weight of image-conditioned masked language modelling (ALBEF; default 0: off).")] = 0.0,
+    rerank_epochs: Annotated[int, typer.Option("--rerank-epochs", help="Second stage: epochs of the fusion layers alone, towers frozen, on the candidates ITC retrieves for each training pair (0: none).")] = 8,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
@@ -104,7 +105,7 @@ def train_cmd(
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
             device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives, freeze_towers=freeze_towers,
-            itm_rank_weight=itm_rank_weight, mlm_weight=mlm_weight,
+            itm_rank_weight=itm_rank_weight, mlm_weight=mlm_weight, rerank_epochs=rerank_epochs,
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
@@ -116,7 +117,9 @@ def train_cmd(
     r = report.result
     typer.echo(
         f"trained {r.steps} steps ({r.epochs_done:.1f} epochs over {report.train_pairs} pairs) in {r.seconds:.0f} s "
-        f"(stopped by {r.stopped_by}); model in {report.model_dir}"
+        f"(stopped by {r.stopped_by})"
+        + (f", then {r.rerank_steps} reranker steps on ITC's own candidates in {r.rerank_seconds:.0f} s" if r.rerank_steps else "")
+        + f"; model in {report.model_dir}"
     )
     if report.skipped:
         typer.echo(f"{len(report.skipped)} rows skipped (first: {report.skipped[0]})")
@@ -130,6 +133,7 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
     epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so the schedule does not depend on the machine's load.")] = 16,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Also stop after this many minutes (the schedule then follows the clock: not repeatable).")] = None,
+    rerank_epochs: Annotated[int, typer.Option("--rerank-epochs", help="Then epochs of the fusion layers alone on ITC's own candidates (0: none).")] = 8,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
     device: Annotated[str, typer.Option("--device")] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -142,7 +146,7 @@ def demo(
     if not (catalog / "train.csv").exists():
         demo_catalog(catalog, n=n, seed=seed, image_size=128, test_frac=0.2)
     train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", epochs=epochs, minutes=minutes,
-              text_tower=text_tower, device=device, seed=seed)
+              text_tower=text_tower, device=device, seed=seed, rerank_epochs=rerank_epochs)
     col = out / "collection"
     shutil.rmtree(col, ignore_errors=True)  # a fresh index for the freshly trained model
     typer.echo("\n== index the training catalog")
