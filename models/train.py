@@ -363,9 +363,9 @@ def train_step(
 
 @torch.no_grad()
 def itc_candidates(queries: torch.Tensor, docs: torch.Tensor, pool: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's top ``pool`` documents by cosine, itself excluded when queries and docs are
-    the two sides of the same pairs (query i's own document is i): (values, indices), each
-    (n, pool), in chunks of ``chunk`` queries, so memory is (chunk, n), never (n, n)."""
+    """Each query's top ``pool`` documents by cosine. Queries and docs are the two sides of the
+    same n pairs, so query i's own document i (its positive) is left out. -> (values, indices),
+    each (n, pool); in chunks of ``chunk`` queries, so memory is (chunk, n), never (n, n)."""
     pool = min(pool, docs.shape[0] - 1)
     vals, idx = [], []
     for i in range(0, queries.shape[0], chunk):
@@ -398,9 +398,10 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
     cache will hold); each epoch, every text's top ``rerank_pool`` images and every image's top
     ``rerank_pool`` texts are found over the whole training set, and ``rerank_negatives`` of
     each are drawn as negatives. The losses are the first stage's ITM losses (binary +
-    listwise on the fused score). Each step runs only the fusion layers on stored tokens, a
-    fraction of a joint step's cost, so ITM gets many more updates on its actual task per
-    minute. ITC embeddings do not change: ITC-only search is unaffected.
+    listwise on the fused score). A step runs no tower, but the fusion layers on (1 + 2K) x B
+    rows, about a joint step's cost: what the stage buys is aim, not speed. ITC embeddings do
+    not change: ITC-only search is unaffected. Every pair's image tokens are held in memory
+    (n x N x D_v floats: 33 kB per pair for the default model).
     """
     model = bundle.model
     model.eval()  # towers as at inference (BatchNorm running statistics)
