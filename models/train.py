@@ -51,6 +51,7 @@ from .data import PairCollator, PairDataset
 from .fusion import fused_score
 from .layers import gather_rows
 from .losses import IGNORE, itc_loss, itm_loss, itm_rank_loss, mask_tokens, sample_hard_negatives
+from .validate import embed_images
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -123,6 +124,11 @@ def lr_factor(progress: float, step: int, warmup_steps: int, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    """Biases, norms, the temperature and position embeddings get no weight decay."""
+    return p.dim() < 2 or name.endswith("logit_scale") or name.startswith("vision.pos")
+
+
 def _param_groups(bundle: Bundle, cfg: TrainConfig, mlm: nn.Module | None = None) -> list[dict]:
     """AdamW groups by (pretrained, no weight decay); the trainer's MLM head, when there is one,
     is trained from scratch like the fusion layers."""
@@ -136,8 +142,7 @@ def _param_groups(bundle: Bundle, cfg: TrainConfig, mlm: nn.Module | None = None
         if not p.requires_grad:
             continue
         is_pre = name.startswith(pretrained)  # () matches nothing
-        no_decay = p.dim() < 2 or name.endswith("logit_scale") or name.startswith("vision.pos")
-        groups.setdefault((is_pre, no_decay), []).append(p)
+        groups.setdefault((is_pre, _no_decay(name, p)), []).append(p)
     out = []
     for (is_pre, no_decay), params in sorted(groups.items()):
         lr = cfg.lr * (cfg.pretrained_lr_scale if is_pre else 1.0)
@@ -168,6 +173,16 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int, neighbour: list[int
     return [perm[i : i + size] for i in range(0, n - size + 1, size)]
 
 
+def _sims_without_self(queries: torch.Tensor, docs: torch.Tensor, chunk: int):
+    """Cosines of ``chunk`` queries at a time against every document, (c, n) each, with query
+    i's own document i (the two are sides of the same n pairs) set to -inf."""
+    for i in range(0, queries.shape[0], chunk):
+        sim = queries[i : i + chunk] @ docs.t()  # (c, n)
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        sim[rows, rows + i] = float("-inf")
+        yield sim
+
+
 @torch.no_grad()
 def nearest_text_neighbours(bundle: Bundle, dataset: PairDataset, device, chunk: int = 256) -> list[int]:
     """For every pair, the other pair whose text is closest in the current ITC space
@@ -181,12 +196,7 @@ def nearest_text_neighbours(bundle: Bundle, dataset: PairDataset, device, chunk:
         ids, mask = bundle.tokenizer(texts[i : i + chunk])
         embs.append(model.encode_text(ids.to(device), mask.to(device)).float())
     emb = torch.cat(embs)  # (n, E)
-    out = []
-    for i in range(0, emb.shape[0], chunk):
-        sim = emb[i : i + chunk] @ emb.t()  # (c, n)
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        sim[rows, rows + i] = float("-inf")  # not itself
-        out += sim.argmax(dim=1).tolist()
+    out = [j for sim in _sims_without_self(emb, emb, chunk) for j in sim.argmax(dim=1).tolist()]
     model.train(was_training)
     return out
 
@@ -292,6 +302,21 @@ def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep:
 # ---- the loop ------------------------------------------------------------------------------
 
 
+def itm_objective(logits: torch.Tensor, cos: torch.Tensor | None, scale, B: int, K: int, rank_weight: float) -> torch.Tensor:
+    """The ITM loss over (1 + 2K)B fusion rows laid out as B positives, then each image against
+    its K negative texts, then each text against its K negative images: ALBEF's binary loss,
+    plus (``rank_weight``) the listwise loss ranking each query's positive above its own
+    negatives by what search ranks them by (``fused_score``). ``cos``: each row's ITC cosine,
+    held fixed, so ITM learns what ITC gets wrong rather than relearning it (unused, may be
+    None, when ``rank_weight`` is 0)."""
+    loss = itm_loss(logits[:B], logits[B:])
+    if rank_weight:
+        fused = fused_score(logits.float(), cos, scale)  # ((1+2K)B,)
+        pos, neg_t, neg_i = fused[:B], fused[B : B + B * K].view(B, K), fused[B + B * K :].view(B, K)
+        loss = loss + rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
+    return loss
+
+
 def train_step(
     bundle: Bundle,
     batch: dict[str, torch.Tensor],
@@ -332,15 +357,11 @@ def train_step(
         f_txt = torch.cat([txt_tokens, gather_rows(txt_tokens, neg_txt), gather_rows(txt_tokens, own)])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
         logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B,)
-        l_itm = itm_loss(logits[:B], logits[B:])
+        cos = None
         if cfg.itm_rank_weight:
-            # rank each query's candidates by what search ranks them by (fused_score), the ITC
-            # part held fixed, so ITM learns what ITC gets wrong rather than relearning it
-            cos, s = sim.detach().float(), scale.detach()  # (B, B) image x text
-            pos = fused_score(logits[:B].float(), cos[rows, rows], s)  # (B,)
-            neg_t = fused_score(logits[B : B + B * K].float().view(B, K), cos[own, neg_txt].view(B, K), s)  # image i vs its hard texts
-            neg_i = fused_score(logits[B + B * K :].float().view(B, K), cos[neg_img, own].view(B, K), s)  # text i vs its hard images
-            l_itm = l_itm + cfg.itm_rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
+            c = sim.detach().float()  # (B, B) image x text: each fusion row's ITC cosine, held fixed
+            cos = torch.cat([c[rows, rows], c[own, neg_txt], c[neg_img, own]])  # ((1+2K)B,)
+        l_itm = itm_objective(logits, cos, scale.detach(), B, K, cfg.itm_rank_weight)
         loss = l_itc + cfg.itm_weight * l_itm
         out = {"itc": l_itc.detach(), "itm": l_itm.detach()}
         if mlm is not None:
@@ -367,15 +388,8 @@ def itc_candidates(queries: torch.Tensor, docs: torch.Tensor, pool: int, chunk: 
     same n pairs, so query i's own document i (its positive) is left out. -> (values, indices),
     each (n, pool); in chunks of ``chunk`` queries, so memory is (chunk, n), never (n, n)."""
     pool = min(pool, docs.shape[0] - 1)
-    vals, idx = [], []
-    for i in range(0, queries.shape[0], chunk):
-        sim = queries[i : i + chunk] @ docs.t()  # (c, n)
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        sim[rows, rows + i] = float("-inf")  # not the positive
-        v, j = sim.topk(pool, dim=1)
-        vals.append(v)
-        idx.append(j)
-    return torch.cat(vals), torch.cat(idx)
+    tops = [sim.topk(pool, dim=1) for sim in _sims_without_self(queries, docs, chunk)]
+    return torch.cat([v for v, _ in tops]), torch.cat([j for _, j in tops])
 
 
 def _sample_from_pool(values: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, scale: float, k: int, gen) -> torch.Tensor:
@@ -406,25 +420,22 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
     model = bundle.model
     model.eval()  # towers as at inference (BatchNorm running statistics)
     model.fusion.train()
-    params = [p for n, p in model.named_parameters() if n.startswith(FUSION_PREFIXES)]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(FUSION_PREFIXES)]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+        ],
         lr=cfg.lr * cfg.rerank_lr_scale, betas=(0.9, 0.98), eps=1e-6,
     )
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 2)
     n = len(dataset)
-    with torch.no_grad():
-        pixels = dataset.pixels_all()
-        img_tokens = torch.cat([
-            model.image_tokens(bundle.transform.normalize(pixels[i : i + 256].to(device)))
-            for i in range(0, n, 256)
-        ])  # (n, N, D_v)
-        img_emb = model.image_emb(img_tokens).float()  # (n, E)
-        scale = float(model.logit_scale_value())
+    img_emb, img_tokens = embed_images(bundle, dataset.pixels_all(), batch_size=256)  # (n, E), (n, N, D_v)
+    img_emb = img_emb.float()
+    scale = float(model.logit_scale_value().detach())
     size = min(cfg.batch_size, n)
     steps_per_epoch = n // size
     total = cfg.rerank_epochs * steps_per_epoch
@@ -459,14 +470,8 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
                 logits = model.fuse(
                     img_tokens[used], txt_tokens[f_txt, :width], f_mask[:, :width], image_index=where
                 ).float()
-            B = rows.shape[0]
             cos = (img_emb[f_img] * txt_emb[f_txt]).sum(-1)  # ((1+2K)B,)
-            fused = fused_score(logits, cos, scale)
-            loss = itm_loss(logits[:B], logits[B:])
-            if cfg.itm_rank_weight:
-                pos = fused[:B]
-                neg_t, neg_i = fused[B : B + B * K].view(B, K), fused[B + B * K :].view(B, K)
-                loss = loss + cfg.itm_rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
+            loss = itm_objective(logits, cos, scale, rows.shape[0], K, cfg.itm_rank_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
