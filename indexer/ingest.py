@@ -1,15 +1,23 @@
 """Bulk ingest as stages: reader -> decoder -> embedder -> writer, each timed.
 
 - reader: ``catalog.read_source`` (CSV / JSONL / Parquet / folder), bad rows recorded;
-- decoder: a DataLoader (worker processes) reads each image's bytes, hashes them with the
-  text (the content hash), decodes with a pixel cap and transforms to uint8;
-- embedder: ``image_tokens`` -> image embedding, ``encode_text`` -> text embedding, batched,
-  on the GPU when there is one;
+- decoder: reads each image's bytes, hashes them with the text (the content hash), decodes
+  with a pixel cap and transforms to uint8;
+- embedder: drops items already stored, then ``image_tokens`` -> image embedding,
+  ``encode_text`` -> text embedding, batched; token-cache records encoded;
 - writer (a thread, so SQL and fsync overlap the next batch's decode and embed): token-cache
   bytes appended and fsync'ed, then ONE SQL transaction per batch for the items, their
   embeddings, their change-log rows, the batch's errors and the run's counters.
 
-Stage times are each stage's busy time; the writer's overlaps the others.
+Where decoding and embedding run depends on the device (see ``default_workers``):
+- GPU: worker processes decode, the main process embeds on the GPU;
+- CPU with worker processes: each worker decodes AND embeds whole batches on one core
+  (data parallel: on 2 cores two one-thread forwards do 1.2-1.3x the images/s of one
+  two-thread forward, whose intra-op threads sit idle a quarter of the time);
+- ``workers=0``: everything in the main process, the model on all of torch's threads.
+
+Stage times are each stage's busy time; the writer's overlaps the others, and with embedding
+workers ``decode`` and ``embed`` are summed over the workers (they overlap each other too).
 
 Items whose content hash is already stored are counted as duplicates and skipped, so running
 the same ingest twice adds nothing, and an interrupted ingest resumes where it stopped. The
@@ -21,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -39,7 +48,7 @@ from tqdm import tqdm
 from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
 
 from .catalog import CatalogRow, Columns, RowError, read_source
-from .collection import Collection
+from .collection import Collection, make_engine
 from .schema import Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 
 log = logging.getLogger(__name__)
@@ -104,16 +113,24 @@ def _collate(batch):
 
 
 def default_workers(device: torch.device | None = None) -> int:
-    """Decoder processes. With a GPU the CPU cores are free: up to 8 decode. On a CPU the
-    model's own threads already use every core and a decoder process only competes with
-    them (measured on 2 cores: 0.52 of forward-only throughput with one worker, 0.62 inline),
-    so decode inline on small machines and spare one core in eight on big ones. (Threads in
-    step with the model were slower still on 2 cores: decode 1.19 -> 1.68 s per 1,618 images,
-    as PIL's per-image Python holds the GIL.)"""
+    """Worker processes. With a GPU the CPU cores are free: up to 8 decode while the main
+    process embeds. On a CPU every core runs a worker that decodes and embeds (one torch
+    thread each; see ``embeds_in_workers``), up to 16; a single core decodes and embeds inline.
+
+    Measured on 2 cores (demo PNGs, default model), end-to-end ingest against the same run's
+    model forward (2 threads, images decoded beforehand): 0.61-0.70 inline, 0.52 with one
+    decode-only worker process, and decode threads in step with the model were slower still
+    (PIL's per-image Python holds the GIL). Two decode-and-embed workers: see bench/README."""
     cores = os.cpu_count() or 1
     if device is not None and device.type == "cuda":
         return max(1, min(8, cores - 1))
-    return cores // 8
+    return min(16, cores) if cores >= 2 else 0
+
+
+def embeds_in_workers(device: torch.device, workers: int) -> bool:
+    """Worker processes embed too: on a CPU device, where ``fork`` shares the model with them
+    (copy on write: no second load, no pickling of weights)."""
+    return workers > 0 and device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
 
 
 def ingest(
@@ -155,31 +172,50 @@ def ingest_rows(
     report.stages["read"] = time.perf_counter() - t_start
 
     workers = default_workers(bundle.device) if workers is None else workers
-    loader = DataLoader(
-        DecodeStage(rows, bundle.transform),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=bundle.device.type == "cuda",
-        persistent_workers=False,
-    )
+    encode = collection.tokens.encode if collection.tokens.enabled else None
+    in_workers = embeds_in_workers(bundle.device, workers)
+    if in_workers:
+        url = collection.engine.url.render_as_string(hide_password=False)
+        loader = DataLoader(
+            EmbedStage(rows, bundle, url, batch_size, encode),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_collate,
+            multiprocessing_context="fork",
+        )
+    else:
+        loader = DataLoader(
+            DecodeStage(rows, bundle.transform),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=bundle.device.type == "cuda",
+            persistent_workers=False,
+        )
     bar = tqdm(total=len(rows), desc="ingest", unit="item", disable=not progress or None)
     writer = _Writer(lambda p: _write_batch(collection, rows, p, report))
-    writer.start()
     seen: set[str] = set()  # hashes taken by this run (its last batches may not be committed yet)
     status = "interrupted"
     done = 0
     try:
+        batches = iter(loader)  # forks the workers before the writer thread exists
+        writer.start()
         t_wait = time.perf_counter()
-        for batch in loader:
-            report.stages["decode"] += time.perf_counter() - t_wait
-            t = time.perf_counter()
-            prepared = _embed_batch(collection, rows, batch, seen)
-            report.stages["embed"] += time.perf_counter() - t
+        for batch in batches:
+            if in_workers:
+                prepared = batch
+                report.stages["decode"] += prepared.decode_s
+                report.stages["embed"] += prepared.embed_s
+            else:
+                report.stages["decode"] += time.perf_counter() - t_wait
+                t = time.perf_counter()
+                prepared = _prepare(bundle, rows, batch, lambda hs: _stored_hashes(collection.engine, hs), seen, encode)
+                report.stages["embed"] += time.perf_counter() - t
+            prepared.drop_taken(seen)
             writer.put(prepared)
-            bar.update(len(batch))
+            bar.update(prepared.rows)
             bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
-            done += len(batch)
+            done += prepared.rows
             if on_progress is not None:
                 on_progress(done, len(rows))
             t_wait = time.perf_counter()
@@ -187,7 +223,8 @@ def ingest_rows(
     finally:
         bar.close()
         try:
-            writer.close()  # commits what is already embedded, or re-raises the writer's error
+            if writer.is_alive():
+                writer.close()  # commits what is already embedded, or re-raises the writer's error
         except BaseException:
             status = "failed"
             raise
@@ -259,21 +296,53 @@ def _location(row: CatalogRow) -> tuple[str, int]:
 
 @dataclass
 class _Prepared:
-    """One embedded batch, ready for the writer."""
+    """One embedded batch, ready for the writer (CPU tensors: from a worker process they
+    travel through shared memory, not pipes)."""
 
+    rows: int  # catalog rows this batch covered (progress)
     fresh: list[tuple[int, str]]  # (row index, content hash) of the items to add
     errors: list[RowError]
     duplicates: int
-    image_emb: np.ndarray | None = None  # (b, E) float32
-    text_emb: np.ndarray | None = None  # (t, E) for the items that have text, in order
+    image_emb: torch.Tensor | None = None  # (b, E) float32
+    text_emb: torch.Tensor | None = None  # (t, E) for the items that have text, in order
     has_text: list[bool] = field(default_factory=list)
-    tokens: np.ndarray | None = None  # (b, N, D_v) float32
+    records: torch.Tensor | None = None  # (b, record_bytes) uint8 token-cache records
+    decode_s: float = 0.0  # busy time in a worker process
+    embed_s: float = 0.0
+
+    def drop_taken(self, taken: set[str]) -> None:
+        """Drop items whose hash is in ``taken`` (an earlier batch of this run has them: workers
+        embed before they can know), counting them as duplicates; add the rest to ``taken``."""
+        keep = [k for k, (_, h) in enumerate(self.fresh) if h not in taken]
+        taken.update(self.fresh[k][1] for k in keep)
+        if len(keep) == len(self.fresh):
+            return
+        self.duplicates += len(self.fresh) - len(keep)
+        if self.text_emb is not None:
+            pos = np.cumsum(self.has_text) - 1  # item k -> its row in text_emb
+            rows = [int(pos[k]) for k in keep if self.has_text[k]]
+            self.text_emb = self.text_emb[rows] if rows else None
+        self.fresh = [self.fresh[k] for k in keep]
+        self.has_text = [self.has_text[k] for k in keep]
+        if self.image_emb is not None:
+            self.image_emb = self.image_emb[keep] if keep else None
+        if self.records is not None:
+            self.records = self.records[keep] if keep else None
+
+
+def _stored_hashes(engine, hashes: list[str]) -> set[str]:
+    if not hashes:
+        return set()
+    with engine.connect() as conn:
+        return set(conn.scalars(select(Item.content_hash).where(Item.content_hash.in_(hashes))))
 
 
 @torch.no_grad()
-def _embed_batch(collection: Collection, rows: list[CatalogRow], batch, seen: set[str]) -> _Prepared:
-    """Split off failures, drop duplicates (stored, or already taken by this run), embed the rest."""
-    bundle = collection.bundle
+def _prepare(
+    bundle, rows: list[CatalogRow], batch, stored: Callable[[list[str]], set[str]], seen: set[str], encode: Callable | None
+) -> _Prepared:
+    """Split off failures, drop duplicates (``stored(hashes)``, or in ``seen``: already taken by
+    this run), embed the rest; ``encode`` turns image tokens into token-cache records."""
     model, device = bundle.model, bundle.device
     errors, ok = [], []
     for i, px, h, err in batch:
@@ -281,14 +350,13 @@ def _embed_batch(collection: Collection, rows: list[CatalogRow], batch, seen: se
             errors.append(RowError(*_location(rows[i]), err))
         else:
             ok.append((i, px, h))
-    with collection.Session() as s:
-        stored = set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_([h for _, _, h in ok]))))
-    fresh = []
+    known = stored([h for _, _, h in ok])
+    fresh, taken = [], set()
     for i, px, h in ok:
-        if h not in stored and h not in seen:
-            seen.add(h)
+        if h not in known and h not in seen and h not in taken:
+            taken.add(h)
             fresh.append((i, px, h))
-    p = _Prepared([(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh))
+    p = _Prepared(len(batch), [(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh))
     if not fresh:
         return p
     pixels = bundle.transform.normalize(torch.stack([px for _, px, _ in fresh]).to(device, non_blocking=True))
@@ -296,13 +364,39 @@ def _embed_batch(collection: Collection, rows: list[CatalogRow], batch, seen: se
     p.has_text = [bool(x) for x in texts]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         tok = model.image_tokens(pixels)  # (b, N, D_v)
-        p.image_emb = model.image_emb(tok).float().cpu().numpy()  # (b, E)
+        p.image_emb = model.image_emb(tok).float().cpu()  # (b, E)
         if any(p.has_text):
             ids, mask = bundle.tokenizer([x for x in texts if x])
-            p.text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy()  # (t, E)
-    if collection.tokens.enabled:
-        p.tokens = tok.float().cpu().numpy()
+            p.text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu()  # (t, E)
+    if encode is not None:
+        p.records = torch.from_numpy(encode(tok.float().cpu().numpy()))
     return p
+
+
+class EmbedStage(Dataset):
+    """Batch k of the rows -> a ``_Prepared``: decoded, checked against the stored hashes and
+    embedded, in a worker process (forked: it shares the model; its own database connection)."""
+
+    def __init__(self, rows: list[CatalogRow], bundle, db_url: str, batch_size: int, encode: Callable | None):
+        self.rows, self.bundle, self.db_url, self.batch_size, self.encode = rows, bundle, db_url, batch_size, encode
+        self.decode = DecodeStage(rows, bundle.transform)
+        self._engine, self._pid = None, None
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def _stored(self, hashes: list[str]) -> set[str]:
+        if self._pid != os.getpid():  # never a connection inherited from the parent
+            self._engine, self._pid = make_engine(self.db_url), os.getpid()
+        return _stored_hashes(self._engine, hashes)
+
+    def __getitem__(self, k: int) -> _Prepared:
+        t0 = time.perf_counter()
+        batch = [self.decode[i] for i in range(k * self.batch_size, min(len(self.rows), (k + 1) * self.batch_size))]
+        t1 = time.perf_counter()
+        p = _prepare(self.bundle, self.rows, batch, self._stored, set(), self.encode)
+        p.decode_s, p.embed_s = t1 - t0, time.perf_counter() - t1
+        return p
 
 
 def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, report: IngestReport) -> None:
@@ -312,7 +406,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     the transaction fails on a unique key; it is rolled back, those items count as duplicates,
     and the rest is committed again (their token records stay unreferenced: harmless)."""
     t = time.perf_counter()
-    locations = collection.tokens.append(p.tokens) if p.fresh and p.tokens is not None else [(None, None)] * len(p.fresh)
+    locations = collection.tokens.append_records(p.records.numpy()) if p.fresh and p.records is not None else [(None, None)] * len(p.fresh)
     text_pos = (np.cumsum(p.has_text) - 1).tolist() if p.fresh else []  # fresh item k -> its row in p.text_emb
     keep = list(range(len(p.fresh)))
     for attempt in range(WRITE_RETRIES + 1):
@@ -364,9 +458,11 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
                     for k, (i, h) in zip(keep, fresh)
                 ],
             ).all()  # the FAISS ids
-            vectors = [{"item_id": item_id, "modality": "image", "vector": p.image_emb[k].astype("<f4").tobytes()} for k, item_id in zip(keep, ids)]
+            image_emb = p.image_emb.numpy().astype("<f4", copy=False)
+            text_emb = p.text_emb.numpy().astype("<f4", copy=False) if p.text_emb is not None else None
+            vectors = [{"item_id": item_id, "modality": "image", "vector": image_emb[k].tobytes()} for k, item_id in zip(keep, ids)]
             vectors += [
-                {"item_id": item_id, "modality": "text", "vector": p.text_emb[text_pos[k]].astype("<f4").tobytes()}
+                {"item_id": item_id, "modality": "text", "vector": text_emb[text_pos[k]].tobytes()}
                 for k, item_id in zip(keep, ids)
                 if p.has_text[k]
             ]

@@ -100,7 +100,12 @@ class TokenCache:
         ((None, None) for each when the cache is disabled)."""
         if not self.enabled:
             return [(None, None)] * len(tokens)
-        recs = self.encode(tokens)
+        return self.append_records(self.encode(tokens))
+
+    def append_records(self, recs: np.ndarray) -> list[tuple[int, int]]:
+        """Write records ``encode`` made (ingest encodes them in its worker processes) durably."""
+        if recs.ndim != 2 or recs.dtype != np.uint8 or recs.shape[1] != self.record_bytes:
+            raise ValueError(f"records must be (B, {self.record_bytes}) uint8; got {recs.shape} {recs.dtype}")
         # writers in this process and in others: offsets come from the file size
         with self._append_lock, file_lock(self.folder / ".lock"):
             return self._append(recs)

@@ -99,6 +99,10 @@ def db_url(request, tmp_path):
         if os.environ.get("VTFUSION_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL is required (VTFUSION_REQUIRE_POSTGRES=1) but {PG_ADMIN_URL} is unreachable")
         pytest.skip("PostgreSQL unreachable")
+    yield from _pg_database()
+
+
+def _pg_database():
     import uuid
 
     import sqlalchemy as sa
@@ -111,3 +115,12 @@ def db_url(request, tmp_path):
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def second_db_url(db_url):
+    """A second database of db_url's kind, for a second collection ('' for SQLite)."""
+    if not db_url:
+        yield ""
+        return
+    yield from _pg_database()

@@ -243,19 +243,51 @@ def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
     assert select_items(c, where="color IN ('red', 'blue') OR price BETWEEN 0 AND 10") is not None
 
 
-def test_decoder_worker_processes_give_the_same_collection(tmp_path, model_dir, small_catalog):
-    a = Collection.init(tmp_path / "a", model_dir)
-    b = Collection.init(tmp_path / "b", model_dir)
-    ra = ingest(a, small_catalog / "train.csv", workers=0, batch_size=8, progress=False)
-    rb = ingest(b, small_catalog / "train.csv", workers=2, batch_size=8, progress=False)
-    assert (ra.added, ra.failed) == (rb.added, rb.failed)
-    sa, sb = _state(a), _state(b)
-    assert sa == sb
-    with a.Session() as s1, b.Session() as s2:
-        va = dict(s1.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == "image")).all())
-        vb = dict(s2.execute(select(Embedding.item_id, Embedding.vector).where(Embedding.modality == "image")).all())
-    assert va.keys() == vb.keys()
-    assert all(np.allclose(np.frombuffer(va[k], np.float32), np.frombuffer(vb[k], np.float32), atol=1e-5) for k in va)
+def _vectors(c: Collection, modality: str) -> dict[str, np.ndarray]:
+    with c.Session() as s:
+        rows = s.execute(
+            select(Item.external_id, Embedding.vector).join(Item, Item.id == Embedding.item_id).where(Embedding.modality == modality)
+        ).all()
+    return {ext: np.frombuffer(v, np.float32) for ext, v in rows}
+
+
+def _token_records(c: Collection) -> dict[str, np.ndarray]:
+    with c.Session() as s:
+        rows = s.execute(select(Item.external_id, Item.token_shard, Item.token_offset)).all()
+    return {ext: c.tokens.read([(shard, off)])[0] for ext, shard, off in rows}
+
+
+def test_worker_processes_give_the_same_collection(tmp_path, model_dir, small_catalog, db_url, second_db_url):
+    """Worker processes (on a CPU they decode AND embed, each on one thread, against their own
+    database connection) give what the main process alone gives: the same items, ids, errors,
+    embeddings and token records, also when the same content comes twice in one batch, twice in
+    batches that different workers embed at the same time, and alongside a bad row."""
+    cat = tmp_path / "cat"
+    shutil.copytree(small_catalog, cat)
+    with open(cat / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    dup = lambda r, new_id: {**r, "id": new_id}  # noqa: E731 - same image and text: same content
+    rows = rows[:3] + [dup(rows[0], "same-batch")] + rows[3:] + [dup(rows[1], "later-batch"), dup(rows[9], "last-batch")]
+    rows.insert(5, {**rows[5], "id": "gone", "image": "images/missing.png"})
+    with open(cat / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    a = Collection.init(tmp_path / "a", model_dir, db_url=db_url)
+    ra = ingest(a, cat / "train.csv", workers=0, batch_size=8, progress=False)
+    b = Collection.init(tmp_path / "b", model_dir, db_url=second_db_url)
+    rb = ingest(b, cat / "train.csv", workers=2, batch_size=8, progress=False)
+    assert (ra.added, ra.duplicates, ra.failed) == (rb.added, rb.duplicates, rb.failed) == (len(rows) - 4, 3, 1)
+    assert _state(a) == _state(b)
+    for modality in ("image", "text"):
+        va, vb = _vectors(a, modality), _vectors(b, modality)
+        assert va.keys() == vb.keys() and len(va) == ra.added
+        assert all(np.allclose(va[k], vb[k], atol=1e-5) for k in va), modality
+    ta, tb = _token_records(a), _token_records(b)
+    assert ta.keys() == tb.keys()
+    assert all(np.allclose(ta[k], tb[k], atol=1e-2) for k in ta)  # fp16 records of 1- vs 2-thread forwards
+    assert verify(b).ok
 
 
 def test_changed_row_replaces_its_older_version(tmp_path, model_dir, small_catalog, db_url):

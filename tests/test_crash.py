@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -19,8 +20,22 @@ from indexer.lifecycle import select_items, verify
 from indexer.schema import Item
 
 
-def _ingest_cmd(col, catalog):
-    return [sys.executable, "-m", "ui.cli", "-q", "ingest", str(col), str(catalog), "--workers", "0", "--batch-size", "2"]
+def _ingest_cmd(col, catalog, workers: int = 0):
+    return [sys.executable, "-m", "ui.cli", "-q", "ingest", str(col), str(catalog), "--workers", str(workers), "--batch-size", "2"]
+
+
+def _processes_of(col) -> list[int]:
+    """Live processes whose command line names this collection (an ingest and its workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if str(col).encode() in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
 
 
 def _count(col) -> int:
@@ -64,8 +79,14 @@ def test_sigkill_at_random_points_then_resume(tmp_path, model_dir):
     Collection.init(tmp_path / "col", model_dir)
     rng = random.Random(0)
     partial = []
-    for _ in range(5):
-        _run_and_kill(_ingest_cmd(tmp_path / "col", catalog), tmp_path / "col", rng.uniform(0, 0.25 * ingest_s))
+    for k in range(5):
+        # odd kills hit an ingest whose worker processes decode and embed: only the main
+        # process is killed (as the OOM killer would); its orphaned workers must exit by themselves
+        _run_and_kill(_ingest_cmd(tmp_path / "col", catalog, workers=2 * (k % 2)), tmp_path / "col", rng.uniform(0, 0.25 * ingest_s))
+        deadline = time.monotonic() + 30
+        while _processes_of(tmp_path / "col") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_of(tmp_path / "col"), "worker processes outlived their killed ingest"
         c = Collection.open(tmp_path / "col")  # every intermediate state opens and is consistent
         r = verify(c)
         assert r.ok, r.problems

@@ -207,7 +207,7 @@ def ingest_cmd(
     image_col: Annotated[str, typer.Option("--image-col", help="Image path column, relative to the catalog file.")] = "image",
     text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) (default: whichever of title, caption, text, description exist).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per embedding batch and SQL transaction.")] = 64,
-    workers: Annotated[int | None, typer.Option("--workers", help="Decoder processes (default: up to 8 with a GPU; cores/8 on a CPU, where they compete with the model).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: with a GPU up to 8 decode while the GPU embeds; on a CPU one per core, up to 16, each decoding and embedding on one thread). 0: all in this process.")] = None,
 ) -> None:
     """Add a catalog's items to a collection (dedup by content; re-running resumes)."""
     from indexer.catalog import CatalogError, Columns
