@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 import tomllib
 from contextlib import contextmanager
@@ -51,6 +53,45 @@ class CollectionConfig:
 
     def dump(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(self).items())
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(text: str) -> str:
+    def value(m: re.Match) -> str:
+        v = os.environ.get(m.group(1))
+        if v is None:
+            raise CollectionError(f"the database URL refers to ${{{m.group(1)}}}, but no such environment variable is set")
+        return v
+
+    return _ENV_REF.sub(value, text)
+
+
+def resolve_url(url: str) -> str:
+    """``url`` with every ``${NAME}`` replaced by that environment variable, so that
+    ``collection.toml`` can hold ``postgresql://app:${VTF_DB_PASSWORD}@db/catalog`` instead of a
+    password. A value in the user, password, host or database part is URL-quoted as that part
+    needs (a password may hold ``@`` or ``/``); elsewhere it is put in as it is."""
+    if not _ENV_REF.search(url):
+        return url
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - e.g. ${PORT}: not a number until expanded
+        return _expand(url)
+    parts = {k: _expand(v) for k in ("username", "password", "host", "database") if (v := getattr(u, k)) and _ENV_REF.search(v)}
+    u = u.set(**parts)
+    rendered = u.render_as_string(hide_password=False)
+    return _expand(rendered) if _ENV_REF.search(rendered) else rendered  # references left in the query string
+
+
+def literal_password(url: str) -> bool:
+    """Whether ``url`` carries a password written out (not an ``${ENV}`` reference)."""
+    try:
+        pw = make_url(url).password
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(pw) and not _ENV_REF.fullmatch(str(pw))
 
 
 def mask_url(url: str) -> str:
@@ -103,7 +144,7 @@ class Collection:
     def __init__(self, folder: Path, config: CollectionConfig):
         self.folder = folder
         self.config = config
-        url = config.db_url or f"sqlite:///{folder / 'catalog.db'}"
+        url = resolve_url(config.db_url) if config.db_url else f"sqlite:///{folder / 'catalog.db'}"
         self.engine = make_engine(url)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
         self._bundle: checkpoint.Bundle | None = None
@@ -156,7 +197,14 @@ class Collection:
             migrate(self.engine)
         except Exception as e:
             raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {_first_line(e)}") from e
-        (folder / CONFIG_NAME).write_text(config.dump())
+        path = folder / CONFIG_NAME
+        if literal_password(db_url):  # readable by its owner only; ${ENV} references are better
+            path.touch(mode=0o600)
+            log.warning(
+                "%s holds the database password in plain text (readable by its owner only); "
+                "write it as ${VARIABLE} in --db, or leave it out and use PGPASSWORD or ~/.pgpass", path
+            )
+        path.write_text(config.dump())
         self._bundle = bundle
         return self
 
@@ -167,6 +215,9 @@ class Collection:
         if not path.exists():
             raise CollectionError(f"{folder} is not a collection (no {CONFIG_NAME}); create one with `vtfusion init`")
         config = CollectionConfig(**tomllib.loads(path.read_text()))
+        if literal_password(config.db_url) and path.stat().st_mode & 0o077:
+            log.warning("%s holds the database password in plain text and others can read it: chmod 600 it, "
+                        "or write the password as ${VARIABLE}", path)
         self = cls(folder, config)
         try:
             migrate(self.engine)

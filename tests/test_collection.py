@@ -224,6 +224,46 @@ def test_open_and_init_errors_are_actionable(tmp_path, model_dir):
         Collection.init(tmp_path / "b", model_dir)
 
 
+def test_database_url_takes_secrets_from_the_environment(tmp_path, model_dir, small_catalog, db_url, second_db_url, monkeypatch, caplog):
+    """collection.toml may name ${VARIABLES} instead of holding a password; they are expanded
+    (and URL-quoted) when the collection opens, also in ingest's worker processes; an unset one
+    is a clear error. A password written out makes collection.toml owner-only, with a warning."""
+    from sqlalchemy.engine import make_url
+
+    secret = "p@ss/w:rd%"  # would break the URL if not quoted
+    monkeypatch.setenv("VTF_TEST_PW", secret)
+    if db_url:
+        u = make_url(db_url)
+        monkeypatch.setenv("VTF_TEST_DB", u.database)
+        url = f"postgresql+psycopg://{u.username}:${{VTF_TEST_PW}}@{u.host}:{u.port}/${{VTF_TEST_DB}}"
+    else:
+        monkeypatch.setenv("VTF_TEST_DIR", str(tmp_path / "elsewhere"))
+        (tmp_path / "elsewhere").mkdir()
+        url = "sqlite:///${VTF_TEST_DIR}/cat.db"
+    c = Collection.init(tmp_path / "c", model_dir, db_url=url)
+    added = ingest(c, small_catalog / "test.csv", workers=2, progress=False).added
+    c.close()
+    toml = (tmp_path / "c" / "collection.toml").read_text()
+    assert "${VTF_TEST_PW}" in toml or "${VTF_TEST_DIR}" in toml
+    assert secret not in toml and str(tmp_path / "elsewhere") not in toml
+    if not db_url:
+        assert (tmp_path / "elsewhere" / "cat.db").exists()
+    c = Collection.open(tmp_path / "c")
+    assert stats(c)["items_active"] == added > 0
+    c.close()
+    monkeypatch.delenv("VTF_TEST_PW" if db_url else "VTF_TEST_DIR")
+    with pytest.raises(CollectionError, match="VTF_TEST_(PW|DIR).*no such environment variable"):
+        Collection.open(tmp_path / "c")
+
+    if db_url:  # a password written out: kept, but owner-only and warned about
+        u = make_url(second_db_url)
+        with caplog.at_level("WARNING"):
+            Collection.init(tmp_path / "d", model_dir, db_url=u.set(password="written-out").render_as_string(hide_password=False)).close()
+        assert "plain text" in caplog.text
+        assert (tmp_path / "d" / "collection.toml").stat().st_mode & 0o777 == 0o600
+        assert Collection.open(tmp_path / "d").config.db_url.count("written-out") == 1
+
+
 def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
     from indexer.filters import FilterError
 

@@ -179,7 +179,7 @@ def _open(collection: Path):
 def init_cmd(
     collection: Annotated[Path, typer.Argument(help="Folder to create the collection in.")],
     model: Annotated[str, typer.Option("--model", help="Model reference: a folder written by `vtfusion train`, hf:<BLIP retrieval id or folder>, or clip:<CLIP id or folder>.")],
-    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder).")] = "",
+    db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder). ${NAME} parts are read from the environment at every open: keep passwords out of collection.toml.")] = "",
     index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
     token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8) | fp16 | int8 | none (re-encode at query time).")] = "auto",
 ) -> None:
