@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
+
+from models.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def generate(out_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int 
         test_groups = set(groups[-max(1, len(groups) // 5):])
     by_group: dict[int, list[str]] = {}
     rows = {"train": [], "test": []}
-    for i, (spec, g) in enumerate(tqdm(specs, desc="render", unit="img", disable=None)):
+    for i, (spec, g) in enumerate(progress_bar(specs, desc="render", unit="img")):
         item_id = f"p{i:06d}"
         by_group.setdefault(g, []).append(item_id)
         rel = f"images/{item_id}.png"

@@ -43,9 +43,9 @@ import torch
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
+from models.progress import progress as progress_bar
 
 from .catalog import CatalogRow, Columns, RowError, read_source
 from .collection import Collection, make_engine
@@ -192,7 +192,7 @@ def ingest_rows(
             pin_memory=bundle.device.type == "cuda",
             persistent_workers=False,
         )
-    bar = tqdm(total=len(rows), desc="ingest", unit="item", disable=not progress or None)
+    bar = progress_bar(total=len(rows), desc="ingest", unit="item", enabled=progress)
     writer = _Writer(lambda p: _write_batch(collection, rows, p, report))
     seen: set[str] = set()  # hashes taken by this run (its last batches may not be committed yet)
     status = "interrupted"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
+from .progress import progress as progress_bar
 
 from .preprocess import ImageError, ImageTransform, TextTokenizer
 
@@ -60,7 +60,7 @@ class PairDataset(Dataset):
     def preload(self, progress: bool = True) -> list[PairError]:
         """Decode every image now; pairs whose image fails are dropped and returned as errors."""
         keep, pixels, errors = [], [], []
-        for p in tqdm(self.pairs, desc="decode", unit="img", disable=not progress or None):
+        for p in progress_bar(self.pairs, desc="decode", unit="img", enabled=progress):
             try:
                 pixels.append(self.transform(self.transform.load(p.image)))
                 keep.append(p)

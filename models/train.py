@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from .progress import progress as progress_bar
 
 from . import checkpoint
 from .checkpoint import Bundle
@@ -441,7 +441,7 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
     total = cfg.rerank_epochs * steps_per_epoch
     warmup = min(cfg.warmup_steps, max(1, total // 10))
     step, losses = 0, []
-    bar = tqdm(total=total, desc="tune reranker", unit="step", disable=not cfg.progress or None)
+    bar = progress_bar(total=total, desc="tune reranker", unit="step", enabled=cfg.progress)
     for epoch in range(cfg.rerank_epochs):
         dataset.set_epoch(cfg.epochs + epoch if cfg.epochs is not None else epoch)  # texts drawn anew
         with torch.no_grad():
@@ -529,7 +529,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     result = TrainResult(steps=step, epochs_done=0.0, seconds=0.0)
     t0 = time.perf_counter()
     pairs_seen, t_rate = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress or None)
+    bar = progress_bar(total=total_steps, initial=step, desc="train", unit="step", enabled=cfg.progress)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from .progress import progress as progress_bar
 
 from .checkpoint import Bundle
 from .fusion import fused_score
@@ -56,7 +56,7 @@ def text_to_image_r1(
     k = min(rerank_k, n)
     hits = {"itc": 0, "itm": 0, "fused": 0, "in_k": 0}
     itc_scale = model.logit_scale_value()
-    for start in tqdm(range(0, n, chunk), desc="validate", unit="chunk", disable=not progress or None):
+    for start in progress_bar(range(0, n, chunk), desc="validate", unit="chunk", enabled=progress):
         ids, mask = bundle.tokenizer(texts[start : start + chunk])
         ids, mask = ids.to(device), mask.to(device)
         sim = model.encode_text(ids, mask) @ image_emb.t()  # (c, N)

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import select
-from tqdm import tqdm
 
 from indexer.catalog import CatalogRow
 from indexer.collection import Collection
 from indexer.ingest import ingest_rows
 from indexer.schema import Item
+from models.progress import progress as progress_bar
 
 from .engine import SearchEngine
 from .rerank import ITMScorer, Query, fuse
@@ -121,7 +121,7 @@ def rank_direction(
     ranks: dict[int, list[float]] = {d: [] for d in depths}
     runs: dict[int, dict] = {d: {} for d in depths}
     qrels: dict[str, set[str]] = {}
-    for start in tqdm(range(0, len(q_emb), chunk), desc=f"eval {name}", unit="chunk", disable=not progress or None):
+    for start in progress_bar(range(0, len(q_emb), chunk), desc=f"eval {name}", unit="chunk", enabled=progress):
         sims = q_emb[start : start + chunk] @ db_emb.T  # (c, M): one chunk at a time
         top = np.argsort(-sims, axis=1, kind="stable")[:, :n_cand]
         for r, cand in enumerate(top):

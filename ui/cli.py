@@ -28,7 +28,7 @@ def main(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("transformers", "httpx", "urllib3", "filelock", "alembic"):
+    for noisy in ("transformers", "httpx", "urllib3", "filelock", "alembic", "faiss"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
