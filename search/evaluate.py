@@ -146,6 +146,9 @@ def rank_direction(
     return ranks, runs, qrels
 
 
+LATENCY_KEYS = {"t2i": "latency_ms", "i2t": "latency_ms_i2t"}  # report.json keys of each direction's timings
+
+
 def depth_key(depth: int) -> str:
     """A report's key for a rerank depth: ``itc`` (0, ITC only) or ``rerank@<depth>``."""
     return "itc" if depth == 0 else f"rerank@{depth}"
@@ -291,25 +294,28 @@ def evaluate(
 
         report["i2t"] = run_direction("i2t", img_emb, txt_emb, text_group, np.arange(len(image_ids)), i2t_query, text_ids)
 
-    report["latency_ms"] = latency(c, [t for _, _, t in items], image_ids, depths, fusion, latency_queries)
+    report[LATENCY_KEYS["t2i"]] = latency(c, [t for _, _, t in items], "image", image_ids, depths, fusion, latency_queries)
+    report[LATENCY_KEYS["i2t"]] = latency(c, [Path(p) for p in image_paths], "text", text_ids, depths, fusion, latency_queries)
     return report
 
 
-def latency(c: Collection, texts: list[str], within: list[int], depths: Sequence[int], fusion: str, n: int) -> dict:
-    """Per-stage mean and p95 over ``n`` text -> image searches at each depth ({} when n is 0)."""
-    if n <= 0 or not texts:
+def latency(c: Collection, queries: list, target: str, within: list[int], depths: Sequence[int], fusion: str, n: int) -> dict:
+    """Per-stage mean and p95 over ``n`` searches at each depth ({} when n is 0): text queries
+    against ``target="image"``, or image files (decoded and encoded as an upload is) against
+    ``target="text"``, restricted to the evaluation's items."""
+    if n <= 0 or not queries:
         return {}
     engine = SearchEngine(c)
     rng = np.random.default_rng(0)
-    sample = [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)]
+    sample = [queries[i] for i in rng.choice(len(queries), size=min(n, len(queries)), replace=False)]
     allowed = np.array(within, dtype=np.int64)
     out = {}
-    engine.search(sample[0], k=10, rerank_depth=max(depths), fusion=fusion, within=allowed)  # warm-up
+    engine.search(sample[0], target=target, k=10, rerank_depth=max(depths), fusion=fusion, within=allowed)  # warm-up
     for d in depths:
         per_stage: dict[str, list[float]] = {}
         for q in sample:
             t = time.perf_counter()
-            res = engine.search(q, k=10, rerank_depth=d, fusion=fusion, within=allowed)
+            res = engine.search(q, target=target, k=10, rerank_depth=d, fusion=fusion, within=allowed)
             for s, v in res.timings_ms.items():
                 per_stage.setdefault(s, []).append(v)
             per_stage.setdefault("total", []).append((time.perf_counter() - t) * 1000)
@@ -335,13 +341,14 @@ def markdown(report: dict) -> str:
     for direction, title in (("t2i", "text → image"), ("i2t", "image → text")):
         lines += [f"\n## {title}\n", "| | R@1 | R@5 | R@10 | MRR | nDCG@10 | p vs ITC | mean ms | p95 ms |", "|---|---|---|---|---|---|---|---|---|"]
         for key, m in report[direction].items():
-            lat = report.get("latency_ms", {}).get(key, {}).get("total", {})
+            lat = report.get(LATENCY_KEYS[direction], {}).get(key, {}).get("total", {})
             p = m.get("p_value_vs_itc")
             lines.append(
                 f"| {key} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['MRR']:.3f} | {m['nDCG@10']:.3f} | "
                 f"{'' if p is None else f'{p:.2g}'} | {lat.get('mean', float('nan')):.1f} | {lat.get('p95', float('nan')):.1f} |"
             )
-    lines.append("\nLatency: text → image searches through `SearchEngine.search` (encode, filter, retrieve, rerank, metadata).\n")
+    lines.append("\nLatency: `SearchEngine.search` calls (encode, filter, retrieve, rerank, metadata): caption texts "
+                 "against the images, and image files (decoded and encoded, as an upload) against the captions.\n")
     return "\n".join(lines)
 
 
@@ -369,11 +376,13 @@ def plots(report: dict, out: Path) -> list[Path]:
         for k in ("R@1", "R@5"):
             ax.plot(depths, [report[direction][key][k] for key in keys], style, label=f"{direction} {k}")
     p1 = save(fig, ax, "recall (%)", "recall_vs_depth.png")
-    lat = report["latency_ms"]
+    lat, lat_i2t = report[LATENCY_KEYS["t2i"]], report.get(LATENCY_KEYS["i2t"], {})
     if not lat:  # latency not measured (--latency-queries 0)
         return [p1]
     fig, ax = plt.subplots(figsize=(6, 4))
     for stage in ("total", "rerank", "retrieve", "encode"):
-        ax.plot(depths, [lat[key][stage]["mean"] for key in keys], "o-", label=f"{stage} (mean)")
-    ax.plot(depths, [lat[key]["total"]["p95"] for key in keys], "k:", label="total (p95)")
+        ax.plot(depths, [lat[key][stage]["mean"] for key in keys], "o-", label=f"t2i {stage} (mean)")
+    ax.plot(depths, [lat[key]["total"]["p95"] for key in keys], "k:", label="t2i total (p95)")
+    if lat_i2t:
+        ax.plot(depths, [lat_i2t[key]["total"]["mean"] for key in keys], "s--", label="i2t total (mean)")
     return [p1, save(fig, ax, "ms per query", "latency_vs_depth.png")]

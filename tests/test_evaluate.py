@@ -114,7 +114,14 @@ def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
         assert set(rep[d]) == {"itc", "rerank@4", "rerank@8"}
         assert {"R@1", "R@5", "R@10", "MRR", "nDCG@10"} <= set(rep[d]["itc"])
         assert "p_value_vs_itc" in rep[d]["rerank@4"]
-    assert {"encode", "retrieve", "rerank", "total"} <= set(rep["latency_ms"]["rerank@8"])
+    for key in ("latency_ms", "latency_ms_i2t"):  # text -> image and image -> text searches, each timed per depth
+        assert set(rep[key]) == {"itc", "rerank@4", "rerank@8"}
+        assert {"encode", "retrieve", "rerank", "total"} <= set(rep[key]["rerank@8"])
+        assert rep[key]["rerank@8"]["rerank"]["mean"] > rep[key]["itc"]["rerank"]["mean"]  # reranking really ran
+    md = (out / "report.md").read_text()
+    i2t_rows = md.split("## image → text")[1].splitlines()
+    row8 = next(line for line in i2t_rows if line.startswith("| rerank@8 "))
+    assert row8.split("|")[-3].strip() == f"{rep['latency_ms_i2t']['rerank@8']['total']['mean']:.1f}"
     assert (out / "report.md").read_text().startswith("# Reranking evaluation")
     assert (out / "recall_vs_depth.png").stat().st_size > 1000 and (out / "latency_vs_depth.png").exists()
     assert "R@1" in r.output
@@ -126,5 +133,6 @@ def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
     # recall only: no latency measured, no latency plot, no crash
     r = runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(tmp_path / "quick"), "--latency-queries", "0"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "quick" / "report.json").read_text())["latency_ms"] == {}
+    quick = json.loads((tmp_path / "quick" / "report.json").read_text())
+    assert quick["latency_ms"] == quick["latency_ms_i2t"] == {}
     assert not (tmp_path / "quick" / "latency_vs_depth.png").exists()

@@ -241,6 +241,9 @@ def test_evaluation_page_runs_and_opens_reports(app, ui_col, small_catalog, tmp_
     assert list(t2i["stage"]) == ["itc", "rerank@4", "rerank@8"]
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert t2i["R@1"].tolist() == pytest.approx([report["t2i"][k]["R@1"] for k in ("itc", "rerank@4", "rerank@8")])
+    i2t = app.dataframe[1].value  # each direction shows its own timings, not text -> image's
+    for table, key in ((t2i, "latency_ms"), (i2t, "latency_ms_i2t")):
+        assert table["mean ms"].tolist() == pytest.approx([report[key][k]["total"]["mean"] for k in ("itc", "rerank@4", "rerank@8")])
     assert len(app.get("arrow_line_chart")) == 2 or len(app.get("vega_lite_chart")) >= 2
 
     app.radio(key="eval_mode").set_value("Open a saved report")

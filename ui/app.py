@@ -26,7 +26,7 @@ from indexer.collection import Collection
 from indexer.ingest import ingest
 from models.preprocess import ImageError, load_image
 from search.engine import ItemQuery, SearchEngine
-from search.evaluate import key_depth
+from search.evaluate import LATENCY_KEYS, key_depth
 from search.explain import explain
 from search.results import SearchResult
 
@@ -144,7 +144,7 @@ def report_tables(report: dict) -> dict[str, list[dict]]:
     for direction in ("t2i", "i2t"):
         rows = []
         for key, m in report.get(direction, {}).items():
-            lat = report.get("latency_ms", {}).get(key, {}).get("total", {})
+            lat = report.get(LATENCY_KEYS[direction], {}).get(key, {}).get("total", {})
             rows.append({
                 "stage": key, **{k: m.get(k) for k in ("R@1", "R@5", "R@10", "MRR", "nDCG@10")},
                 "p vs ITC": m.get("p_value_vs_itc"), "mean ms": lat.get("mean"), "p95 ms": lat.get("p95"),
@@ -403,9 +403,10 @@ def render_report(report: dict) -> None:
         st.dataframe(rows, width="stretch", hide_index=True)
         for r in rows:
             recall.setdefault(key_depth(r["stage"]), {})[f"{direction} R@1"] = r["R@1"]
-    for key, stages in report.get("latency_ms", {}).items():
-        latency.setdefault(key_depth(key), {})["mean ms"] = stages.get("total", {}).get("mean")
-        latency[key_depth(key)]["p95 ms"] = stages.get("total", {}).get("p95")
+    for direction, lat_key in LATENCY_KEYS.items():
+        for key, stages in report.get(lat_key, {}).items():
+            latency.setdefault(key_depth(key), {})[f"{direction} mean ms"] = stages.get("total", {}).get("mean")
+            latency[key_depth(key)][f"{direction} p95 ms"] = stages.get("total", {}).get("p95")
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Recall@1 vs rerank depth** (0 = ITC only)")

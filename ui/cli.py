@@ -372,7 +372,7 @@ def eval_cmd(
     latency_queries: Annotated[int, typer.Option("--latency-queries", help="Searches timed per depth.")] = 50,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10 and latency, ITC only vs each depth."""
-    from search.evaluate import evaluate, write_report
+    from search.evaluate import LATENCY_KEYS, evaluate, write_report
 
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
@@ -387,8 +387,7 @@ def eval_cmd(
     for direction in ("t2i", "i2t"):
         typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'ms':>8}")
         for key, m in rep[direction].items():
-            # latency is timed on text -> image searches only (--latency-queries; 0: not timed)
-            ms = rep["latency_ms"].get(key, {}).get("total", {}).get("mean") if direction == "t2i" else None
+            ms = rep[LATENCY_KEYS[direction]].get(key, {}).get("total", {}).get("mean")  # (--latency-queries 0: not timed)
             ms_s = f"{ms:8.1f}" if ms is not None else f"{'–':>8}"
             typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{ms_s}")
     typer.echo("wrote " + ", ".join(str(f) for f in files))
