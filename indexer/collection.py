@@ -71,8 +71,9 @@ def _expand(text: str) -> str:
 def resolve_url(url: str) -> str:
     """``url`` with every ``${NAME}`` replaced by that environment variable, so that
     ``collection.toml`` can hold ``postgresql://app:${VTF_DB_PASSWORD}@db/catalog`` instead of a
-    password. A value in the user, password, host or database part is URL-quoted as that part
-    needs (a password may hold ``@`` or ``/``); elsewhere it is put in as it is."""
+    password. Values in the user, password, host, database and query parts are URL-quoted as
+    each part needs (a password may hold ``@`` or ``/``); a URL that does not parse before
+    expansion (``${PORT}``) gets them as they are."""
     if not _ENV_REF.search(url):
         return url
     try:
@@ -80,9 +81,8 @@ def resolve_url(url: str) -> str:
     except Exception:  # noqa: BLE001 - e.g. ${PORT}: not a number until expanded
         return _expand(url)
     parts = {k: _expand(v) for k in ("username", "password", "host", "database") if (v := getattr(u, k)) and _ENV_REF.search(v)}
-    u = u.set(**parts)
-    rendered = u.render_as_string(hide_password=False)
-    return _expand(rendered) if _ENV_REF.search(rendered) else rendered  # references left in the query string
+    query = {k: [_expand(x) for x in v] if isinstance(v, tuple) else _expand(v) for k, v in u.query.items()}
+    return u.set(**parts, query=query).render_as_string(hide_password=False)
 
 
 def literal_password(url: str) -> bool:

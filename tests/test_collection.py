@@ -264,6 +264,22 @@ def test_database_url_takes_secrets_from_the_environment(tmp_path, model_dir, sm
         assert Collection.open(tmp_path / "d").config.db_url.count("written-out") == 1
 
 
+def test_resolve_url_quotes_each_part_and_reads_the_query_and_port(monkeypatch):
+    from sqlalchemy.engine import make_url
+
+    from indexer.collection import literal_password, resolve_url
+
+    monkeypatch.setenv("VTF_PW", "p@ss/w:rd")
+    monkeypatch.setenv("VTF_KEY", "/keys/a b.pem")
+    monkeypatch.setenv("VTF_PORT", "5433")
+    u = make_url(resolve_url("postgresql+psycopg://app:${VTF_PW}@db:5432/cat?sslkey=${VTF_KEY}"))
+    assert (u.username, u.password, u.host, u.port, u.database, u.query["sslkey"]) == ("app", "p@ss/w:rd", "db", 5432, "cat", "/keys/a b.pem")
+    assert make_url(resolve_url("postgresql://app@db:${VTF_PORT}/cat")).port == 5433
+    assert resolve_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert literal_password("postgresql://app:secret@db/cat") and not literal_password("postgresql://app:${VTF_PW}@db/cat")
+    assert not literal_password("postgresql://app@db/cat") and not literal_password("")
+
+
 def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
     from indexer.filters import FilterError
 
