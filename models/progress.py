@@ -37,9 +37,21 @@ class _LogLines(tqdm):
         kwargs["file"] = _Discard()  # what tqdm writes itself (a newline on close) goes nowhere
         super().__init__(*args, **kwargs)
 
+    _logged_at = float("-inf")
+    _closing = False
+
     def display(self, msg=None, pos=None):  # noqa: ARG002 - tqdm's signature
-        log.info("%s", msg if msg is not None else self.format_meter(**self.format_dict))
+        # tqdm also redraws on every set_postfix(refresh=True) and refresh(): on a terminal that
+        # overwrites a line, in a log it would add one; so at most one per interval, and the last
+        now = self._time()
+        if self._closing or now - self._logged_at >= self.mininterval:
+            self._logged_at = now
+            log.info("%s", msg if msg is not None else self.format_meter(**self.format_dict))
         return True
+
+    def close(self):
+        self._closing = True
+        super().close()
 
 
 def progress(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:

@@ -41,6 +41,17 @@ def test_log_lines_are_rate_limited_and_silent_when_disabled(caplog):
     assert _lines(caplog) == []
 
 
+def test_refreshes_between_intervals_add_no_lines(caplog):
+    with caplog.at_level(logging.INFO, logger="vtfusion.progress"):
+        bar = progress(total=10, desc="train", unit="step")
+        for i in range(10):
+            bar.update(1)
+            bar.set_postfix(loss=10 - i)  # refresh=True: tqdm redraws each time
+        bar.close()
+    lines = _lines(caplog)
+    assert len(lines) == 2 and lines[-1].startswith("train: 100% 10/10") and "loss=1" in lines[-1]
+
+
 def test_on_a_terminal_progress_is_a_redrawn_bar(caplog):
     term = _Terminal()
     with caplog.at_level(logging.INFO, logger="vtfusion.progress"):
