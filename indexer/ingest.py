@@ -193,13 +193,14 @@ def ingest_rows(
             pin_memory=bundle.device.type == "cuda",
             persistent_workers=False,
         )
-    bar = progress_bar(total=len(rows), desc="ingest", unit="item", enabled=progress)
     writer = _Writer(lambda p: _write_batch(collection, rows, p, report))
     seen: set[str] = set()  # hashes taken by this run (its last batches may not be committed yet)
     status = "interrupted"
     done = 0
+    bar = None
     try:
-        batches = iter(loader)  # forks the workers before the writer thread exists
+        batches = iter(loader)  # forks the workers before this run starts threads (the writer, tqdm's monitor)
+        bar = progress_bar(total=len(rows), desc="ingest", unit="item", enabled=progress)
         writer.start()
         t_wait = time.perf_counter()
         for batch in batches:
@@ -222,7 +223,8 @@ def ingest_rows(
             t_wait = time.perf_counter()
         status = "done"
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         try:
             if writer.is_alive():
                 writer.close()  # commits what is already embedded, or re-raises the writer's error

@@ -192,11 +192,11 @@ def paired_p(a: dict[str, float], b: dict[str, float]) -> float:
 # ---- the evaluation ----------------------------------------------------------------------------
 
 
-def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progress: bool) -> list[tuple[int, str, str]]:
+def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progress: bool, workers: int | None) -> list[tuple[int, str, str]]:
     rows = [
         CatalogRow(f"pair{j}", p.image.resolve(), (p.caption,), {}, f"{pairs_path}:{p.line}") for j, p in enumerate(pairs)
     ]
-    rep = ingest_rows(c, rows, [], str(pairs_path), progress=progress)
+    rep = ingest_rows(c, rows, [], str(pairs_path), workers=workers, progress=progress)
     log.info("eval pairs: %d added, %d already there, %d failed", rep.added, rep.duplicates, rep.failed)
     with c.Session() as s:
         return [
@@ -223,13 +223,16 @@ def evaluate(
     latency_queries: int = 50,
     chunk: int = 256,
     progress: bool = True,
+    workers: int | None = None,
     **read_kw,
 ) -> dict:
+    """``workers``: the ingest of new pairs (``ingest_rows``; 0 in a process that must not fork,
+    such as a web server)."""
     pairs_path = Path(pairs_path).resolve()
     pairs = read_pairs(pairs_path, **read_kw)
     if not pairs:
         raise ValueError(f"{pairs_path}: no (image, caption) pairs")
-    items = _ingest_pairs(c, pairs, pairs_path, progress)
+    items = _ingest_pairs(c, pairs, pairs_path, progress, workers)
     image_paths = sorted({p for _, p, _ in items})
     group_of_path = {p: g for g, p in enumerate(image_paths)}
     text_ids = [i for i, _, _ in items]  # every caption is a text item

@@ -359,7 +359,7 @@ def ingest_ui(engine: SearchEngine) -> None:
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"ingesting {source.name}: {done}/{total}")
 
-    rep = ingest(engine.c, source, workers=0, progress=False, on_progress=progress)
+    rep = ingest(engine.c, source, workers=0, progress=False, on_progress=progress)  # no fork in the server
     bar.progress(1.0, text="done")
     st.success(f"{rep.added} added, {rep.duplicates} already there, {rep.replaced} replaced, {rep.failed} failed "
                f"in {rep.seconds:.1f} s")
@@ -444,7 +444,7 @@ def evaluation_page(engine: SearchEngine) -> None:
         if st.button("Run evaluation", key="eval_go") and pairs.strip():
             ds = [int(d) for d in depths.replace(" ", "").split(",") if d]
             with st.spinner("Ingesting the pairs (if new), ranking both directions, timing searches…"):
-                report = evaluate(engine.c, Path(pairs.strip()).expanduser(), depths=ds, progress=False)
+                report = evaluate(engine.c, Path(pairs.strip()).expanduser(), depths=ds, progress=False, workers=0)  # no fork in the server
             st.session_state["eval_report"] = report
             if out.strip():
                 written = write_report(report, Path(out.strip()).expanduser())
