@@ -42,3 +42,19 @@ def test_non_utf8_rows_are_reported(tmp_path):
     rows, errors = read_csv(p)
     assert [r.external_id for r in rows] == ["1"]
     assert len(errors) == 1 and "UTF-8" in errors[0].reason
+
+
+def test_a_symlink_loop_fails_its_row_not_the_read(tmp_path):
+    from indexer.ingest import DecodeStage
+    from models.config import VisionConfig
+    from models.preprocess import ImageTransform
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "loop1").symlink_to("loop2")
+    (tmp_path / "img" / "loop2").symlink_to("loop1")
+    p = tmp_path / "c.csv"
+    p.write_text("id,image,caption\na,img/loop1,a red mug\n")
+    rows, errors = read_csv(p)  # Path.resolve raised RuntimeError here and stopped the read
+    assert [r.external_id for r in rows] == ["a"] and not errors
+    _, px, _, err = DecodeStage(rows, ImageTransform(VisionConfig()))[0]
+    assert px is None and "symbolic links" in err

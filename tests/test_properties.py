@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -149,3 +149,84 @@ def test_jsonl_reader_never_crashes(lines):
         for r in rows:
             assert r.image.is_relative_to(Path(tmp).resolve())
         assert len(rows) + len(errors) <= len(lines)
+
+
+# ---- image path resolution: the per-directory cache agrees with Path.resolve ------------------
+
+
+def _symlink_tree(base: Path) -> Path:
+    """A catalog folder with real files, a symlinked directory, symlinked files (one pointing
+    outside), a dangling link and a link loop; returns the catalog folder."""
+    root = base / "cat"
+    (root / "img" / "sub").mkdir(parents=True)
+    (base / "elsewhere").mkdir()
+    for p in (root / "img" / "a.png", root / "img" / "sub" / "b.png", base / "elsewhere" / "x.png"):
+        p.write_bytes(b"png")
+    (root / "linkdir").symlink_to(root / "img")
+    (root / "outdir").symlink_to(base / "elsewhere")
+    (root / "img" / "to_a.png").symlink_to("a.png")
+    (root / "img" / "to_out.png").symlink_to(base / "elsewhere" / "x.png")
+    (root / "img" / "dangling.png").symlink_to("nothing.png")
+    (root / "img" / "loop1").symlink_to("loop2")
+    (root / "img" / "loop2").symlink_to("loop1")
+    return root
+
+
+PARTS = ["img", "sub", "linkdir", "outdir", "..", ".", "a.png", "b.png", "x.png", "to_a.png", "to_out.png",
+         "dangling.png", "loop1", "missing", "missing.png", ""]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(PARTS), min_size=1, max_size=5), st.booleans())
+@example(["img", "loop1"], False)
+@example(["linkdir", "loop1", "a.png"], False)
+@example(["outdir", "x.png"], True)
+@example(["img", "to_out.png"], False)
+@example(["linkdir", "..", "img", "to_a.png"], False)
+def test_image_paths_resolve_as_path_resolve_does(parts, absolute):
+    """The same path as ``Path.resolve`` (so the same "outside the folder" verdict); where that
+    raises on a symlink loop (which stopped the whole read), the unresolved path comes back and
+    the row fails later, alone, when its image cannot be opened."""
+    import os
+
+    from indexer.catalog import _Resolver
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _symlink_tree(Path(tmp).resolve())
+        rel = "/".join(parts)
+        if absolute:
+            rel = str(root / rel)
+        resolver = _Resolver(root)
+        for _ in range(2):  # the second time from the directory cache
+            try:
+                want = (root / rel).resolve()
+            except RuntimeError:  # a symlink loop
+                want = Path(os.path.realpath(root / rel))
+            got = resolver(rel)
+            assert got == want, rel
+            assert resolver.inside(got) == want.is_relative_to(root), rel
+
+
+def _typed_naive(v):
+    """The oracle: try int, then float, on every string."""
+    if not isinstance(v, str):
+        return v
+    for conv in (int, float):
+        try:
+            return conv(v.strip())
+        except ValueError:
+            pass
+    return v
+
+
+@SETTINGS
+@given(st.one_of(st.text(max_size=12), st.from_regex(r"\s*[-+]?(\d+|\d*\.\d+)([eE][-+]?\d+)?\s*", fullmatch=True),
+                 st.sampled_from(["inf", "-Infinity", "nan", "NaN", "1_000", "٣", "１２", "navy", "e5", ".", "+"])))
+def test_metadata_numbers_parse_as_int_then_float_would(s):
+    import math
+
+    from indexer.catalog import _typed
+
+    got, want = _typed(s), _typed_naive(s)
+    assert type(got) is type(want)
+    assert got == want or (isinstance(got, float) and math.isnan(got) and math.isnan(want))
