@@ -72,9 +72,11 @@ def test_sigkill_at_random_points_then_resume(tmp_path, model_dir):
     catalog = tmp_path / "cat" / "train.csv"
     n_rows = sum(1 for _ in open(catalog)) - 1
 
-    Collection.init(tmp_path / "ref", model_dir)
-    out = _run(_ingest_cmd(tmp_path / "ref", catalog))
-    ingest_s = float(out.split(" in ")[1].split(" s")[0])  # "added N, ... in X s (...)"
+    ingest_s = {}  # uninterrupted ingest time of each mode: the kills land within its first quarter
+    for workers in (0, 2):
+        Collection.init(tmp_path / f"ref{workers}", model_dir)
+        out = _run(_ingest_cmd(tmp_path / f"ref{workers}", catalog, workers))
+        ingest_s[workers] = float(out.split(" in ")[1].split(" s")[0])  # "added N, ... in X s (...)"
 
     Collection.init(tmp_path / "col", model_dir)
     rng = random.Random(0)
@@ -82,7 +84,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path, model_dir):
     for k in range(5):
         # odd kills hit an ingest whose worker processes decode and embed: only the main
         # process is killed (as the OOM killer would); its orphaned workers must exit by themselves
-        _run_and_kill(_ingest_cmd(tmp_path / "col", catalog, workers=2 * (k % 2)), tmp_path / "col", rng.uniform(0, 0.25 * ingest_s))
+        workers = 2 * (k % 2)
+        _run_and_kill(_ingest_cmd(tmp_path / "col", catalog, workers), tmp_path / "col", rng.uniform(0, 0.25 * ingest_s[workers]))
         deadline = time.monotonic() + 30
         while _processes_of(tmp_path / "col") and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -97,14 +100,15 @@ def test_sigkill_at_random_points_then_resume(tmp_path, model_dir):
     assert sum(0 < p < n_rows for p in partial) >= 2, partial
     _run(_ingest_cmd(tmp_path / "col", catalog))
 
-    c, ref = Collection.open(tmp_path / "col"), Collection.open(tmp_path / "ref")
-    with c.Session() as s, ref.Session() as rs:
+    c, ref, ref2 = (Collection.open(tmp_path / name) for name in ("col", "ref0", "ref2"))
+    with c.Session() as s, ref.Session() as rs, ref2.Session() as rs2:
         n = s.scalar(select(func.count()).select_from(Item))
         distinct = s.scalar(select(func.count(func.distinct(Item.external_id))))
         hashes = sorted(s.scalars(select(Item.content_hash)))
         ref_hashes = sorted(rs.scalars(select(Item.content_hash)))
+        assert sorted(rs2.scalars(select(Item.content_hash))) == ref_hashes
     assert n == distinct == n_rows  # nothing lost, nothing twice
-    assert hashes == ref_hashes  # the same items as the uninterrupted run
+    assert hashes == ref_hashes  # the same items as the uninterrupted runs
     assert verify(c).ok
     assert c.indexes["image"].ntotal == ref.indexes["image"].ntotal == n_rows
 
