@@ -28,7 +28,10 @@ class _Discard:
 
 
 class _LogLines(tqdm):
-    """A tqdm whose every redraw is one log line (tqdm's own rate limiting: ``mininterval``)."""
+    """A tqdm whose redraws are log lines: at most one per ``mininterval``, and the last."""
+
+    _logged_at = float("-inf")
+    _closing = False
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("mininterval", LOG_EVERY_S)
@@ -36,9 +39,6 @@ class _LogLines(tqdm):
         kwargs.setdefault("ncols", 0)  # the text only: no bar of block characters
         kwargs["file"] = _Discard()  # what tqdm writes itself (a newline on close) goes nowhere
         super().__init__(*args, **kwargs)
-
-    _logged_at = float("-inf")
-    _closing = False
 
     def display(self, msg=None, pos=None):  # noqa: ARG002 - tqdm's signature
         # tqdm also redraws on every set_postfix(refresh=True) and refresh(): on a terminal that
