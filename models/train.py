@@ -24,7 +24,8 @@ Checkpoints every N steps under ``OUT/checkpoints/step-XXXXXXX/`` (a model folde
 bit-reproducible for a seed, resumed or not (rows are gathered with ``gather_rows``, whose
 backward is a matrix product: indexing's backward accumulates with atomics in parallel on the
 CPU and made two runs of one seed drift apart at the default size). With a time budget (``minutes``) the learning
-rate follows elapsed time instead of steps, so the schedule completes when time runs out.
+rate follows elapsed time instead of steps, so the schedule completes when time runs out; the
+second stage keeps ``rerank_share`` of the budget (a quarter) and the joint stage gets the rest.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class TrainConfig:
     rerank_lr_scale: float = 2.0  # its peak learning rate, x lr (stable with the towers frozen; 3x lr in the joint stage is not)
     rerank_pool: int = 32  # negatives come from each query's top rerank_pool ITC candidates
     rerank_negatives: int = 4  # drawn per query and direction, in proportion to softmax(ITC logits)
+    rerank_share: float = 0.25  # of a `minutes` budget, kept for the second stage (the joint stage gets the rest)
     mine_batches: bool = True  # from epoch 1 on, batch each pair with its ITC nearest neighbour
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError("give epochs, minutes, or both")
         if self.rerank_epochs < 0 or self.rerank_pool < 2 or self.rerank_negatives < 1 or self.rerank_lr_scale <= 0:
             raise ValueError("rerank_epochs must be >= 0, rerank_pool >= 2, rerank_negatives >= 1 and rerank_lr_scale > 0")
+        if not 0 <= self.rerank_share < 1:
+            raise ValueError(f"rerank_share must be in [0, 1); got {self.rerank_share}")
         if self.itm_negatives < 1 or self.itm_rank_weight < 0 or self.mlm_weight < 0:
             raise ValueError("itm_negatives must be at least 1, itm_rank_weight and mlm_weight at least 0")
         if not 0 < self.mlm_prob < 1:
@@ -401,9 +405,11 @@ def _sample_from_pool(values: torch.Tensor, index: torch.Tensor, rows: torch.Ten
     return index[rows].gather(1, pick)
 
 
-def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device) -> tuple[int, list[float]]:
+def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device, seconds: float | None = None) -> tuple[int, list[float]]:
     """Second stage: train the fusion layers and ITM head alone, towers frozen, on the
     candidates ITC itself retrieves for every training pair. Returns (steps, losses).
+    ``seconds``: a time budget (what ``minutes`` left it); it then stops at whichever of
+    ``rerank_epochs`` and the budget ends first, its learning rate following elapsed time.
 
     Joint training teaches ITM on in-batch negatives while the towers move under it; a
     reranker at search time sees something else: a query's top ITC candidates over the whole
@@ -417,6 +423,7 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
     not change: ITC-only search is unaffected. Every pair's image tokens are held in memory
     (n x N x D_v floats: 33 kB per pair for the default model).
     """
+    t0 = time.perf_counter()
     model = bundle.model
     model.eval()  # towers as at inference (BatchNorm running statistics)
     model.fusion.train()
@@ -442,7 +449,13 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
     warmup = min(cfg.warmup_steps, max(1, total // 10))
     step, losses = 0, []
     bar = progress_bar(total=total, desc="tune reranker", unit="step", enabled=cfg.progress)
+
+    def out_of_time() -> bool:
+        return seconds is not None and time.perf_counter() - t0 >= seconds
+
     for epoch in range(cfg.rerank_epochs):
+        if out_of_time():
+            break
         dataset.set_epoch(cfg.epochs + epoch if cfg.epochs is not None else epoch)  # texts drawn anew
         with torch.no_grad():
             ids, mask = bundle.tokenizer([dataset.text(i) for i in range(n)])
@@ -454,6 +467,8 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
             i2t_val, i2t_idx = (t.cpu() for t in itc_candidates(img_emb, txt_emb, cfg.rerank_pool))  # each image's texts
         perm = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
+            if out_of_time():
+                break
             rows = perm[b * size : (b + 1) * size]  # (B,) pairs
             K = min(cfg.rerank_negatives, t2i_idx.shape[1])
             neg_img = _sample_from_pool(t2i_val, t2i_idx, rows, scale, K, gen).reshape(-1)  # (B*K,)
@@ -461,8 +476,11 @@ def tune_reranker(bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device
             own = rows.repeat_interleave(K)  # (B*K,)
             f_img = torch.cat([rows, own, neg_img]).to(device)  # ((1+2K)B,) into img_tokens
             f_txt = torch.cat([rows, neg_txt, own]).to(device)  # ((1+2K)B,) into txt_tokens
+            progress = step / max(total, 1)
+            if seconds:
+                progress = max(progress, (time.perf_counter() - t0) / seconds)
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step / max(total, 1), step, warmup, cfg.min_lr_ratio)
+                g["lr"] = g["base_lr"] * lr_factor(progress, step, warmup, cfg.min_lr_ratio)
             f_mask = mask[f_txt]
             width = int(f_mask.sum(1).max())  # padding is at the end: drop the columns no row uses
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -509,7 +527,10 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = len(_batches(len(dataset), cfg.batch_size, 0, 0))
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs is not None else None
-    budget = cfg.minutes * 60 if cfg.minutes is not None else None
+    total_budget = cfg.minutes * 60 if cfg.minutes is not None else None
+    # a time budget keeps rerank_share of itself for the second stage; the joint stage's
+    # schedule completes in the rest
+    budget = total_budget * (1 - cfg.rerank_share) if total_budget is not None and cfg.rerank_epochs else total_budget
 
     step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
     epoch_batches: list[list[int]] | None = None  # this epoch's batch plan (checkpointed: it depends on the model)
@@ -606,10 +627,13 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     result.seconds = elapsed()
     result.stopped_by = stop
     log.info("trained %d steps (%.2f epochs) in %.0f s, stopped by %s", step, result.epochs_done, result.seconds, stop)
-    if cfg.rerank_epochs and stop == "epochs":  # a run cut short by its time budget ends here
-        # from the joint run's final checkpoint: a resumed run redoes this stage, bit for bit
+    if cfg.rerank_epochs:
+        # from the joint run's final checkpoint: a resumed run redoes this stage (bit for bit
+        # with an epoch budget); with a time budget it gets what the joint stage left
         t_tune = time.perf_counter()
-        result.rerank_steps, result.rerank_losses = tune_reranker(bundle, dataset, cfg, device)
+        left = None if total_budget is None else total_budget - elapsed()
+        if left is None or left > 0:
+            result.rerank_steps, result.rerank_losses = tune_reranker(bundle, dataset, cfg, device, seconds=left)
         result.rerank_seconds = time.perf_counter() - t_tune
         log.info("then %d reranker steps in %.0f s", result.rerank_steps, result.rerank_seconds)
     checkpoint.save(bundle, out_dir)
