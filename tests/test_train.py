@@ -177,14 +177,14 @@ def test_reranker_stage_trains_fusion_alone_reproducibly_and_survives_resume(sma
 def test_time_budget_stops_training(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     res = train(b, _dataset(small_catalog, b), tmp_path / "m",
-                TrainConfig(epochs=None, minutes=0.05, batch_size=16, checkpoint_every=0, progress=False, rerank_epochs=0))
-    assert res.stopped_by == "minutes" and res.rerank_steps == 0
+                TrainConfig(epochs=None, minutes=0.05, batch_size=16, checkpoint_every=0, progress=False))
+    assert res.stopped_by == "minutes" and res.rerank_steps == 0  # rerank_share 0: the joint stage took it all
     assert 0 < res.seconds < 3 * 60 * 0.05 + 20  # stops within one step of the budget (+ final save)
 
 
 def test_time_budget_keeps_a_share_for_the_reranker_stage(small_catalog, tmp_path):
-    """--minutes used to end the run before the second stage (what the quickstart runs): now
-    the joint stage stops at (1 - rerank_share) of the budget and the second stage gets the rest."""
+    """With rerank_share the joint stage stops at (1 - rerank_share) of the budget and the
+    second stage gets the rest (--minutes used to end every run before the second stage)."""
     b = _fresh(small_catalog)
     budget = 60 * 0.2
     cfg = TrainConfig(epochs=None, minutes=0.2, batch_size=16, checkpoint_every=0, progress=False, rerank_share=0.4,

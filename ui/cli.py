@@ -72,7 +72,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (checkpoints go under OUT/checkpoints).")],
     val: Annotated[Path | None, typer.Option("--val", help="Held-out CSV for the final validation.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default 10 if --minutes is not given).")] = None,
-    minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-clock budget; the LR schedule follows it; --rerank-share of it goes to the second stage.")] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-clock budget; the LR schedule follows it; --rerank-share of it is kept for the second stage.")] = None,
     text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch | path to a local BERT folder.")] = "minilm",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
@@ -90,7 +90,7 @@ def train_cmd(
     itm_rank_weight: Annotated[float, typer.Option("--itm-rank-weight", help="Weight of the listwise ITM loss (0: ALBEF's binary ITM loss only).")] = 1.0,
     mlm_weight: Annotated[float, typer.Option("--mlm-weight", help="Weight of image-conditioned masked language modelling (ALBEF; default 0: off).")] = 0.0,
     rerank_epochs: Annotated[int, typer.Option("--rerank-epochs", help="Second stage: epochs of the fusion layers alone, towers frozen, on the candidates ITC retrieves for each training pair (0: none).")] = 8,
-    rerank_share: Annotated[float, typer.Option("--rerank-share", help="With --minutes: the share of the budget kept for the second stage.")] = 0.25,
+    rerank_share: Annotated[float, typer.Option("--rerank-share", help="With --minutes: the share of the budget kept for the second stage (default 0: it gets only what the joint stage leaves).")] = 0.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
