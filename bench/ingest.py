@@ -40,18 +40,21 @@ from models.preprocess import DEFAULT_MAX_PIXELS, load_image
 
 
 @torch.no_grad()
-def forward_only(bundle, pixels_u8: torch.Tensor, texts: list[str], batch_size: int) -> float:
+def _forward(bundle, pixels_u8: torch.Tensor, texts: list[str]):
+    """The model work ingest does for one batch -> (image emb, text emb, image tokens) on the CPU."""
     model, device = bundle.model, bundle.device
+    px = bundle.transform.normalize(pixels_u8.to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        tok = model.image_tokens(px)
+        ids, mask = bundle.tokenizer(texts)
+        return model.image_emb(tok).float().cpu(), model.encode_text(ids.to(device), mask.to(device)).float().cpu(), tok.float().cpu()
+
+
+def forward_only(bundle, pixels_u8: torch.Tensor, texts: list[str], batch_size: int) -> float:
     t = time.perf_counter()
     for i in range(0, len(texts), batch_size):
-        px = bundle.transform.normalize(pixels_u8[i : i + batch_size].to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tok = model.image_tokens(px)
-            model.image_emb(tok).float().cpu()
-            ids, mask = bundle.tokenizer(texts[i : i + batch_size])
-            model.encode_text(ids.to(device), mask.to(device)).float().cpu()
-        tok.float().cpu()
-    if device.type == "cuda":
+        _forward(bundle, pixels_u8[i : i + batch_size], texts[i : i + batch_size])
+    if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     return len(texts) / (time.perf_counter() - t)
 
@@ -65,12 +68,10 @@ class _ForwardBatches(Dataset):
     def __len__(self):
         return -(-len(self.texts) // self.bs)
 
-    @torch.no_grad()
     def __getitem__(self, k):
-        b, sl = self.bundle, slice(k * self.bs, (k + 1) * self.bs)
-        tok = b.model.image_tokens(b.transform.normalize(self.pixels[sl]))
-        ids, mask = b.tokenizer(self.texts[sl])
-        return b.model.image_emb(tok), b.model.encode_text(ids, mask), tok.half()
+        sl = slice(k * self.bs, (k + 1) * self.bs)
+        image_emb, text_emb, tok = _forward(self.bundle, self.pixels[sl], self.texts[sl])
+        return image_emb, text_emb, tok.half()  # fp16 tokens cross the process boundary, as ingest's records do
 
 
 def forward_only_workers(bundle, pixels_u8: torch.Tensor, texts: list[str], batch_size: int, workers: int) -> float:

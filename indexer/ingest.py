@@ -313,6 +313,10 @@ class _Prepared:
     decode_s: float = 0.0  # busy time in a worker process
     embed_s: float = 0.0
 
+    def text_rows(self) -> list[int]:
+        """Item k -> its row in ``text_emb`` (meaningful where ``has_text[k]``)."""
+        return (np.cumsum(self.has_text, dtype=np.int64) - 1).tolist()
+
     def drop_taken(self, taken: set[str]) -> None:
         """Drop items whose hash is in ``taken`` (an earlier batch of this run has them: workers
         embed before they can know), counting them as duplicates; add the rest to ``taken``."""
@@ -322,8 +326,8 @@ class _Prepared:
             return
         self.duplicates += len(self.fresh) - len(keep)
         if self.text_emb is not None:
-            pos = np.cumsum(self.has_text) - 1  # item k -> its row in text_emb
-            rows = [int(pos[k]) for k in keep if self.has_text[k]]
+            pos = self.text_rows()
+            rows = [pos[k] for k in keep if self.has_text[k]]
             self.text_emb = self.text_emb[rows] if rows else None
         self.fresh = [self.fresh[k] for k in keep]
         self.has_text = [self.has_text[k] for k in keep]
@@ -410,7 +414,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     and the rest is committed again (their token records stay unreferenced: harmless)."""
     t = time.perf_counter()
     locations = collection.tokens.append_records(p.records.numpy()) if p.fresh and p.records is not None else [(None, None)] * len(p.fresh)
-    text_pos = (np.cumsum(p.has_text) - 1).tolist() if p.fresh else []  # fresh item k -> its row in p.text_emb
+    text_pos = p.text_rows()  # fresh item k -> its row in p.text_emb
     keep = list(range(len(p.fresh)))
     for attempt in range(WRITE_RETRIES + 1):
         try:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from .progress import progress as progress_bar
 
 from .preprocess import ImageError, ImageTransform, TextTokenizer
+from .progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from torch.utils.data import DataLoader
-from .progress import progress as progress_bar
 
 from . import checkpoint
 from .checkpoint import Bundle
@@ -53,6 +52,7 @@ from .data import PairCollator, PairDataset
 from .fusion import fused_score
 from .layers import gather_rows
 from .losses import IGNORE, itc_loss, itm_loss, itm_rank_loss, mask_tokens, sample_hard_negatives
+from .progress import progress as progress_bar
 from .validate import embed_images
 
 log = logging.getLogger(__name__)

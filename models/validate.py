@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from .progress import progress as progress_bar
 
 from .checkpoint import Bundle
 from .fusion import fused_score
+from .progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
