@@ -149,7 +149,12 @@ def test_why_heatmap_appears(server, browser, tmp_path):
 
     _search(browser, server, QUERY)
     WebDriverWait(browser, 60).until(lambda d: d.execute_script(LOADED_MEDIA_IMAGES) >= 12)
-    why = [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Why?"]
+
+    def why_buttons(d):
+        return [b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Why?"]
+
+    WebDriverWait(browser, 60).until(lambda d: len(why_buttons(d)) >= 12)  # the images can land before the buttons
+    why = why_buttons(browser)
     assert len(why) == 12
     browser.execute_script("arguments[0].click()", why[0])
     WebDriverWait(browser, 60).until(lambda d: "cross-attention from" in d.find_element(By.TAG_NAME, "body").text)
