@@ -11,24 +11,29 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import tomllib
+import uuid
+from datetime import timezone
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import checkpoint
 
 from .locks import file_lock
-from .schema import MODALITIES, Change, Embedding, Item
+from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
+from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
-from .vectors import IndexMeta, IndexMismatchError, VectorIndex, auto_factory, read_meta
+from .vectors import IndexMeta, UnreadableIndexError, VectorIndex, auto_factory, clean_index_folder, read_meta
 
 log = logging.getLogger(__name__)
 TOKEN_LOCATIONS_KEPT = 200_000  # item token locations kept in memory (~30 MB)
@@ -38,6 +43,16 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 class CollectionError(RuntimeError):
     """A collection folder that cannot be opened or created; the message says what to do."""
+
+
+class StaleIndexError(CollectionError):
+    """Indexes built from another database, or from a later state of this one (the database was
+    restored from a backup or replaced): they are refused, and the message names the rebuild."""
+
+
+# what the database's ``collection`` row decides (the toml mirrors it): the model and the layout
+# of what was computed with it
+MODEL_FIELDS = ("model", "model_fingerprint", "embed_dim", "num_tokens", "token_width", "token_dtype", "token_format", "tokens_dir")
 
 
 @dataclass
@@ -50,9 +65,39 @@ class CollectionConfig:
     embed_dim: int = 0
     num_tokens: int = 0  # N of the model's image_tokens
     token_width: int = 0  # D_v
+    collection_id: str = ""  # the uid in the database's collection row ("" before it existed)
+    token_format: int = 1  # token cache record format (1: no header, from before checksums; init writes 2)
+    tokens_dir: str = "tokens"  # token cache folder inside the collection (reembed writes a new one)
 
     def dump(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(self).items())
+
+    def model_dict(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_FIELDS}
+
+    def write(self, folder: Path) -> None:
+        """Replace ``collection.toml`` atomically (a crash leaves the old or the new file)."""
+        path = folder / CONFIG_NAME
+        tmp = folder / f"{CONFIG_NAME}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.dump())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _holder(engine: Engine) -> str:
+    """'' when the database holds no collection; else what holds it, for a message."""
+    insp = inspect(engine)
+    if insp.has_table("collection"):
+        with engine.connect() as conn:
+            row = conn.execute(select(CollectionInfo.uid, CollectionInfo.folder)).first()
+        if row is not None:
+            return f"collection {row.uid} created in {row.folder}"
+    if insp.has_table("items"):
+        return "the tables of a collection created before collection ids existed"
+    return ""
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -129,15 +174,45 @@ def make_engine(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision."""
+    """Bring the schema to the newest Alembic revision. On SQLite foreign keys are off while it
+    runs (a revision that rebuilds a table would otherwise trip them)."""
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return  # the usual open: nothing to do, no write lock taken
+    with engine.connect() as conn:
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # outside a transaction, where SQLite honours it
+            conn.commit()
+        with conn.begin():
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
+
+
+def change_mark(session: Session, seq: int) -> str:
+    """What identifies change ``seq`` of this database's history (item, op, time): an index
+    records it with its watermark, so a restored or replaced database that reached the same
+    ``seq`` by another history is told apart. '' when there is no such change."""
+    if seq <= 0:
+        return ""
+    row = session.execute(select(Change.item_id, Change.op, Change.at).where(Change.seq == seq)).first()
+    if row is None:
+        return ""
+    at = row.at
+    if at.tzinfo is not None:
+        at = at.astimezone(timezone.utc).replace(tzinfo=None)
+    return f"{row.item_id}:{row.op}:{at.isoformat()}"
 
 
 class Collection:
@@ -152,11 +227,17 @@ class Collection:
         self._synced = -1  # last SQL change the in-memory indexes have applied
         self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
         self._lock_depth = 0  # ...and across processes (flock on index/.lock, taken at depth 1)
-        self.tokens = TokenCache(folder / "tokens", config.num_tokens, config.token_width, config.token_dtype)
-        # item id -> (token shard, offset, image path): fixed when the item is written, so kept
-        # (oldest dropped first) and a rerank of items seen before needs no SQL round trip
-        self._token_locs: dict[int, tuple[int | None, int | None, str]] = {}
+        self.tokens = self._token_cache()
+        # item id -> (token shard, offset, image path, content hash): fixed when the item is written
+        # (repair and reembed, which move records, clear it), so kept (oldest dropped first) and a
+        # rerank of items seen before needs no SQL round trip
+        self._token_locs: dict[int, tuple[int | None, int | None, str, str]] = {}
+        self.bad_token_records = 0  # records that failed their check and were re-encoded instead
         self._token_locs_lock = threading.Lock()
+
+    def _token_cache(self) -> TokenCache:
+        c = self.config
+        return TokenCache(self.folder / c.tokens_dir, c.num_tokens, c.token_width, c.token_dtype, fmt=c.token_format)
 
     # ---- create / open ---------------------------------------------------------------
 
@@ -189,14 +270,38 @@ class Collection:
             embed_dim=m.embed_dim,
             num_tokens=m.num_tokens,
             token_width=m.token_width,
+            collection_id=str(uuid.uuid4()),
+            token_format=TOKEN_FORMAT,
         )
+        url = resolve_url(db_url) if db_url else f"sqlite:///{folder / 'catalog.db'}"
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(url)
+        try:
+            taken = _holder(engine)
+        except Exception as e:  # noqa: BLE001 - an unreachable server, a bad URL
+            taken = f"cannot reach the database {mask_url(url)}: {_first_line(e)}"
+        finally:
+            engine.dispose()
+        if taken:
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            if taken.startswith("cannot reach"):
+                raise CollectionError(taken)
+            raise CollectionError(f"the database {mask_url(url)} already holds a collection ({taken}); give each "
+                                  "collection its own database, or on PostgreSQL its own schema (see the README)")
         (folder / "index").mkdir(exist_ok=True)
         self = cls(folder, config)
         try:
             migrate(self.engine)
         except Exception as e:
             raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {_first_line(e)}") from e
+        try:
+            with self.Session.begin() as s:  # id 1: a second collection's insert fails, even a concurrent one
+                s.add(CollectionInfo(id=1, uid=config.collection_id, folder=str(folder.resolve()), config=config.model_dict()))
+        except IntegrityError:
+            raise CollectionError(f"the database {mask_url(url)} already holds a collection ({_holder(self.engine)}); "
+                                  "give each collection its own database or schema (see the README)") from None
         path = folder / CONFIG_NAME
         if literal_password(db_url):  # readable by its owner only; ${ENV} references are better
             path.touch(mode=0o600)
@@ -221,11 +326,52 @@ class Collection:
         self = cls(folder, config)
         try:
             migrate(self.engine)
+            self._check_identity()
+        except CollectionError:
+            raise
         except Exception as e:  # noqa: BLE001 - say which database (password masked) and why
             raise CollectionError(f"cannot open the database {mask_url(config.db_url or str(self.engine.url))}: {_first_line(e)}") from e
         if catch_up:
             self.catch_up()
         return self
+
+    def _check_identity(self) -> None:
+        """The database must hold this collection: its uid matches collection.toml's. A
+        database from before collection ids is claimed by the folder that opens it first (its
+        uid written to both). The model fields follow the database (``reembed`` switches them
+        there first; a toml left behind by a crash is rewritten)."""
+        cfg, where = self.config, mask_url(self.config.db_url or str(self.engine.url))
+        with self.Session.begin() as s:
+            row = s.get(CollectionInfo, 1)
+            if row is None:
+                if cfg.collection_id:
+                    raise CollectionError(
+                        f"the database {where} holds no collection, but {self.folder} is collection {cfg.collection_id}: "
+                        "collection.toml points at a new or emptied database. Point --db back at the right one"
+                    )
+                cfg.collection_id = str(uuid.uuid4())
+                s.add(CollectionInfo(id=1, uid=cfg.collection_id, folder=str(self.folder.resolve()), config=cfg.model_dict()))
+                log.info("%s: claimed its database as collection %s", self.folder, cfg.collection_id)
+                db_cfg = cfg.model_dict()
+            elif not cfg.collection_id and row.folder == str(self.folder.resolve()):
+                cfg.collection_id, db_cfg = row.uid, dict(row.config)
+            elif row.uid != cfg.collection_id:
+                raise CollectionError(
+                    f"the database {where} holds collection {row.uid} (created in {row.folder}), not this one "
+                    f"({cfg.collection_id or 'a collection from before ids'}, {self.folder}). Two collections never "
+                    "share a database: fix db_url in collection.toml"
+                )
+            else:
+                db_cfg = dict(row.config)
+        stale = {k: v for k, v in db_cfg.items() if k in MODEL_FIELDS and getattr(cfg, k) != v}
+        on_disk = tomllib.loads((self.folder / CONFIG_NAME).read_text()).get("collection_id", "")
+        if stale or on_disk != cfg.collection_id:
+            if stale:
+                log.warning("%s: collection.toml is behind its database (%s); rewriting it", self.folder, ", ".join(sorted(stale)))
+            for k, v in stale.items():
+                setattr(cfg, k, v)
+            cfg.write(self.folder)
+            self.tokens = self._token_cache()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -240,24 +386,44 @@ class Collection:
                 raise CollectionError(
                     f"the model at {self.config.model} has changed since this collection was built "
                     f"(fingerprint {self.config.model_fingerprint} -> {bundle.fingerprint}); its stored embeddings "
-                    "came from the old one. Restore that model, or create a new collection and ingest again"
+                    f"came from the old one. Re-embed every item with the new model: `vtfusion reembed {self.folder} "
+                    f"--model {self.config.model}` (or restore the old model)"
                 )
             self._bundle = bundle
         return self._bundle
 
+    def check_model(self, session: Session) -> None:
+        """CollectionError if the database's collection model or token folder is no longer this
+        process's (``reembed`` or ``compact`` switched it meanwhile): vectors of the old model, or
+        token locations in the old folder, must not be committed. Call it last in a writing
+        transaction: the row is read FOR UPDATE (PostgreSQL waits for a switch in flight; SQLite
+        already holds the write lock)."""
+        row = session.scalars(select(CollectionInfo).where(CollectionInfo.id == 1).with_for_update()).first()
+        if row is None:
+            return
+        cfg = row.config
+        if cfg.get("model_fingerprint") != self.config.model_fingerprint or cfg.get("tokens_dir", "tokens") != self.config.tokens_dir:
+            raise CollectionError(
+                f"{self.folder} was re-embedded or compacted while this process was writing to it (model "
+                f"{self.config.model_fingerprint} -> {cfg.get('model_fingerprint')}, tokens {self.config.tokens_dir} -> "
+                f"{cfg.get('tokens_dir')}): nothing of this batch was committed. Run the command again"
+            )
+
     @torch.no_grad()
     def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:
         """Image tokens of these items, in order, as (K, N, D_v) float32 on the CPU, and how many
-        were re-encoded from their image files (no cache record: cache disabled, or a miss)."""
+        were re-encoded from their image files (no cache record: cache disabled, a miss, or a
+        record that failed its check: logged, counted in ``bad_token_records``, fixed by
+        ``vtfusion repair``)."""
         with self._token_locs_lock:
             locs = [self._token_locs.get(i) for i in item_ids]
         need = [i for i, loc in zip(item_ids, locs) if loc is None]
         if need:
             with self.engine.connect() as conn:  # Core, not an ORM session: this runs once per rerank chunk
                 found = {
-                    r.id: (r.token_shard, r.token_offset, r.image_path)
+                    r.id: (r.token_shard, r.token_offset, r.image_path, r.content_hash)
                     for r in conn.execute(
-                        select(Item.id, Item.token_shard, Item.token_offset, Item.image_path).where(Item.id.in_(need))
+                        select(Item.id, Item.token_shard, Item.token_offset, Item.image_path, Item.content_hash).where(Item.id.in_(need))
                     )
                 }
             unknown = [i for i in need if i not in found]
@@ -270,14 +436,26 @@ class Collection:
                     self._token_locs[i] = loc
             locs = [found[i] if loc is None else loc for i, loc in zip(item_ids, locs)]
         cached = [k for k, loc in enumerate(locs) if loc[0] is not None]
-        if len(cached) == len(locs):  # the usual case: one read, no re-encoding
-            return torch.from_numpy(self.tokens.read([loc[:2] for loc in locs])), 0
-        tokens = torch.empty(len(locs), self.config.num_tokens, self.config.token_width)
+        tokens = torch.zeros(len(locs), self.config.num_tokens, self.config.token_width)
+        ok = np.zeros(len(locs), dtype=bool)
         if cached:
-            tokens[cached] = torch.from_numpy(self.tokens.read([locs[k][:2] for k in cached]))
-        missing = [k for k, loc in enumerate(locs) if loc[0] is None]
-        tokens[missing] = self.bundle.image_tokens(self.bundle.transform.load(locs[k][2]) for k in missing).float().cpu()
+            got, good = self.tokens.read_checked([locs[k][:2] for k in cached], [locs[k][3] for k in cached])
+            tokens[cached] = torch.from_numpy(got)
+            ok[cached] = good
+            if not good.all():
+                bad = [item_ids[cached[j]] for j in np.flatnonzero(~good)]
+                self.bad_token_records += len(bad)
+                log.warning("token cache: %d records failed their check (items %s); re-encoded from their images. "
+                            "Run `vtfusion verify %s` and `vtfusion repair %s`", len(bad), bad[:5], self.folder, self.folder)
+        missing = np.flatnonzero(~ok).tolist()
+        if missing:
+            tokens[missing] = self.bundle.image_tokens(self.bundle.transform.load(locs[k][2]) for k in missing).float().cpu()
         return tokens, len(missing)
+
+    def forget_token_locations(self) -> None:
+        """Drop the remembered token locations (after records moved: repair, compact, reembed)."""
+        with self._token_locs_lock:
+            self._token_locs.clear()
 
     # ---- FAISS projection ------------------------------------------------------------
 
@@ -292,7 +470,7 @@ class Collection:
         q = (
             select(Embedding.item_id, Embedding.vector)
             .join(Item, Item.id == Embedding.item_id)
-            .where(Embedding.modality == modality, Item.status == "active")
+            .where(Embedding.modality == modality, Item.status == ACTIVE)
             .order_by(Embedding.item_id)
         )
         if since is not None:  # a subquery, not a bound id list: no parameter limit at any size
@@ -323,10 +501,23 @@ class Collection:
 
     def refresh(self) -> bool:
         """Catch the in-memory indexes up if SQL holds changes they have not applied (another
-        process ingested or deleted). One indexed query when nothing changed."""
+        process ingested or deleted), and follow a switch of model or token folder another
+        process made (reembed, compact). Two indexed queries when nothing changed."""
         with self.Session() as s:
             last = self.last_change(s)
-        if last == self._synced:
+            row = s.get(CollectionInfo, 1)
+            db_cfg = dict(row.config) if row is not None else {}
+        moved = {k: v for k, v in db_cfg.items() if k in MODEL_FIELDS and getattr(self.config, k) != v}
+        if moved:
+            log.info("%s was switched by another process (%s): reloading", self.folder, ", ".join(sorted(moved)))
+            if "model_fingerprint" in moved:
+                self._bundle = None
+            for k, v in moved.items():
+                setattr(self.config, k, v)
+            self.tokens = self._token_cache()
+            self.forget_token_locations()
+            self.indexes.clear()
+        elif last == self._synced:
             return False
         self.catch_up()
         return True
@@ -339,6 +530,7 @@ class Collection:
     def _build_index(self, modality: str, factory: str | None = None) -> VectorIndex:
         with self.Session() as s:
             watermark = self.last_change(s)
+            mark = change_mark(s, watermark)
             ids, xb = self.stored_vectors(s, modality)
         factory = factory or self.config.index_factory
         if factory == "auto":
@@ -351,11 +543,14 @@ class Collection:
             else:
                 index.train(xb)
         index.add(ids, xb)
-        self._save(modality, index, watermark)
+        self._save(modality, index, watermark, mark)
         return index
 
-    def _save(self, modality: str, index: VectorIndex, watermark: int) -> None:
-        meta = IndexMeta(modality, self.config.model_fingerprint, self.config.embed_dim, index.factory, watermark=watermark)
+    def _save(self, modality: str, index: VectorIndex, watermark: int, mark: str) -> None:
+        meta = IndexMeta(
+            modality, self.config.model_fingerprint, self.config.embed_dim, index.factory, watermark=watermark,
+            collection_id=self.config.collection_id, mark=mark,
+        )
         index.save(self.folder / "index", meta)
         self.indexes[modality] = index
 
@@ -368,8 +563,31 @@ class Collection:
             self._synced = last
             return applied
 
+    def check_stamp(self, meta: IndexMeta, session: Session) -> None:
+        """StaleIndexError unless the index ``meta`` stamps was built from this database, at a
+        point of its history that the database still has."""
+        cfg, path = self.config, self.folder / "index" / meta.file
+        fix = f"Rebuild the indexes from the database with `vtfusion reindex {self.folder}`"
+        if meta.collection_id and cfg.collection_id and meta.collection_id != cfg.collection_id:
+            raise StaleIndexError(f"{path} was built from collection {meta.collection_id}'s database, not this one's "
+                                  f"({cfg.collection_id}). {fix}")
+        last = self.last_change(session)
+        if meta.watermark > last:
+            raise StaleIndexError(
+                f"the database is older than the indexes: its last change is {last}, {path} has applied changes up to "
+                f"{meta.watermark} (was the database restored from a backup, or replaced?). Items added since that "
+                f"backup are not in the database. {fix}"
+            )
+        if meta.mark and change_mark(session, meta.watermark) != meta.mark:
+            raise StaleIndexError(
+                f"the database's change {meta.watermark} is not the one {path} was built up to: the database was "
+                f"restored or replaced and written to since. {fix}"
+            )
+
     def _catch_up(self) -> dict[str, int]:
-        metas = read_meta(self.folder / "index")
+        folder = self.folder / "index"
+        clean_index_folder(folder)
+        metas = read_meta(folder)
         applied = {}
         for modality in MODALITIES:
             meta = metas.get(modality)
@@ -378,12 +596,22 @@ class Collection:
                 applied[modality] = -1  # built from scratch
                 continue
             if meta.model_fingerprint != self.config.model_fingerprint or meta.dim != self.config.embed_dim:
-                raise IndexMismatchError(
-                    f"{self.folder / 'index' / meta.file} was built by model {meta.model_fingerprint} (dim {meta.dim}); "
-                    f"this collection uses {self.config.model_fingerprint} (dim {self.config.embed_dim}). "
-                    f"Rebuild it from the stored embeddings with `vtfusion reindex {self.folder}`"
-                )
-            index = VectorIndex.load(self.folder / "index", meta)
+                # the database's embeddings are the collection model's (reembed switches both at once):
+                # an index of another model is a leftover of an interrupted reembed, rebuilt from them
+                log.warning("%s was built by model %s; the collection's embeddings are model %s's: rebuilding it",
+                            folder / meta.file, meta.model_fingerprint, self.config.model_fingerprint)
+                self.build_index(modality)
+                applied[modality] = -1
+                continue
+            with self.Session() as s:
+                self.check_stamp(meta, s)
+            try:
+                index = VectorIndex.load(folder, meta)
+            except UnreadableIndexError as e:
+                log.warning("%s: rebuilding it from the database", e)
+                self.build_index(modality)
+                applied[modality] = -1
+                continue
             with self.Session() as s:
                 rows = s.execute(
                     select(Change.seq, Change.item_id).where(Change.seq > meta.watermark).order_by(Change.seq)
@@ -393,6 +621,7 @@ class Collection:
                     applied[modality] = 0
                     continue
                 keep_ids, xb = self.stored_vectors(s, modality, since=meta.watermark)
+                mark = change_mark(s, rows[-1].seq)
             index.remove(np.array(sorted({r.item_id for r in rows}), dtype=np.int64))
             index.add(keep_ids, xb)
             applied[modality] = len(rows)
@@ -400,7 +629,7 @@ class Collection:
                 log.info("%s index grew to %d vectors: rebuilding it as %s", modality, index.ntotal, auto_factory(index.ntotal))
                 self.build_index(modality)
                 continue
-            self._save(modality, index, rows[-1].seq)
+            self._save(modality, index, rows[-1].seq, mark)
         return applied
 
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +52,7 @@ from models.progress import progress as progress_bar
 
 from .catalog import CatalogRow, Columns, RowError, read_source
 from .collection import Collection, make_engine
-from .schema import Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
+from .schema import ACTIVE, REPLACED, Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 
 log = logging.getLogger(__name__)
 WRITE_RETRIES = 3  # re-commits of a batch that raced another writer on a unique key
@@ -65,6 +67,8 @@ class IngestReport:
     duplicates: int = 0
     failed: int = 0
     seconds: float = 0.0
+    stopped_by: str = ""  # "SIGINT" / "SIGTERM" when a signal stopped the run at a batch boundary
+    stopped_signal: int = 0
     stages: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0, "index": 0.0})
 
     @property
@@ -72,15 +76,53 @@ class IngestReport:
         return (self.added + self.duplicates) / self.seconds if self.seconds else 0.0
 
 
-def content_hash(image_bytes: bytes, text: str) -> str:
+def content_hash(image_bytes: bytes, text: str, meta: dict | None = None) -> str:
+    """sha256 of everything an item is: image bytes, text and metadata (canonical JSON), so any
+    change to any of them, back to an earlier value too, is an update and never a duplicate."""
     h = hashlib.sha256(image_bytes)
     h.update(b"\0")
     h.update(text.encode("utf-8"))
+    if meta:
+        h.update(b"\0")
+        h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
     return h.hexdigest()
 
 
 def item_text(row: CatalogRow) -> str:
     return " | ".join(row.texts)
+
+
+class StopOnSignal:
+    """While active (in the main thread), SIGINT and SIGTERM only set ``signum``: long work
+    checks it between batches, commits what it has and stops, instead of dying mid-batch with
+    nothing said. Worker processes forked meanwhile inherit the handler (they finish their
+    batch and are shut down by the parent). A second signal of the same kind acts as before."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:  # asked twice: stop now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s: stopping after the current batch (send it again to stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
 
 class DecodeStage(Dataset):
@@ -100,7 +142,7 @@ class DecodeStage(Dataset):
                 raise ImageError(f"image file is {size} bytes, over the cap of {MAX_IMAGE_BYTES}: {row.image}")
             data = row.image.read_bytes()
             img = self.transform.load(io.BytesIO(data), self.max_pixels, name=str(row.image))
-            return i, self.transform(img), content_hash(data, item_text(row)), None
+            return i, self.transform(img), content_hash(data, item_text(row), row.metadata), None
         except FileNotFoundError:
             return i, None, None, f"image file not found: {row.image}"
         except (ImageError, OSError, ValueError) as e:
@@ -142,12 +184,18 @@ def ingest(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    source_name: str | None = None,
 ) -> IngestReport:
-    """``on_progress(done, total)`` is called after each batch (front ends draw their own bar)."""
+    """``on_progress(done, total)`` is called after each batch (front ends draw their own bar).
+
+    An item is identified by (source, external id): the source is ``source_name`` when given,
+    else the catalog's real path (symlinks and ``..`` resolved), so one file named two ways is
+    one source, and a row ingested again with other content replaces its earlier version."""
     t_start = time.perf_counter()
     source = Path(source)
     rows, row_errors = read_source(source, cols)
-    return ingest_rows(collection, rows, row_errors, str(source.resolve()), batch_size, workers, progress, t_start, on_progress)
+    ident = source_name or os.path.realpath(source)
+    return ingest_rows(collection, rows, row_errors, ident, batch_size, workers, progress, t_start, on_progress)
 
 
 def ingest_rows(
@@ -161,7 +209,8 @@ def ingest_rows(
     t_start: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
-    """Ingest rows already read (what ``ingest`` does after reading its source)."""
+    """Ingest rows already read (what ``ingest`` does after reading its source). ``source``
+    identifies them (items are (source, external id)); '' takes each row's own file."""
     bundle = collection.bundle
     t_start = time.perf_counter() if t_start is None else t_start
     with collection.Session.begin() as s:
@@ -193,11 +242,13 @@ def ingest_rows(
             pin_memory=bundle.device.type == "cuda",
             persistent_workers=False,
         )
-    writer = _Writer(lambda p: _write_batch(collection, rows, p, report))
+    writer = _Writer(lambda p: _write_batch(collection, rows, p, report, source))
     seen: set[str] = set()  # hashes taken by this run (its last batches may not be committed yet)
     status = "interrupted"
     done = 0
     bar = None
+    stop = StopOnSignal().__enter__()  # before the fork: workers inherit it
+    batches = None
     try:
         batches = iter(loader)  # forks the workers before this run starts threads (the writer, tqdm's monitor)
         bar = progress_bar(total=len(rows), desc="ingest", unit="item", enabled=progress)
@@ -220,9 +271,13 @@ def ingest_rows(
             done += prepared.rows
             if on_progress is not None:
                 on_progress(done, len(rows))
+            if stop.signum:
+                break
             t_wait = time.perf_counter()
-        status = "done"
+        status = "interrupted" if stop.signum else "done"
     finally:
+        stop.__exit__()
+        batches = None  # shuts the worker processes down
         if bar is not None:
             bar.close()
         try:
@@ -234,6 +289,7 @@ def ingest_rows(
         finally:
             with collection.Session.begin() as s:
                 s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
+    report.stopped_by, report.stopped_signal = stop.name, stop.signum
     t = time.perf_counter()
     collection.catch_up()
     report.stages["index"] = time.perf_counter() - t
@@ -273,21 +329,21 @@ def _register_columns(session, metas: list[dict]) -> None:
             known[name].kind = "text"
 
 
-def _source_of(row: CatalogRow) -> str:
-    return row.source.rpartition(":")[0] or row.source
+def _source_of(row: CatalogRow, source: str = "") -> str:
+    return source or row.source.rpartition(":")[0] or row.source
 
 
-def _replace_older_versions(session, new_rows: list[CatalogRow]) -> int:
+def _replace_older_versions(session, new_rows: list[CatalogRow], source: str) -> int:
     """An item whose (source, external id) is stored with other content is an update: the old
     version becomes a tombstone (status 'replaced' + an 'update' change), the new one is added."""
-    keys = {(_source_of(r), r.external_id) for r in new_rows}
+    keys = {(_source_of(r, source), r.external_id) for r in new_rows}
     if not keys:
         return 0
     old = session.scalars(
-        select(Item).where(Item.status == "active", tuple_(Item.source, Item.external_id).in_(sorted(keys)))
+        select(Item).where(Item.status == ACTIVE, tuple_(Item.source, Item.external_id).in_(sorted(keys)))
     ).all()
     for item in old:
-        item.status = "replaced"
+        item.status = REPLACED
         session.add(Change(item_id=item.id, op="update"))
     return len(old)
 
@@ -341,7 +397,7 @@ def _stored_hashes(engine, hashes: list[str]) -> set[str]:
     if not hashes:
         return set()
     with engine.connect() as conn:
-        return set(conn.scalars(select(Item.content_hash).where(Item.content_hash.in_(hashes))))
+        return set(conn.scalars(select(Item.content_hash).where(Item.content_hash.in_(hashes), Item.status == ACTIVE)))
 
 
 @torch.no_grad()
@@ -376,7 +432,7 @@ def _prepare(
             ids, mask = bundle.tokenizer([x for x in texts if x])
             p.text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu()  # (t, E)
     if encode is not None:
-        p.records = torch.from_numpy(encode(tok.float().cpu().numpy()))
+        p.records = torch.from_numpy(encode(tok.float().cpu().numpy(), [h for _, _, h in fresh]))
     return p
 
 
@@ -406,7 +462,7 @@ class EmbedStage(Dataset):
         return p
 
 
-def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, report: IngestReport) -> None:
+def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, report: IngestReport, source: str = "") -> None:
     """Token-cache bytes (fsync'ed) first, then one SQL transaction for the whole batch.
 
     If another writer committed some of the same items (or metadata columns) in the meantime,
@@ -418,13 +474,13 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     keep = list(range(len(p.fresh)))
     for attempt in range(WRITE_RETRIES + 1):
         try:
-            replaced, n_err = _commit_batch(collection, rows, p, keep, locations, text_pos, report)
+            replaced, n_err = _commit_batch(collection, rows, p, keep, locations, text_pos, report, source)
             break
         except IntegrityError:
             if attempt == WRITE_RETRIES:
                 raise
             with collection.Session() as s:
-                taken = set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_([p.fresh[k][1] for k in keep]))))
+                taken = set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_([p.fresh[k][1] for k in keep]), Item.status == ACTIVE)))
             log.info("ingest batch raced another writer: %d of its items were committed meanwhile; retrying", len(taken))
             p.duplicates += sum(1 for k in keep if p.fresh[k][1] in taken)
             keep = [k for k in keep if p.fresh[k][1] not in taken]
@@ -435,7 +491,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     report.stages["write"] += time.perf_counter() - t
 
 
-def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, text_pos, report) -> tuple[int, int]:
+def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, text_pos, report, source: str = "") -> tuple[int, int]:
     """One transaction of Core executemany INSERTs: the items, then (their ids read back by
     content hash, which is unique) their embeddings and change rows. No ORM objects and no
     RETURNING: the writer thread holds the GIL while it builds statements (ORM objects cost
@@ -445,7 +501,7 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
     ~0.3 ms a GIL-holding writer caps ingest near 3,000 items/s: the bound on a fast GPU."""
     with collection.Session.begin() as s:
         fresh = [p.fresh[k] for k in keep]
-        replaced = _replace_older_versions(s, [rows[i] for i, _ in fresh])
+        replaced = _replace_older_versions(s, [rows[i] for i, _ in fresh], source)
         n_added = 0
         if fresh:
             now = utcnow()
@@ -453,13 +509,13 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
                 insert(Item.__table__),
                 [
                     {
-                        "source": _source_of(rows[i]),
+                        "source": _source_of(rows[i], source),
                         "external_id": rows[i].external_id,
                         "image_path": str(rows[i].image),
                         "text": item_text(rows[i]),
                         "content_hash": h,
                         "meta": rows[i].metadata,
-                        "status": "active",
+                        "status": ACTIVE,
                         "run_id": report.run_id,
                         "token_shard": locations[k][0],
                         "token_offset": locations[k][1],
@@ -469,7 +525,7 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
                 ],
             )
             hashes = [h for _, h in fresh]
-            id_of = dict(s.execute(select(Item.content_hash, Item.id).where(Item.content_hash.in_(hashes))).all())
+            id_of = dict(s.execute(select(Item.content_hash, Item.id).where(Item.content_hash.in_(hashes), Item.status == ACTIVE)).all())
             ids = [id_of[h] for h in hashes]  # the FAISS ids
             image_emb = p.image_emb.numpy().astype("<f4", copy=False)
             text_emb = p.text_emb.numpy().astype("<f4", copy=False) if p.text_emb is not None else None
@@ -484,6 +540,7 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
             n_added = len(ids)
         _register_columns(s, [rows[i].metadata for i, _ in fresh])
         n_err = _record_errors(s, report.run_id, p.errors)
+        collection.check_model(s)  # last: a reembed or compact that switched meanwhile voids this batch
         s.execute(
             update(IngestRun)
             .where(IngestRun.id == report.run_id)

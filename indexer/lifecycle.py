@@ -10,9 +10,9 @@ import numpy as np
 from sqlalchemy import func, select
 
 from . import filters
-from .collection import Collection, mask_url
-from .schema import MODALITIES, Change, Embedding, IngestError, IngestRun, Item
-from .vectors import read_meta
+from .collection import Collection, StaleIndexError, mask_url
+from .schema import ACTIVE, DELETED, MODALITIES, Change, Embedding, IngestError, IngestRun, Item
+from .vectors import UnreadableIndexError, VectorIndex, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def stats(c: Collection) -> dict:
             s.execute(
                 select(Embedding.modality, func.count())
                 .join(Item, Item.id == Embedding.item_id)
-                .where(Item.status == "active")
+                .where(Item.status == ACTIVE)
                 .group_by(Embedding.modality)
             ).all()
         )
@@ -36,8 +36,8 @@ def stats(c: Collection) -> dict:
         "model": c.config.model,
         "model_fingerprint": c.config.model_fingerprint,
         "db": mask_url(c.engine.url.render_as_string(hide_password=False)),
-        "items_active": by_status.get("active", 0),
-        "items_deleted": by_status.get("deleted", 0),
+        "items_active": by_status.get(ACTIVE, 0),
+        "items_deleted": by_status.get(DELETED, 0),
         "items_replaced": by_status.get("replaced", 0),
         "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
         "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
@@ -47,12 +47,13 @@ def stats(c: Collection) -> dict:
     }
 
 
-def select_items(c: Collection, ids: list[str] | None = None, where: str | None = None) -> list[int]:
-    """Active item ids matching external ids (or ``#<item id>``) and/or a filter expression."""
+def select_items(c: Collection, ids: list[str] | None = None, where: str | None = None, status: str = ACTIVE) -> list[int]:
+    """Item ids (of items with ``status``) matching external ids (or ``#<item id>``) and/or a
+    filter expression."""
     if not ids and not where:
         raise ValueError("say what to select: --ids and/or --where")
     with c.Session() as s:
-        q = select(Item.id).where(Item.status == "active")
+        q = select(Item.id).where(Item.status == status)
         if ids:
             internal = [int(x[1:]) for x in ids if x.startswith("#") and x[1:].isdigit()]
             external = [x for x in ids if not (x.startswith("#") and x[1:].isdigit())]
@@ -62,14 +63,33 @@ def select_items(c: Collection, ids: list[str] | None = None, where: str | None 
         return list(s.scalars(q.order_by(Item.id)))
 
 
+def unknown_ids(c: Collection, ids: list[str], status: str = ACTIVE) -> list[str]:
+    """The ones of ``ids`` (external ids or ``#<item id>``) that name no item with ``status``."""
+    found = set()
+    with c.Session() as s:
+        for x in ids:
+            q = select(Item.id).where(Item.status == status)
+            q = q.where(Item.id == int(x[1:])) if x.startswith("#") and x[1:].isdigit() else q.where(Item.external_id == x)
+            if s.scalar(q.limit(1)) is not None:
+                found.add(x)
+    return [x for x in ids if x not in found]
+
+
+def describe(c: Collection, item_ids: list[int], limit: int = 10) -> list[tuple[int, str, str]]:
+    """(item id, external id, text) of the first ``limit`` of ``item_ids``: what a preview shows."""
+    with c.Session() as s:
+        rows = s.execute(select(Item.id, Item.external_id, Item.text).where(Item.id.in_(item_ids[:limit])).order_by(Item.id)).all()
+    return [(r.id, r.external_id, r.text) for r in rows]
+
+
 def delete(c: Collection, item_ids: list[int]) -> int:
     """Tombstone items in one transaction (status + change rows), then catch the indexes up."""
     if not item_ids:
         return 0
     with c.Session.begin() as s:
-        rows = s.scalars(select(Item).where(Item.id.in_(item_ids), Item.status == "active")).all()
+        rows = s.scalars(select(Item).where(Item.id.in_(item_ids), Item.status == ACTIVE)).all()
         for item in rows:
-            item.status = "deleted"
+            item.status = DELETED
             s.add(Change(item_id=item.id, op="delete"))
         n = len(rows)
     c.catch_up()
@@ -94,42 +114,52 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(c: Collection) -> VerifyReport:
-    """Reconcile SQL against both FAISS indexes and the token cache."""
-    r = VerifyReport()
+def index_problems(c: Collection) -> dict[str, list[str]]:
+    """What is wrong with each FAISS index against SQL: missing, unreadable, stale, built
+    from another database, ids or vectors that differ. Empty lists when all is well."""
+    out: dict[str, list[str]] = {}
     metas = read_meta(c.folder / "index")
     with c.Session() as s:
         last = c.last_change(s)
         for m in MODALITIES:
+            out[m] = problems = []
+            meta = metas.get(m)
+            if meta is None:
+                problems.append(f"{m} index: missing, or meta.json unreadable (opening the collection or `vtfusion reindex` rebuilds it)")
+                continue
+            try:
+                c.check_stamp(meta, s)
+            except StaleIndexError as e:
+                problems.append(f"{m} index: {e}")
+                continue
+            if meta.model_fingerprint != c.config.model_fingerprint:
+                problems.append(f"{m} index: built by model {meta.model_fingerprint}, collection uses {c.config.model_fingerprint}")
+                continue
+            index = c.indexes.get(m)
+            if index is None:
+                try:
+                    index = VectorIndex.load(c.folder / "index", meta)
+                except UnreadableIndexError as e:
+                    problems.append(f"{m} index: {e}")
+                    continue
             want = set(
                 s.scalars(
                     select(Embedding.item_id)
                     .join(Item, Item.id == Embedding.item_id)
-                    .where(Embedding.modality == m, Item.status == "active")
+                    .where(Embedding.modality == m, Item.status == ACTIVE)
                 )
             )
-            meta = metas.get(m)
-            if meta is None:
-                r.problems.append(f"{m} index: missing (open the collection or run `vtfusion reindex`)")
-                continue
-            index = c.indexes.get(m)
-            if index is None:
-                from .vectors import VectorIndex
-
-                index = VectorIndex.load(c.folder / "index", meta)
             have_arr = index.ids()
             have = set(have_arr.tolist())
             if len(have_arr) != len(have):
-                r.problems.append(f"{m} index: {len(have_arr) - len(have)} duplicate ids")
+                problems.append(f"{m} index: {len(have_arr) - len(have)} duplicate ids")
             if meta.watermark != last:
-                r.problems.append(f"{m} index: watermark {meta.watermark} behind the last change {last}")
+                problems.append(f"{m} index: watermark {meta.watermark} behind the last change {last}")
             missing, extra = sorted(want - have), sorted(have - want)
             if missing:
-                r.problems.append(f"{m} index: {len(missing)} stored items missing (first ids {missing[:5]})")
+                problems.append(f"{m} index: {len(missing)} stored items missing (first ids {missing[:5]})")
             if extra:
-                r.problems.append(f"{m} index: {len(extra)} ids not active in SQL (first ids {extra[:5]})")
-            if meta.model_fingerprint != c.config.model_fingerprint:
-                r.problems.append(f"{m} index: built by model {meta.model_fingerprint}, collection uses {c.config.model_fingerprint}")
+                problems.append(f"{m} index: {len(extra)} ids not active in SQL (first ids {extra[:5]})")
             # stored vectors equal the indexed ones (spot check a sample)
             sample = sorted(want & have)[:: max(1, len(want & have) // 50)][:50]
             if sample and index.factory == "Flat":
@@ -142,22 +172,40 @@ def verify(c: Collection) -> VerifyReport:
                 got = index.reconstruct(np.array(sample))
                 bad = [i for i, g in zip(sample, got) if not np.allclose(stored[i], g, atol=1e-6)]
                 if bad:
-                    r.problems.append(f"{m} index: vectors differ from SQL for ids {bad[:5]}")
-        # token cache: every active item points at a complete record; no two share one
-        refs = s.execute(select(Item.id, Item.token_shard, Item.token_offset).where(Item.status == "active")).all()
+                    problems.append(f"{m} index: vectors differ from SQL for ids {bad[:5]}")
+    return out
+
+
+def verify(c: Collection) -> VerifyReport:
+    """Reconcile SQL against both FAISS indexes and the token cache (every active item's record
+    read and checked: present, whole, this item's)."""
+    from .maintenance import bad_token_items
+
+    r = VerifyReport()
+    for problems in index_problems(c).values():
+        r.problems += problems
+    if any(r.problems):
+        r.problems.append(f"rebuild the indexes from the database with `vtfusion reindex {c.folder}` (or `vtfusion repair {c.folder}`)")
     if not c.tokens.enabled:
         r.notes.append("token cache: disabled (token_dtype none); reranking re-encodes candidate images")
         return r
-    sizes = {sh: c.tokens.records_in(sh) for sh in c.tokens.shards()}
-    bad_refs = [i for i, sh, off in refs if sh is None or off is None or off >= sizes.get(sh, 0)]
-    if bad_refs:
-        r.problems.append(f"token cache: {len(bad_refs)} items point at missing records (first ids {bad_refs[:5]})")
+    with c.Session() as s:
+        refs = s.execute(select(Item.id, Item.token_shard, Item.token_offset).where(Item.status == ACTIVE)).all()
+    bad = bad_token_items(c)
+    if bad:
+        r.problems.append(
+            f"token cache: {len(bad)} active items' records are missing, torn, misaligned or corrupt (first ids {bad[:5]}); "
+            f"searches re-encode them from their images meanwhile. Re-encode exactly those with `vtfusion repair {c.folder}`"
+        )
     locs = [(sh, off) for _, sh, off in refs if sh is not None]
     if len(set(locs)) != len(locs):
         r.problems.append(f"token cache: {len(locs) - len(set(locs))} records shared by two items")
-    unreferenced = sum(sizes.values()) - len(set(locs))
+    if c.config.token_format < 2:
+        r.notes.append(f"token cache: format {c.config.token_format} has no checksums; `vtfusion compact {c.folder}` rewrites it with them")
+    unreferenced = c.tokens.total_records() - len(set(locs))
     if unreferenced > 0:
-        r.notes.append(f"token cache: {unreferenced} records not referenced by an active item (deleted items, or bytes written before an interrupted commit)")
+        r.notes.append(f"token cache: {unreferenced} records not referenced by an active item (deleted items, or bytes written "
+                       f"before an interrupted commit); `vtfusion compact {c.folder}` reclaims them")
     return r
 
 
@@ -191,7 +239,7 @@ def facets(c: Collection, max_values: int = 50) -> list[Facet]:
         for name, kind in filters.known_columns(s).items():
             if not filters.is_name(name):
                 continue
-            active = Item.status == "active"
+            active = Item.status == ACTIVE
             if kind == "number":
                 col = Item.meta[name].as_float()
                 lo, hi = s.execute(select(func.min(col), func.max(col)).where(active, col.is_not(None))).one()

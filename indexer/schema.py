@@ -15,6 +15,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, 
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MODALITIES = ("image", "text")
+ACTIVE, DELETED, REPLACED = "active", "deleted", "replaced"  # items.status
 
 
 def utcnow() -> datetime:
@@ -33,9 +34,9 @@ class Item(Base):
     external_id: Mapped[str] = mapped_column(String(512), index=True)  # the catalog's own id
     image_path: Mapped[str] = mapped_column(String(2048))  # absolute path of the image file
     text: Mapped[str] = mapped_column(Text)  # the texts joined by " | " (what the text index embeds)
-    content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of image bytes + text
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)  # sha256 of image bytes + text + metadata (unique among active items)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # metadata columns, typed
-    status: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | deleted | replaced
+    status: Mapped[str] = mapped_column(String(16), default=ACTIVE, index=True)  # active | deleted | replaced
     run_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_runs.id"), nullable=True)
     token_shard: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rerank token cache location
     token_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -95,4 +96,38 @@ class MetaColumn(Base):
     kind: Mapped[str] = mapped_column(String(8))  # number | text
 
 
+class CollectionInfo(Base):
+    """The collection this database holds: one row, written at ``init``. Its ``uid`` is also in
+    ``collection.toml`` and stamped on the indexes, so a folder never opens another collection's
+    database (or indexes built from another database). ``config`` holds the model the stored
+    embeddings came from (the toml mirrors it): ``reembed`` switches it in the same transaction
+    that switches the embeddings."""
+
+    __tablename__ = "collection"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1: one collection per database
+    uid: Mapped[str] = mapped_column(String(36))
+    folder: Mapped[str] = mapped_column(String(2048))  # where it was created (for messages)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # model, model_fingerprint, dims, token cache layout
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Reembedding(Base):
+    """Work in progress of ``reembed``: an item's vectors and token location under the new
+    model, kept until every active item has them, then swapped in one transaction."""
+
+    __tablename__ = "reembed_staging"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)  # the new model's
+    image_vector: Mapped[bytes] = mapped_column(LargeBinary)
+    text_vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    token_shard: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token_offset: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
 Index("ix_items_source_external", Item.source, Item.external_id)
+Index(
+    "uq_items_active_hash", Item.content_hash, unique=True,
+    sqlite_where=Item.status == "active", postgresql_where=Item.status == "active",
+)

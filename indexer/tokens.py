@@ -1,18 +1,28 @@
 """The rerank token cache: each image's ``image_tokens`` (N, D) in append-only, memory-mapped shards.
 
-A record is the (N, D) tokens as fp16, or as int8 with one fp32 scale per token (symmetric,
-per-token quantisation: half the bytes of fp16). A shard holds ``shard_records`` records;
-the location of an item's tokens is (shard, offset) in SQL. Bytes are written and fsync'ed
-*before* the SQL commit that references them: a crash in between leaves unreferenced
-records at a shard's end (harmless, reported by verify) and never a reference to bytes
-that are not on disk. A torn final record (crash mid-write) is cut off when the cache opens.
+A record is a 16-byte header and the (N, D) tokens as fp16, or as int8 with one fp32 scale per
+token (symmetric, per-token quantisation: half the bytes of fp16). The header holds a magic
+number, the CRC32 of the rest of the record and a tag: the first 8 bytes of the item's content
+hash. A reader checks both, so a record that is torn, overwritten, shifted or belongs to another
+item is never used as this item's tokens: it counts as a miss (the image is re-encoded) and
+``verify`` reports it. A shard holds ``shard_records`` records; an item's location is (shard,
+offset) in SQL.
+
+Writing: under a cross-process lock, a shard's torn tail (a writer killed or out of disk
+mid-record, in this process or another) is cut off first, the records are then written at the
+offset their location names (``pwrite``, never a blind append), fsync'ed, and the shard is cut
+back if the write fails. Bytes are durable *before* the SQL commit that references them: a
+crash in between leaves unreferenced records (harmless, reported by verify, reclaimed by
+``compact``), never a reference to bytes that are not on disk.
+
+Format 1 (collections created before the header existed) has no header: records are located
+the same way but cannot be checked; ``vtfusion compact`` rewrites such a cache as format 2.
 
 ``dtype="none"`` disables the cache: nothing is written, items carry no location, and the
-reranker re-encodes candidate images from their files at query time (slower queries, no disk;
-worth it only for huge towers on small or rarely reranked collections).
+reranker re-encodes candidate images from their files at query time.
 
-Bytes per image: N x D x 2 (fp16) or N x D + 4 N (int8). Default model (65 x 128): 16.6 kB /
-8.6 kB. BLIP ViT-B/16 at 384 px (577 x 768): 886 kB / 445 kB. CLIP ViT-B/32 (50 x 768): 77 kB / 39 kB.
+Bytes per image: 16 + N x D x 2 (fp16) or 16 + N x D + 4 N (int8). Default model (65 x 128):
+16.6 kB / 8.6 kB. BLIP ViT-B/16 at 384 px (577 x 768): 886 kB / 445 kB.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +40,43 @@ from .locks import file_lock
 log = logging.getLogger(__name__)
 DTYPES = ("fp16", "int8", "none")
 AUTO_FP16_MAX_BYTES = 64 * 1024  # "auto": fp16 while a record stays under this, int8 above
+FORMAT = 2  # what new caches are written as (1: no header, unchecked)
+MAGIC = b"VTR2"
+HEADER = 16  # magic (4) + crc32 of tag and payload (4, little-endian) + tag (8)
+
+
+class CorruptRecordError(ValueError):
+    """Records that failed their check (missing, torn, shifted or another item's)."""
+
+    def __init__(self, bad: list[int]):
+        super().__init__(f"{len(bad)} token-cache records failed their check (positions {bad[:5]}); run `vtfusion repair`")
+        self.bad = bad
 
 
 def auto_dtype(num_tokens: int, width: int) -> str:
     return "fp16" if num_tokens * width * 2 <= AUTO_FP16_MAX_BYTES else "int8"
 
 
+def tag_of(content_hash: str | None) -> bytes:
+    """The 8-byte tag a record carries: the head of its item's content hash."""
+    return bytes.fromhex(content_hash[:16]) if content_hash else b"\0" * 8
+
+
 class TokenCache:
-    def __init__(self, folder: str | Path, num_tokens: int, width: int, dtype: str = "fp16", shard_records: int = 4096):
+    def __init__(
+        self, folder: str | Path, num_tokens: int, width: int, dtype: str = "fp16", shard_records: int = 4096,
+        fmt: int = FORMAT,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"token cache dtype must be one of {DTYPES}; got {dtype!r}")
+        if fmt not in (1, 2):
+            raise ValueError(f"token cache format must be 1 or 2; got {fmt!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.N, self.D, self.dtype, self.shard_records = num_tokens, width, dtype, shard_records
-        self.record_bytes = {"fp16": num_tokens * width * 2, "int8": num_tokens * width + 4 * num_tokens, "none": 0}[dtype]
+        self.N, self.D, self.dtype, self.shard_records, self.fmt = num_tokens, width, dtype, shard_records, fmt
+        self.header = HEADER if fmt == 2 else 0
+        payload = {"fp16": num_tokens * width * 2, "int8": num_tokens * width + 4 * num_tokens, "none": 0}[dtype]
+        self.record_bytes = payload + self.header if payload else 0
         self._maps: dict[int, tuple[int, np.memmap]] = {}
         self._append_lock = threading.Lock()
         if self.enabled:
@@ -58,7 +92,7 @@ class TokenCache:
         return self.folder / f"shard-{shard:05d}.bin"
 
     def shards(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.bin"))
+        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.bin") if p.stem.split("-")[1].isdigit())
 
     def records_in(self, shard: int) -> int:
         p = self._path(shard)
@@ -68,46 +102,63 @@ class TokenCache:
         """Cut torn records, holding the writers' lock (a record being appended right now by
         another process is not torn, only unfinished)."""
         with file_lock(self.folder / ".lock"):
-            self._cut_torn()
+            for shard in self.shards():
+                self._cut_torn(shard)
 
-    def _cut_torn(self) -> None:
-        for shard in self.shards():
-            p = self._path(shard)
-            size = p.stat().st_size
-            if size % self.record_bytes:
-                keep = size - size % self.record_bytes
-                log.warning("token cache %s: cutting a torn record (%d -> %d bytes)", p, size, keep)
-                with open(p, "r+b") as f:
-                    f.truncate(keep)
+    def _cut_torn(self, shard: int) -> int:
+        """Cut a partial record off the end of ``shard`` (call with the writers' lock held);
+        returns the whole records it keeps."""
+        p = self._path(shard)
+        if not p.exists():
+            return 0
+        size = p.stat().st_size
+        keep = size - size % self.record_bytes
+        if keep != size:
+            log.warning("token cache %s: cutting a torn record (%d -> %d bytes)", p, size, keep)
+            os.truncate(p, keep)
+            self._maps.pop(shard, None)
+        return keep // self.record_bytes
 
     # ---- writing ---------------------------------------------------------------------
 
-    def encode(self, tokens: np.ndarray) -> np.ndarray:
-        """(B, N, D) float -> (B, record_bytes) uint8."""
+    def encode(self, tokens: np.ndarray, hashes: list[str] | None = None) -> np.ndarray:
+        """(B, N, D) float -> (B, record_bytes) uint8 records; ``hashes``: each item's content
+        hash, whose head becomes the record's tag (format 2)."""
         if tokens.ndim != 3 or tokens.shape[1:] != (self.N, self.D):
             raise ValueError(f"tokens must be (B, {self.N}, {self.D}); got {tokens.shape}")
         B = tokens.shape[0]
+        if hashes is not None and len(hashes) != B:
+            raise ValueError(f"{len(hashes)} content hashes for {B} records")
         if self.dtype == "fp16":
-            return np.ascontiguousarray(tokens.astype(np.float16)).view(np.uint8).reshape(B, -1)
-        t = tokens.astype(np.float32)
-        scale = np.abs(t).max(axis=2) / 127.0  # (B, N)
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.rint(t / scale[:, :, None]), -127, 127).astype(np.int8)  # (B, N, D)
-        return np.concatenate([q.reshape(B, -1).view(np.uint8), scale.view(np.uint8).reshape(B, -1)], axis=1)
+            payload = np.ascontiguousarray(tokens.astype(np.float16)).view(np.uint8).reshape(B, -1)
+        else:
+            t = tokens.astype(np.float32)
+            scale = np.abs(t).max(axis=2) / 127.0  # (B, N)
+            scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+            q = np.clip(np.rint(t / scale[:, :, None]), -127, 127).astype(np.int8)  # (B, N, D)
+            payload = np.concatenate([q.reshape(B, -1).view(np.uint8), scale.view(np.uint8).reshape(B, -1)], axis=1)
+        if not self.header:
+            return payload
+        recs = np.empty((B, self.record_bytes), dtype=np.uint8)
+        recs[:, HEADER:] = payload
+        for b in range(B):
+            tag = tag_of(hashes[b] if hashes is not None else None)
+            crc = zlib.crc32(payload[b], zlib.crc32(tag))
+            recs[b, :HEADER] = np.frombuffer(MAGIC + crc.to_bytes(4, "little") + tag, dtype=np.uint8)
+        return recs
 
-    def append(self, tokens: np.ndarray) -> list[tuple[int, int]]:
+    def append(self, tokens: np.ndarray, hashes: list[str] | None = None) -> list[tuple[int, int]]:
         """Write (B, N, D) tokens durably; returns the (shard, offset) of each record
         ((None, None) for each when the cache is disabled)."""
         if not self.enabled:
             return [(None, None)] * len(tokens)
-        return self.append_records(self.encode(tokens))
+        return self.append_records(self.encode(tokens, hashes))
 
     def append_records(self, recs: np.ndarray) -> list[tuple[int, int]]:
         """Write records ``encode`` made (ingest encodes them in its worker processes) durably."""
         if recs.ndim != 2 or recs.dtype != np.uint8 or recs.shape[1] != self.record_bytes:
             raise ValueError(f"records must be (B, {self.record_bytes}) uint8; got {recs.shape} {recs.dtype}")
-        # writers in this process and in others: offsets come from the file size
-        with self._append_lock, file_lock(self.folder / ".lock"):
+        with self._append_lock, file_lock(self.folder / ".lock"):  # writers in this process and in others
             return self._append(recs)
 
     def _append(self, recs: np.ndarray) -> list[tuple[int, int]]:
@@ -116,60 +167,122 @@ class TokenCache:
         shard = shards[-1] if shards else 0
         i = 0
         while i < len(recs):
-            have = self.records_in(shard)
+            have = self._cut_torn(shard)  # a torn tail left by anyone: the offsets below must be where the bytes go
             if have >= self.shard_records:
                 shard += 1
                 continue
             take = min(self.shard_records - have, len(recs) - i)
-            with open(self._path(shard), "ab") as f:
-                f.write(recs[i : i + take].tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_at(shard, have, recs[i : i + take])
             out += [(shard, have + j) for j in range(take)]
-            self._maps.pop(shard, None)  # the map must grow
             i += take
         return out
 
+    def _write_at(self, shard: int, offset: int, recs: np.ndarray) -> None:
+        """Write whole records at record ``offset`` of ``shard`` and fsync; on any failure the
+        shard is cut back to ``offset`` records, so no partial record stays behind."""
+        path, start = self._path(shard), offset * self.record_bytes
+        data = memoryview(np.ascontiguousarray(recs)).cast("B")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], start + done)
+                os.fsync(fd)
+            except BaseException:
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:  # the next append (or open) cuts the torn tail instead
+                    pass
+                raise
+        finally:
+            os.close(fd)
+            self._maps.pop(shard, None)  # the map must grow
+
     # ---- reading ---------------------------------------------------------------------
 
-    def _map(self, shard: int, need: int = -1) -> np.memmap:
+    def _map(self, shard: int, need: int = -1) -> np.memmap | None:
         """The shard's records, mapped. The map is reused while it covers record ``need``
         (records are only ever appended), so a read of known records costs no ``stat``."""
         cached = self._maps.get(shard)
-        if cached is not None and need < cached[0] and need >= 0:
+        if cached is not None and 0 <= need < cached[0]:
             return cached[1]
         n = self.records_in(shard)
+        if n == 0:
+            self._maps.pop(shard, None)
+            return None
         if cached is None or cached[0] != n:
             mm = np.memmap(self._path(shard), dtype=np.uint8, mode="r", shape=(n, self.record_bytes))
             self._maps[shard] = cached = (n, mm)
         return cached[1]
 
-    def read(self, locations: list[tuple[int, int]]) -> np.ndarray:
-        """[(shard, offset)] -> (K, N, D) float32 tokens: one gather and one decode per shard."""
-        out = np.empty((len(locations), self.N, self.D), dtype=np.float32)
+    def read_records(self, locations: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """[(shard, offset)] -> ((K, record_bytes) uint8 records, (K,) bool: present on disk)."""
+        recs = np.zeros((len(locations), self.record_bytes), dtype=np.uint8)
+        present = np.zeros(len(locations), dtype=bool)
         if not locations:
-            return out
+            return recs, present
         loc = np.asarray(locations, dtype=np.int64)  # (K, 2)
-        if (loc[:, 0] == loc[0, 0]).all():  # one shard (the usual case): decode straight into out
-            offsets = loc[:, 1]
-            return self._decode(self._map(int(loc[0, 0]), int(offsets.max()))[offsets], out)
         for shard in np.unique(loc[:, 0]):
             rows = np.flatnonzero(loc[:, 0] == shard)
-            out[rows] = self._decode(self._map(int(shard), int(loc[rows, 1].max()))[loc[rows, 1]])  # fancy index: copies only these records
+            mm = self._map(int(shard), int(loc[rows, 1].max()))
+            if mm is None:
+                continue
+            rows = rows[(loc[rows, 1] >= 0) & (loc[rows, 1] < len(mm))]  # a truncated shard: those are missing
+            recs[rows] = mm[loc[rows, 1]]  # fancy index: copies only these records
+            present[rows] = True
+        return recs, present
+
+    def check(self, recs: np.ndarray, hashes: list[str | None] | None = None) -> np.ndarray:
+        """(K,) bool: each record's magic and CRC hold and (where a hash is given) its tag is
+        that item's. Format 1 records have nothing to check: all True."""
+        ok = np.ones(len(recs), dtype=bool)
+        if not self.header:
+            return ok
+        for k in range(len(recs)):
+            head = recs[k, :HEADER].tobytes()
+            tag = head[8:16]
+            ok[k] = (
+                head[:4] == MAGIC
+                and int.from_bytes(head[4:8], "little") == zlib.crc32(recs[k, HEADER:], zlib.crc32(tag))
+                and (hashes is None or hashes[k] is None or tag == tag_of(hashes[k]))
+            )
+        return ok
+
+    def read_checked(
+        self, locations: list[tuple[int, int]], hashes: list[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[(shard, offset)] -> ((K, N, D) float32 tokens, (K,) bool ok). Where ok is False
+        (record missing or failing its check) the tokens are zeros: the caller re-encodes."""
+        recs, ok = self.read_records(locations)
+        ok &= self.check(recs, hashes)
+        out = self._decode(recs)
+        out[~ok] = 0
+        return out, ok
+
+    def read(self, locations: list[tuple[int, int]], hashes: list[str | None] | None = None) -> np.ndarray:
+        """[(shard, offset)] -> (K, N, D) float32 tokens; CorruptRecordError if any fails its check."""
+        out, ok = self.read_checked(locations, hashes)
+        if not ok.all():
+            raise CorruptRecordError(np.flatnonzero(~ok).tolist())
         return out
 
-    def _decode(self, recs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(K, record_bytes) uint8 -> (K, N, D) float32 (written into ``out`` when given)."""
+    def _decode(self, recs: np.ndarray) -> np.ndarray:
+        """(K, record_bytes) uint8 -> (K, N, D) float32."""
         K = recs.shape[0]
-        out = np.empty((K, self.N, self.D), dtype=np.float32) if out is None else out
+        body = recs[:, self.header :]
+        out = np.empty((K, self.N, self.D), dtype=np.float32)
         if self.dtype == "fp16":
-            out[...] = recs.view(np.float16).reshape(K, self.N, self.D)
+            out[...] = np.ascontiguousarray(body).view(np.float16).reshape(K, self.N, self.D)
             return out
         nq = self.N * self.D
-        scale = np.ascontiguousarray(recs[:, nq:]).view(np.float32)  # (K, N)
-        out[...] = recs[:, :nq].view(np.int8).reshape(K, self.N, self.D)
+        scale = np.ascontiguousarray(body[:, nq:]).view(np.float32)  # (K, N)
+        out[...] = np.ascontiguousarray(body[:, :nq]).view(np.int8).reshape(K, self.N, self.D)
         out *= scale[:, :, None]
         return out
 
     def total_records(self) -> int:
         return sum(self.records_in(s) for s in self.shards())
+
+    def total_bytes(self) -> int:
+        return sum(self._path(s).stat().st_size for s in self.shards())

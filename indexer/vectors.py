@@ -34,6 +34,10 @@ class IndexMismatchError(RuntimeError):
     """An index built by another model, or of another dimension, than the collection uses."""
 
 
+class UnreadableIndexError(IndexMismatchError):
+    """An index file that is missing, truncated or not what ``meta.json`` says: rebuilt from SQL."""
+
+
 TRAIN_PER_LIST = 64  # k-means training sample per IVF list
 
 
@@ -62,6 +66,8 @@ class IndexMeta:
     count: int = 0
     watermark: int = 0  # seq of the last SQL change applied
     file: str = ""  # current index file inside the index folder
+    collection_id: str = ""  # the database's collection uid it was built from ("" before ids existed)
+    mark: str = ""  # what identifies change ``watermark`` in that database (collection.change_mark)
 
 
 class VectorIndex:
@@ -194,14 +200,19 @@ class VectorIndex:
 
     @classmethod
     def load(cls, folder: str | Path, meta: IndexMeta) -> VectorIndex:
+        """The index ``meta`` names; UnreadableIndexError when its file is missing, truncated or
+        not an index (the caller rebuilds it from SQL)."""
         path = Path(folder) / meta.file
-        index = faiss.read_index(str(path))  # keep this owning proxy alive: it frees the index
+        try:
+            index = faiss.read_index(str(path))  # keep this owning proxy alive: it frees the index
+        except RuntimeError as e:
+            raise UnreadableIndexError(f"{path}: {str(e).strip().splitlines()[-1] if str(e).strip() else 'unreadable'}") from e
         self = cls.__new__(cls)
         self.dim, self.factory, self.nprobe = index.d, meta.factory, 16
         self.index = index
         self._gpu_index, self._gpu_ids = None, None
-        if not isinstance(index, faiss.IndexIDMap2):
-            raise IndexMismatchError(f"{path} is not an id-mapped index; rebuild it with `vtfusion reindex`")
+        if not isinstance(index, faiss.IndexIDMap2) or index.d != meta.dim or index.ntotal != meta.count:
+            raise UnreadableIndexError(f"{path} is not the id-mapped index of {meta.count} vectors of dim {meta.dim} that meta.json describes")
         return self
 
     def _check(self, x: np.ndarray) -> np.ndarray:
@@ -222,11 +233,34 @@ def _gpu_resources():
 
 
 def read_meta(folder: str | Path) -> dict[str, IndexMeta]:
+    """The stamps in ``meta.json``; {} (with a warning) when it is missing or corrupt: the
+    indexes are then rebuilt from SQL, which holds everything they are made of."""
     path = Path(folder) / META_NAME
     if not path.exists():
         return {}
-    raw = json.loads(path.read_text())
-    return {m: IndexMeta(**v) for m, v in raw.items()}
+    try:
+        raw = json.loads(path.read_text())
+        return {m: IndexMeta(**v) for m, v in raw.items() if m in ("image", "text")}
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        log.warning("%s is corrupt (%s): its indexes are rebuilt from the database", path, e)
+        return {}
+
+
+def clean_index_folder(folder: str | Path) -> list[str]:
+    """Delete temporary files of interrupted saves and index files meta.json no longer names
+    (call with the index lock held: no save is in flight). Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    current = {m.file for m in read_meta(folder).values()}
+    gone = []
+    for p in folder.iterdir():
+        if p.name.endswith(".tmp") or (p.suffix == ".faiss" and p.name not in current):
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    if gone:
+        log.info("%s: removed %d leftover files (%s)", folder, len(gone), ", ".join(sorted(gone)[:5]))
+    return gone
 
 
 def write_meta(folder: str | Path, meta: IndexMeta) -> None:

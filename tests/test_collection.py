@@ -191,17 +191,19 @@ def test_index_catches_up_after_a_crash_before_the_faiss_save(tmp_path, model_di
     assert verify(c2).ok and c2.indexes["image"].ntotal == stats(c2)["items_active"]
 
 
-def test_index_from_another_model_is_refused_with_the_fix(tmp_path, model_dir, small_catalog):
+def test_index_from_another_model_is_rebuilt_from_the_database(tmp_path, model_dir, small_catalog, caplog):
+    """SQL's embeddings are the collection model's (reembed switches both in one transaction):
+    an index stamped with another model is a leftover, rebuilt from them on open."""
     c = Collection.init(tmp_path / "col", model_dir)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
     meta_path = tmp_path / "col" / "index" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["image"]["model_fingerprint"] = "0000000000000000"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(IndexMismatchError, match="vtfusion reindex"):
-        Collection.open(tmp_path / "col")
-    reindex(Collection.open(tmp_path / "col", catch_up=False))
-    assert verify(Collection.open(tmp_path / "col")).ok
+    c2 = Collection.open(tmp_path / "col")
+    assert "rebuilding it" in caplog.text
+    assert json.loads(meta_path.read_text())["image"]["model_fingerprint"] == c.config.model_fingerprint
+    assert verify(c2).ok
 
 
 def test_reindex_with_another_factory(tmp_path, model_dir, small_catalog):

@@ -209,15 +209,21 @@ def ingest_cmd(
     text_col: Annotated[list[str] | None, typer.Option("--text-col", help="Text column(s) (default: whichever of title, caption, text, description exist).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per embedding batch and SQL transaction.")] = 64,
     workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: with a GPU up to 8 decode while the GPU embeds; on a CPU one per core, up to 16, each decoding and embedding on one thread). 0: all in this process.")] = None,
+    source_name: Annotated[str | None, typer.Option("--source-name", help="Name the source (items are identified by source and id; default: the catalog's real path, however it is typed).")] = None,
 ) -> None:
-    """Add a catalog's items to a collection (dedup by content; re-running resumes)."""
+    """Add a catalog's items to a collection (dedup by content; a changed row replaces its earlier version; re-running resumes).
+
+    Exits 1 when any row failed (see `vtfusion errors`), 130/143 when stopped by SIGINT/SIGTERM
+    (at a batch boundary: what was committed stays, re-running resumes)."""
     from indexer.catalog import CatalogError, Columns
+    from indexer.collection import CollectionError
     from indexer.ingest import ingest
 
     c = _open(collection)
     try:
-        r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers)
-    except CatalogError as e:
+        r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers,
+                   source_name=source_name)
+    except (CatalogError, CollectionError) as e:
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes
         _fail(f"ingest stopped: {e.strerror or e} ({e.filename or 'collection files'}). Items committed before "
@@ -227,8 +233,13 @@ def ingest_cmd(
         f"{r.failed} failed in {r.seconds:.1f} s "
         f"({r.items_per_s:.1f} items/s; " + ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items()) + ")"
     )
+    if r.stopped_by:
+        typer.secho(f"stopped by {r.stopped_by} at a batch boundary: {r.added} items of this run are committed; run the "
+                    "same command again to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(128 + r.stopped_signal)
     if r.failed:
-        typer.echo(f"see the failures with: vtfusion errors {collection}")
+        typer.secho(f"{r.failed} rows failed; see them with: vtfusion errors {collection}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command("errors")
@@ -264,31 +275,156 @@ def stats_cmd(
         typer.echo(f"{k:<18}{v}")
 
 
+def _chosen(c, ids, where, status: str):
+    """Items selected by --ids / --where (with ``status``), and the --ids that named none."""
+    from indexer.filters import FilterError
+    from indexer.lifecycle import select_items, unknown_ids
+
+    try:
+        chosen = select_items(c, ids, where, status=status)
+    except (FilterError, ValueError) as e:
+        _fail(str(e))
+    unknown = unknown_ids(c, ids, status=status) if ids else []
+    if unknown:
+        typer.secho(f"warning: {len(unknown)} ids match no {status} item: {', '.join(unknown[:10])}", fg=typer.colors.YELLOW, err=True)
+    return chosen, unknown
+
+
+def _preview(c, verb: str, chosen: list[int]) -> None:
+    from indexer.lifecycle import describe
+
+    typer.echo(f"{verb} {len(chosen)} items" + (":" if chosen else ""))
+    for item_id, ext, text in describe(c, chosen):
+        typer.echo(f"  #{item_id:<7} {ext:<16} {text[:60]}")
+    if len(chosen) > 10:
+        typer.echo(f"  ... and {len(chosen) - 10} more")
+
+
 @app.command("delete")
 def delete_cmd(
     collection: Annotated[Path, typer.Argument(help="Collection folder.")],
     ids: Annotated[list[str] | None, typer.Option("--ids", help="External ids (or #ITEM_ID); repeatable.")] = None,
     where: Annotated[str | None, typer.Option("--where", help="Filter expression, e.g. \"color = 'red' AND price < 20\".")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show how many items and which would be deleted; change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking, however many items match.")] = False,
+    confirm_above: Annotated[int, typer.Option("--confirm-above", help="Ask before deleting more than this many items.")] = 10,
 ) -> None:
-    """Delete items (tombstones in SQL, removed from the indexes); they never come back."""
-    from indexer.filters import FilterError
-    from indexer.lifecycle import delete, select_items
+    """Delete items (tombstones in SQL, removed from the indexes); `vtfusion restore` brings them back.
+
+    Unknown ids are reported (exit 1 when any --ids matched nothing)."""
+    import sys
+
+    from indexer.lifecycle import delete
 
     c = _open(collection)
-    try:
-        chosen = select_items(c, ids, where)
-    except (FilterError, ValueError) as e:
-        _fail(str(e))
+    chosen, unknown = _chosen(c, ids, where, "active")
+    if dry_run:
+        _preview(c, "would delete", chosen)
+        raise typer.Exit(1 if unknown else 0)
+    if len(chosen) > confirm_above and not yes:
+        _preview(c, "about to delete", chosen)
+        if not sys.stdin.isatty():
+            _fail(f"{len(chosen)} items match (more than --confirm-above {confirm_above}); pass --yes to delete them")
+        if not typer.confirm(f"delete these {len(chosen)} items?"):
+            _fail("nothing deleted")
     n = delete(c, chosen)
-    typer.echo(f"deleted {n} items")
+    typer.echo(f"deleted {n} items" + (f"; restore them with: vtfusion restore {collection} --ids '#ID'" if n else ""))
+    if unknown:
+        raise typer.Exit(1)
+
+
+@app.command("restore")
+def restore_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    ids: Annotated[list[str] | None, typer.Option("--ids", help="External ids (or #ITEM_ID) of deleted items; repeatable.")] = None,
+    where: Annotated[str | None, typer.Option("--where", help="Filter expression over deleted items' metadata.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be restored; change nothing.")] = False,
+) -> None:
+    """Bring deleted items back, with their stored embeddings and token records."""
+    from indexer.maintenance import restore
+
+    c = _open(collection)
+    chosen, unknown = _chosen(c, ids, where, "deleted")
+    if dry_run:
+        _preview(c, "would restore", chosen)
+        raise typer.Exit(1 if unknown else 0)
+    r = restore(c, chosen)
+    typer.echo(f"restored {len(r.restored)} items")
+    for why in r.skipped:
+        typer.echo(f"skipped {why}")
+    if unknown or r.skipped:
+        raise typer.Exit(1)
+
+
+@app.command("repair")
+def repair_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
+    """Re-encode exactly the token records that fail their check; rebuild indexes that disagree with SQL."""
+    from indexer.collection import Collection, CollectionError
+    from indexer.maintenance import repair
+
+    try:
+        c = Collection.open(collection, catch_up=False)
+        r = repair(c)
+    except CollectionError as e:
+        _fail(str(e))
+    typer.echo(f"re-encoded {r.records_rewritten} token records; rebuilt indexes: {', '.join(r.indexes_rebuilt) or 'none'}")
+    for why in r.unrepairable:
+        typer.secho(f"cannot repair {why}", fg=typer.colors.RED, err=True)
+    if r.unrepairable:
+        raise typer.Exit(1)
+
+
+@app.command("compact")
+def compact_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
+    """Rewrite the token cache without deleted items' records (crash-safe) and vacuum the database."""
+    from indexer.collection import CollectionError
+    from indexer.maintenance import compact
+
+    try:
+        r = compact(_open(collection))
+    except CollectionError as e:
+        _fail(str(e))
+    typer.echo(f"token cache: kept {r.records_kept} records, dropped {r.records_dropped}, reclaimed {r.bytes_reclaimed} bytes "
+               f"({r.bytes_before} -> {r.bytes_after}); database {'vacuumed' if r.vacuumed else 'not vacuumed'}")
+
+
+@app.command("reembed")
+def reembed_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    model: Annotated[str, typer.Option("--model", help="Model reference to re-embed with (default: the collection's, e.g. after retraining it in place).")] = "",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+) -> None:
+    """Recompute every item's embeddings and token records with a model, then switch to it atomically (resumable)."""
+    from indexer.collection import Collection, CollectionError
+    from indexer.maintenance import reembed
+
+    try:
+        c = Collection.open(collection, catch_up=False)
+        r = reembed(c, model or c.config.model, batch_size=batch_size)
+    except CollectionError as e:
+        _fail(str(e))
+    typer.echo(f"re-embedded {r.embedded} items with {r.fingerprint} ({r.resumed} from an earlier run)")
+    for why in r.failed[:20]:
+        typer.secho(f"failed {why}", fg=typer.colors.RED, err=True)
+    if not r.switched:
+        _fail(f"{len(r.failed)} items could not be re-embedded; nothing was switched. Fix their files or delete them "
+              "(vtfusion delete --ids '#ID'), then run the same command again")
+    typer.echo(f"switched {collection} to model {r.fingerprint}; indexes rebuilt")
 
 
 @app.command("verify")
 def verify_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
     """Reconcile SQL with the FAISS indexes and the token cache; exit 1 on any mismatch."""
+    from indexer.collection import Collection, StaleIndexError
     from indexer.lifecycle import verify
 
-    r = verify(_open(collection))  # opening applies pending changes: verify checks what a search sees
+    try:
+        c = Collection.open(collection)  # opening applies pending changes: verify checks what a search sees
+    except StaleIndexError:
+        c = Collection.open(collection, catch_up=False)  # reported below, with the fix
+    except Exception:  # noqa: BLE001 - the message of _open
+        c = _open(collection)
+    r = verify(c)
     for n in r.notes:
         typer.echo(f"note: {n}")
     if r.ok:
@@ -308,8 +444,8 @@ def reindex_cmd(
     from indexer.collection import Collection
     from indexer.lifecycle import reindex
 
-    c = Collection.open(collection, catch_up=False)
     try:
+        c = Collection.open(collection, catch_up=False)
         built = reindex(c, index)
     except RuntimeError as e:
         _fail(str(e))
@@ -343,9 +479,11 @@ def search_cmd(
     query = ItemQuery(item) if item is not None else image if image is not None else text
     if image is not None and not image.is_file():
         _fail(f"image not found: {image}")
+    from indexer.collection import CollectionError
+
     try:
         res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion)
-    except SearchError as e:
+    except (SearchError, CollectionError) as e:
         _fail(str(e))
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
