@@ -453,3 +453,78 @@ def test_a_signal_stops_ingest_at_a_batch_boundary_with_a_message(tmp_path, mode
     assert verify(c).ok and 8 <= stats(c)["items_active"] < 240
     with c.Session() as s:
         assert s.scalar(select(func.count()).select_from(Item)) == stats(c)["items_active"]
+
+
+def test_migration_0002_keeps_existing_rows_and_allows_reverts(tmp_path, db_url):
+    """A database made before collection ids (revision 0001) upgrades in place: rows kept, the
+    content hash unique among active items only."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from indexer.collection import MIGRATIONS, make_engine, migrate
+
+    eng = make_engine(db_url or f"sqlite:///{tmp_path / 'old.db'}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    item = "INSERT INTO items (source, external_id, image_path, text, content_hash, meta, status, created_at) VALUES ('s', 'e', '/x', 't', :h, '{}', :st, '2026-01-01')"
+    with eng.begin() as conn:
+        conn.execute(sa.text(item), [{"h": "h1", "st": "replaced"}, {"h": "h2", "st": "active"}])
+        conn.execute(sa.text("INSERT INTO embeddings (item_id, modality, vector) VALUES (1, 'image', :v)"), {"v": b"\x00\x01"})
+        conn.execute(sa.text("INSERT INTO changes (item_id, op, at) VALUES (1, 'add', '2026-01-01')"))
+    migrate(eng)
+    with eng.begin() as conn:
+        assert conn.execute(sa.text("SELECT id, content_hash, status FROM items ORDER BY id")).all() == [(1, "h1", "replaced"), (2, "h2", "active")]
+        assert conn.execute(sa.text("SELECT vector FROM embeddings")).scalar() == b"\x00\x01"
+        conn.execute(sa.text(item), {"h": "h1", "st": "active"})  # back to the replaced version's content
+    with pytest.raises(sa.exc.IntegrityError), eng.begin() as conn:
+        conn.execute(sa.text(item), {"h": "h1", "st": "active"})  # two active items with one content: refused
+    eng.dispose()
+
+
+def _run_and_kill_at(cmd: list[str], delay: float) -> int:
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    return p.returncode
+
+
+def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, model_dir):
+    """SIGKILL at random points of compact and reembed (three seeds each): every state in between
+    opens, verifies clean and has every item; re-running finishes the job."""
+    import random
+
+    from indexer.demo import generate
+
+    generate(tmp_path / "cat", n=240, seed=7, image_size=48)
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, tmp_path / "cat" / "train.csv", workers=0, progress=False)
+    delete(c, select_items(c, where="price > 40"))
+    n = stats(c)["items_active"]
+    m2 = _another_model(model_dir, tmp_path / "m2")
+    col = str(tmp_path / "c")
+    cli = [sys.executable, "-m", "ui.cli", "-q"]
+    t = time.monotonic()
+    assert _run_and_kill_at(cli + ["--help"], 120) == 0
+    startup = time.monotonic() - t  # interpreter and imports: kills land after it
+    rng = random.Random(0)
+    for argv, seconds in ((["compact", col], 4.0), (["reembed", col, "--model", str(m2), "--batch-size", "8"], 8.0)):
+        for _ in range(3):
+            rc = _run_and_kill_at(cli + argv, startup + rng.uniform(0, seconds))
+            c = Collection.open(tmp_path / "c")
+            r = verify(c)
+            assert r.ok, (argv, rc, r.problems)
+            assert stats(c)["items_active"] == n
+            c.close()
+        assert _run_and_kill_at(cli + argv, 300) == 0, argv
+    c = Collection.open(tmp_path / "c")
+    assert verify(c).ok and stats(c)["items_active"] == n
+    assert c.config.model_fingerprint == checkpoint.load(m2).fingerprint
+    _assert_tokens_right(c)
+    assert len(list((tmp_path / "c").glob("tokens*"))) == 1
