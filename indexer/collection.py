@@ -449,8 +449,14 @@ class Collection:
                             "Run `vtfusion verify %s` and `vtfusion repair %s`", len(bad), bad[:5], self.folder, self.folder)
         missing = np.flatnonzero(~ok).tolist()
         if missing:
-            tokens[missing] = self.bundle.image_tokens(self.bundle.transform.load(locs[k][2]) for k in missing).float().cpu()
+            tokens[missing] = self.encode_images([locs[k][2] for k in missing])
         return tokens, len(missing)
+
+    @torch.no_grad()
+    def encode_images(self, paths: list[str]) -> torch.Tensor:
+        """Image files -> their image tokens under the collection's model, (K, N, D_v) float32 on
+        the CPU: what a missing or bad token record is replaced with."""
+        return self.bundle.image_tokens(self.bundle.transform.load(p) for p in paths).float().cpu()
 
     def forget_token_locations(self) -> None:
         """Drop the remembered token locations (after records moved: repair, compact, reembed)."""

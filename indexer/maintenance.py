@@ -109,10 +109,6 @@ def bad_token_items(c: Collection, chunk: int = 1024) -> list[int]:
     return sorted(bad)
 
 
-def _load_image(c: Collection, path: str, bundle: checkpoint.Bundle):
-    return bundle.transform.load(io.BytesIO(Path(path).read_bytes()), name=path)
-
-
 def repair(c: Collection, progress: bool = True) -> RepairReport:
     """Re-encode exactly the token records that fail their check, and rebuild every index that
     is stale, unreadable or disagrees with SQL."""
@@ -122,22 +118,19 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
     with _maintenance(c):
         bad = bad_token_items(c)
         if bad:
-            bundle = c.bundle
             with c.Session() as s:
                 items = s.execute(select(Item.id, Item.image_path, Item.content_hash).where(Item.id.in_(bad)).order_by(Item.id)).all()
             bar = progress_bar(total=len(items), desc="repair", unit="item", enabled=progress)
             try:
                 for i in range(0, len(items), BATCH):
-                    part, images = [], []
+                    part = []
                     for it in items[i : i + BATCH]:
-                        try:
-                            images.append(_load_image(c, it.image_path, bundle))
+                        if Path(it.image_path).is_file():
                             part.append(it)
-                        except (OSError, ImageError) as e:
-                            r.unrepairable.append(f"item {it.id}: {e}")
+                        else:
+                            r.unrepairable.append(f"item {it.id}: image file not found: {it.image_path}")
                     if part:
-                        with torch.no_grad():
-                            tok = bundle.image_tokens(images).float().cpu().numpy()  # (b, N, D_v)
+                        tok = c.encode_images([it.image_path for it in part]).numpy()  # (b, N, D_v)
                         locs = c.tokens.append(tok, [it.content_hash for it in part])
                         with c.Session.begin() as s:
                             for it, (shard, off) in zip(part, locs):
@@ -233,8 +226,7 @@ def _copy_records(c: Collection, new: TokenCache, moved: dict, progress: bool, s
             redo = np.flatnonzero(~ok).tolist()
             if redo:
                 log.warning("compact: %d records missing or failing their check are re-encoded from their images", len(redo))
-                with torch.no_grad():
-                    tokens[redo] = c.bundle.image_tokens(_load_image(c, part[k].image_path, c.bundle) for k in redo).float().cpu().numpy()
+                tokens[redo] = c.encode_images([part[k].image_path for k in redo]).numpy()
             locs = new.append(tokens, [r.content_hash for r in part])
             moved.update({r.id: loc for r, loc in zip(part, locs)})
             bar.update(len(part))

@@ -31,7 +31,8 @@ def test_unreachable_database_error_masks_the_password(tmp_path, model_dir, capl
     caplog.set_level(logging.DEBUG)
     url = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/nowhere?connect_timeout=2"
     r = CliRunner().invoke(app, ["-v", "init", str(tmp_path / "c"), "--model", str(model_dir), "--db", url])
-    assert r.exit_code == 1 and "cannot create the schema" in r.output
+    assert r.exit_code == 1 and "cannot reach the database" in r.output
+    assert not (tmp_path / "c").exists()  # nothing left behind by a refused init
     assert SECRET not in r.output and SECRET not in caplog.text
     assert "***" in r.output
 
