@@ -33,6 +33,7 @@ def stats(c: Collection) -> dict:
         n_errors = s.scalar(select(func.count()).select_from(IngestError))
     return {
         "collection": str(c.folder),
+        "collection_id": c.config.collection_id,
         "model": c.config.model,
         "model_fingerprint": c.config.model_fingerprint,
         "db": mask_url(c.engine.url.render_as_string(hide_password=False)),
@@ -41,7 +42,10 @@ def stats(c: Collection) -> dict:
         "items_replaced": by_status.get("replaced", 0),
         "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
         "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
-        "token_cache": {"dtype": c.config.token_dtype, "records": c.tokens.total_records(), "bytes_per_image": c.tokens.record_bytes},
+        "token_cache": {
+            "dtype": c.config.token_dtype, "format": c.config.token_format, "folder": c.config.tokens_dir,
+            "records": c.tokens.total_records(), "bytes": c.tokens.total_bytes(), "bytes_per_image": c.tokens.record_bytes,
+        },
         "ingest_runs": runs,
         "ingest_errors": n_errors,
     }

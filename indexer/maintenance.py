@@ -32,7 +32,8 @@ from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
-BATCH = 64
+BATCH = 64  # images encoded per step (repair, reembed)
+COPY_CHUNK = 1024  # records read, checked and appended per step (compact)
 
 
 def _maintenance(c: Collection):
@@ -123,14 +124,8 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
             bar = progress_bar(total=len(items), desc="repair", unit="item", enabled=progress)
             try:
                 for i in range(0, len(items), BATCH):
-                    part = []
-                    for it in items[i : i + BATCH]:
-                        if Path(it.image_path).is_file():
-                            part.append(it)
-                        else:
-                            r.unrepairable.append(f"item {it.id}: image file not found: {it.image_path}")
+                    part, tok = _encode_what_decodes(c, items[i : i + BATCH], r.unrepairable)
                     if part:
-                        tok = c.encode_images([it.image_path for it in part]).numpy()  # (b, N, D_v)
                         locs = c.tokens.append(tok, [it.content_hash for it in part])
                         with c.Session.begin() as s:
                             for it, (shard, off) in zip(part, locs):
@@ -147,6 +142,22 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
                 r.indexes_rebuilt.append(m)
         c.catch_up()
     return r
+
+
+def _encode_what_decodes(c: Collection, items, failures: list[str]) -> tuple[list, np.ndarray]:
+    """(the items whose image decodes, their tokens (b, N, D_v)); the others go to ``failures``."""
+    try:
+        return list(items), c.encode_images([it.image_path for it in items]).numpy()
+    except (OSError, ImageError, ValueError):  # find which: one at a time
+        pass
+    part, tok = [], []
+    for it in items:
+        try:
+            tok.append(c.encode_images([it.image_path]).numpy())
+            part.append(it)
+        except (OSError, ImageError, ValueError) as e:
+            failures.append(f"item {it.id}: {e}")
+    return part, np.concatenate(tok) if tok else np.zeros((0, c.config.num_tokens, c.config.token_width), np.float32)
 
 
 # ---- compact -----------------------------------------------------------------------------------
@@ -213,8 +224,8 @@ def _copy_records(c: Collection, new: TokenCache, moved: dict, progress: bool, s
     rows = [r for r in rows if r.id not in moved]
     bar = progress_bar(total=len(rows), desc="compact", unit="item", enabled=progress)
     try:
-        for i in range(0, len(rows), 1024):
-            part = rows[i : i + 1024]
+        for i in range(0, len(rows), COPY_CHUNK):
+            part = rows[i : i + COPY_CHUNK]
             located = [k for k, r in enumerate(part) if r.token_shard is not None]
             tokens = np.zeros((len(part), new.N, new.D), dtype=np.float32)
             ok = np.zeros(len(part), dtype=bool)
@@ -294,6 +305,8 @@ class ReembedReport:
     resumed: int = 0  # items an interrupted earlier run had already embedded
     failed: list[str] = field(default_factory=list)  # items whose image or text could not be re-embedded
     switched: bool = False
+    stopped_by: str = ""  # "SIGINT" / "SIGTERM": stopped at a batch boundary, staged work kept
+    stopped_signal: int = 0
 
 
 def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size: int = BATCH) -> ReembedReport:
@@ -302,8 +315,9 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
     folder (resumable: a re-run skips what is staged for the same model); then, when every
     active item has them, switch embeddings, token locations and the collection's model in
     one transaction and rebuild the indexes. An item whose image is gone or no longer matches
-    its content hash fails: nothing is switched until it is fixed or deleted."""
-    from .ingest import content_hash
+    its content hash fails: nothing is switched until it is fixed or deleted. SIGINT / SIGTERM
+    stop it after the current batch (what is staged stays; re-running resumes)."""
+    from .ingest import StopOnSignal, content_hash
 
     ref = str(model) if checkpoint.is_pretrained_ref(model) else str(Path(model).resolve())
     try:
@@ -312,7 +326,7 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
         raise CollectionError(str(e)) from e
     m, fp = bundle.model, bundle.fingerprint
     rep = ReembedReport(ref, fp)
-    with _maintenance(c):
+    with _maintenance(c), StopOnSignal() as stop:
         old_dir = c.folder / c.config.tokens_dir
         with c.Session() as s:
             staged_dir = s.get(CollectionInfo, 1).config.get("reembed_tokens_dir")
@@ -342,7 +356,10 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
             todo = [t for t in todo if t.id not in failed_ids]
             if not todo:
                 break
-            _embed_into_staging(c, bundle, new, todo, rep, failed_ids, progress, batch_size, content_hash)
+            _embed_into_staging(c, bundle, new, todo, rep, failed_ids, progress, batch_size, content_hash, stop)
+            if stop.signum:
+                rep.stopped_by, rep.stopped_signal = stop.name, stop.signum
+                return rep
         if rep.failed:
             log.warning("reembed: %d items failed; nothing switched. Fix or delete them and run the command again", len(rep.failed))
             return rep
@@ -380,7 +397,8 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
     return rep
 
 
-def _embed_into_staging(c, bundle, new: TokenCache | None, todo, rep: ReembedReport, failed_ids: set[int], progress, batch_size, content_hash) -> None:
+def _embed_into_staging(c, bundle, new: TokenCache | None, todo, rep: ReembedReport, failed_ids: set[int], progress, batch_size,
+                        content_hash, stop) -> None:
     model, device = bundle.model, bundle.device
     bar = progress_bar(total=len(todo), desc="reembed", unit="item", enabled=progress)
     try:
@@ -422,6 +440,8 @@ def _embed_into_staging(c, bundle, new: TokenCache | None, todo, rep: ReembedRep
                     )
                 rep.embedded += len(part)
             bar.update(len(todo[i : i + batch_size]))
+            if stop.signum:
+                return
     finally:
         bar.close()
 

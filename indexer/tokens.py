@@ -78,6 +78,9 @@ class TokenCache:
         payload = {"fp16": num_tokens * width * 2, "int8": num_tokens * width + 4 * num_tokens, "none": 0}[dtype]
         self.record_bytes = payload + self.header if payload else 0
         self._maps: dict[int, tuple[int, np.memmap]] = {}
+        # shard -> (shard_records,) bool: records whose CRC this process has checked. Records are
+        # never rewritten in place, so a later read checks magic and tag only (a few bytes)
+        self._crc_ok: dict[int, np.ndarray] = {}
         self._append_lock = threading.Lock()
         if self.enabled:
             self._repair_tail()
@@ -116,8 +119,14 @@ class TokenCache:
         if keep != size:
             log.warning("token cache %s: cutting a torn record (%d -> %d bytes)", p, size, keep)
             os.truncate(p, keep)
-            self._maps.pop(shard, None)
+            self._forget(shard, keep // self.record_bytes)
         return keep // self.record_bytes
+
+    def _forget(self, shard: int, from_record: int) -> None:
+        """Records from ``from_record`` on may have other bytes now: unmap, uncheck."""
+        self._maps.pop(shard, None)
+        if shard in self._crc_ok:
+            self._crc_ok[shard][from_record:] = False
 
     # ---- writing ---------------------------------------------------------------------
 
@@ -197,7 +206,7 @@ class TokenCache:
                 raise
         finally:
             os.close(fd)
-            self._maps.pop(shard, None)  # the map must grow
+            self._forget(shard, offset)  # the map must grow
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -222,7 +231,7 @@ class TokenCache:
         present = np.zeros(len(locations), dtype=bool)
         if not locations:
             return recs, present
-        loc = np.asarray(locations, dtype=np.int64)  # (K, 2)
+        loc = np.asarray(locations, dtype=np.int64).reshape(-1, 2)  # (K, 2)
         for shard in np.unique(loc[:, 0]):
             rows = np.flatnonzero(loc[:, 0] == shard)
             mm = self._map(int(shard), int(loc[rows, 1].max()))
@@ -233,29 +242,43 @@ class TokenCache:
             present[rows] = True
         return recs, present
 
-    def check(self, recs: np.ndarray, hashes: list[str | None] | None = None) -> np.ndarray:
-        """(K,) bool: each record's magic and CRC hold and (where a hash is given) its tag is
-        that item's. Format 1 records have nothing to check: all True."""
+    def check(self, recs: np.ndarray, hashes: list[str | None] | None = None, crc: np.ndarray | None = None) -> np.ndarray:
+        """(K,) bool: each record's magic holds, (where a hash is given) its tag is that item's,
+        and (where ``crc`` is True, default everywhere) its CRC32 matches its bytes. Format 1
+        records have nothing to check: all True."""
         ok = np.ones(len(recs), dtype=bool)
-        if not self.header:
+        if not self.header or not len(recs):
             return ok
-        for k in range(len(recs)):
-            head = recs[k, :HEADER].tobytes()
-            tag = head[8:16]
-            ok[k] = (
-                head[:4] == MAGIC
-                and int.from_bytes(head[4:8], "little") == zlib.crc32(recs[k, HEADER:], zlib.crc32(tag))
-                and (hashes is None or hashes[k] is None or tag == tag_of(hashes[k]))
-            )
+        ok &= (recs[:, :4] == np.frombuffer(MAGIC, dtype=np.uint8)).all(axis=1)
+        if hashes is not None:
+            given = np.array([h is not None for h in hashes], dtype=bool)
+            want = np.frombuffer(b"".join(tag_of(h) for h in hashes), dtype=np.uint8).reshape(-1, 8)  # (K, 8)
+            ok &= ~given | (recs[:, 8:16] == want).all(axis=1)
+        stored = recs[:, 4:8].copy().view("<u4")[:, 0]  # (K,)
+        for k in np.flatnonzero(ok & (True if crc is None else crc)):
+            ok[k] = int(stored[k]) == zlib.crc32(recs[k, HEADER:], zlib.crc32(recs[k, 8:16]))
         return ok
 
     def read_checked(
         self, locations: list[tuple[int, int]], hashes: list[str | None] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """[(shard, offset)] -> ((K, N, D) float32 tokens, (K,) bool ok). Where ok is False
-        (record missing or failing its check) the tokens are zeros: the caller re-encodes."""
+        (record missing or failing its check) the tokens are zeros: the caller re-encodes. A
+        record's CRC is computed the first time this process reads it; later reads check its
+        magic and tag."""
         recs, ok = self.read_records(locations)
-        ok &= self.check(recs, hashes)
+        if not self.header or not len(locations):
+            ok &= self.check(recs, hashes)
+        else:
+            loc = np.asarray(locations, dtype=np.int64).reshape(-1, 2)  # (K, 2)
+            seen = np.zeros(len(loc), dtype=bool)
+            for shard in np.unique(loc[:, 0]):
+                rows = np.flatnonzero(loc[:, 0] == shard)
+                bits = self._crc_ok.setdefault(int(shard), np.zeros(self.shard_records, dtype=bool))
+                inside = rows[(loc[rows, 1] >= 0) & (loc[rows, 1] < len(bits))]
+                seen[inside] = bits[loc[inside, 1]]
+                ok[rows] &= self.check(recs[rows], None if hashes is None else [hashes[k] for k in rows], crc=~seen[rows])
+                bits[loc[inside, 1]] |= ok[inside]
         out = self._decode(recs)
         out[~ok] = 0
         return out, ok
@@ -270,14 +293,15 @@ class TokenCache:
     def _decode(self, recs: np.ndarray) -> np.ndarray:
         """(K, record_bytes) uint8 -> (K, N, D) float32."""
         K = recs.shape[0]
-        body = recs[:, self.header :]
+        body = recs[:, self.header :]  # (K, payload) rows: a strided view, never copied
         out = np.empty((K, self.N, self.D), dtype=np.float32)
+        flat = out.reshape(K, self.N * self.D)
         if self.dtype == "fp16":
-            out[...] = np.ascontiguousarray(body).view(np.float16).reshape(K, self.N, self.D)
+            flat[...] = body.view(np.float16)
             return out
         nq = self.N * self.D
         scale = np.ascontiguousarray(body[:, nq:]).view(np.float32)  # (K, N)
-        out[...] = np.ascontiguousarray(body[:, :nq]).view(np.int8).reshape(K, self.N, self.D)
+        flat[...] = body[:, :nq].view(np.int8)
         out *= scale[:, :, None]
         return out
 

@@ -55,13 +55,13 @@ def _assert_tokens_right(c: Collection) -> None:
 # ---- 1. token cache that cannot shift ------------------------------------------------------------
 
 
-def test_enospc_mid_record_then_a_retry_in_the_same_process(tmp_path, model_dir, small_catalog, monkeypatch):
+def test_enospc_mid_record_then_a_retry_in_the_same_process(tmp_path, model_dir, small_catalog, monkeypatch, db_url):
     """The web UI case: a write fails half-way (disk full), the same long-lived process ingests
     again. Offsets used to come from the file size while bytes went after the torn half: every
     later record was shifted (199 of 231 wrong) and verify said ok."""
     from indexer import tokens as tokens_mod
 
-    c = Collection.init(tmp_path / "c", model_dir)
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
     real = os.pwrite
     calls = []
@@ -82,9 +82,9 @@ def test_enospc_mid_record_then_a_retry_in_the_same_process(tmp_path, model_dir,
     _assert_tokens_right(c)
 
 
-def test_a_second_writer_killed_mid_record(tmp_path, model_dir, small_catalog):
+def test_a_second_writer_killed_mid_record(tmp_path, model_dir, small_catalog, db_url):
     """Another process dies half-way through a record while this one has the cache open."""
-    c = Collection.init(tmp_path / "c", model_dir)
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
     shard = c.tokens._path(c.tokens.shards()[-1])
     with open(shard, "ab") as f:
@@ -120,10 +120,10 @@ def test_verify_names_bad_records_search_never_uses_them_and_repair_reencodes_ex
     _assert_tokens_right(Collection.open(tmp_path / "c"))
 
 
-def test_truncated_token_shard_is_reported_searched_around_and_repaired(tmp_path, model_dir, small_catalog):
+def test_truncated_token_shard_is_reported_searched_around_and_repaired(tmp_path, model_dir, small_catalog, db_url):
     from search.engine import SearchEngine
 
-    c = Collection.init(tmp_path / "c", model_dir)
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
     shard = c.tokens._path(0)
     os.truncate(shard, shard.stat().st_size - 3 * c.tokens.record_bytes - 11)
@@ -135,6 +135,25 @@ def test_truncated_token_shard_is_reported_searched_around_and_repaired(tmp_path
     c3 = Collection.open(tmp_path / "c")
     assert verify(c3).ok
     _assert_tokens_right(c3)
+
+
+def test_repair_names_items_whose_image_is_gone_and_repairs_the_rest(tmp_path, model_dir, small_catalog):
+    cat = tmp_path / "cat"
+    shutil.copytree(small_catalog, cat)
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, cat / "test.csv", workers=0, progress=False)
+    with c.Session() as s:
+        rows = s.execute(select(Item.id, Item.image_path).order_by(Item.id).limit(3)).all()
+    shard = c.tokens._path(0)
+    os.truncate(shard, 0)  # every record gone
+    Path(rows[0].image_path).write_bytes(b"not an image any more")
+    Path(rows[1].image_path).unlink()
+    r = repair(Collection.open(tmp_path / "c"), progress=False)
+    assert sorted(x.split(":")[0] for x in r.unrepairable) == sorted(f"item {x.id}" for x in rows[:2])
+    assert r.records_rewritten == stats(c)["items_active"] - 2
+    assert bad_token_items(Collection.open(tmp_path / "c")) == sorted(x.id for x in rows[:2])
+    res = CliRunner().invoke(app, ["repair", str(tmp_path / "c")])
+    assert res.exit_code == 1 and f"cannot repair item {rows[1].id}" in res.output
 
 
 # ---- 2. one collection per database --------------------------------------------------------------
@@ -179,17 +198,45 @@ def test_each_collection_its_own_postgresql_schema(tmp_path, model_dir, small_ca
 # ---- 3. stale or broken projections ----------------------------------------------------------------
 
 
-def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path, model_dir, small_catalog):
-    c = Collection.init(tmp_path / "c", model_dir)
+def _backup(db_url: str, folder: Path, name: str) -> None:
+    """Copy the collection's database aside (SQLite: the file; PostgreSQL: a template copy)."""
+    if not db_url:
+        shutil.copy(folder / "catalog.db", folder.parent / f"{name}.db")  # WAL checkpointed by close
+        return
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{db_url.rsplit("/", 1)[1]}_{name}" TEMPLATE "{db_url.rsplit("/", 1)[1]}"'))
+    admin.dispose()
+
+
+def _restore(db_url: str, folder: Path, name: str) -> None:
+    if not db_url:
+        for suffix in ("-wal", "-shm"):
+            (folder / f"catalog.db{suffix}").unlink(missing_ok=True)
+        shutil.copy(folder.parent / f"{name}.db", folder / "catalog.db")
+        return
+    import sqlalchemy as sa
+
+    db = db_url.rsplit("/", 1)[1]
+    admin = sa.create_engine(db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{db}" TEMPLATE "{db}_{name}"'))
+        conn.execute(sa.text(f'DROP DATABASE "{db}_{name}"'))
+    admin.dispose()
+
+
+def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path, model_dir, small_catalog, db_url):
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
     c.close()
-    shutil.copy(tmp_path / "c" / "catalog.db", tmp_path / "backup.db")  # WAL checkpointed by close
+    _backup(db_url, tmp_path / "c", "backup")
     c = Collection.open(tmp_path / "c")
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
     c.close()
-    for suffix in ("-wal", "-shm"):
-        (tmp_path / "c" / f"catalog.db{suffix}").unlink(missing_ok=True)
-    shutil.copy(tmp_path / "backup.db", tmp_path / "c" / "catalog.db")  # restored from the backup
+    _restore(db_url, tmp_path / "c", "backup")  # restored from the backup
     with pytest.raises(StaleIndexError, match="older than the indexes.*vtfusion reindex"):
         Collection.open(tmp_path / "c")
     r = CliRunner().invoke(app, ["search", str(tmp_path / "c"), "a red mug"])
@@ -205,6 +252,7 @@ def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path,
     rows, _ = read_csv(ingest_rows_later)
     with pytest.raises(StaleIndexError):
         ingest_rows(c, rows, [], "x", workers=0, progress=False)  # its final catch-up refuses
+    c.close()
     with pytest.raises(StaleIndexError, match="restored or replaced"):
         Collection.open(tmp_path / "c")
     assert CliRunner().invoke(app, ["reindex", str(tmp_path / "c")]).exit_code == 0
@@ -212,8 +260,8 @@ def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path,
     assert verify(c).ok and c.indexes["image"].ntotal == stats(c)["items_active"]
 
 
-def test_corrupt_meta_json_truncated_index_and_leftover_temp_files(tmp_path, model_dir, small_catalog):
-    c = Collection.init(tmp_path / "c", model_dir)
+def test_corrupt_meta_json_truncated_index_and_leftover_temp_files(tmp_path, model_dir, small_catalog, db_url):
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
     folder = tmp_path / "c" / "index"
     (folder / "meta.json").write_text('{"image": {"modality": "ima')
@@ -485,8 +533,12 @@ def test_migration_0002_keeps_existing_rows_and_allows_reverts(tmp_path, db_url)
     eng.dispose()
 
 
-def _run_and_kill_at(cmd: list[str], delay: float) -> int:
+def _run_and_kill_at(cmd: list[str], delay: float, started=lambda: True) -> int:
+    """Run ``cmd``; once ``started()`` (polled) is true, SIGKILL it ``delay`` s later. Its exit code."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not started() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     try:
         p.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -495,7 +547,7 @@ def _run_and_kill_at(cmd: list[str], delay: float) -> int:
     return p.returncode
 
 
-def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, model_dir):
+def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, model_dir, db_url):
     """SIGKILL at random points of compact and reembed (three seeds each): every state in between
     opens, verifies clean and has every item; re-running finishes the job."""
     import random
@@ -503,28 +555,69 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
     from indexer.demo import generate
 
     generate(tmp_path / "cat", n=240, seed=7, image_size=48)
-    c = Collection.init(tmp_path / "c", model_dir)
+    c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, tmp_path / "cat" / "train.csv", workers=0, progress=False)
     delete(c, select_items(c, where="price > 40"))
     n = stats(c)["items_active"]
     m2 = _another_model(model_dir, tmp_path / "m2")
     col = str(tmp_path / "c")
-    cli = [sys.executable, "-m", "ui.cli", "-q"]
-    t = time.monotonic()
-    assert _run_and_kill_at(cli + ["--help"], 120) == 0
-    startup = time.monotonic() - t  # interpreter and imports: kills land after it
+    # the CLI, with every token append 0.3 s slower and compact copying 8 records a step, so that
+    # random kills land inside the work and not only in the interpreter's start-up
+    slow = ("import sys, time; import indexer.tokens as t, indexer.maintenance as m; m.COPY_CHUNK = 8; a = t.TokenCache.append; "
+            "t.TokenCache.append = lambda self, *x, **k: (time.sleep(0.3), a(self, *x, **k))[1]; "
+            "from ui.cli import app; sys.argv[0] = 'vtfusion'; app()")
+    cli = [sys.executable, "-c", slow, "-q"]
     rng = random.Random(0)
-    for argv, seconds in ((["compact", col], 4.0), (["reembed", col, "--model", str(m2), "--batch-size", "8"], 8.0)):
+    from indexer.schema import Reembedding
+
+    for argv, seconds in ((["compact", col], 2.5), (["reembed", col, "--model", str(m2), "--batch-size", "8"], 2.5)):
+        caught_midway = 0
         for _ in range(3):
-            rc = _run_and_kill_at(cli + argv, startup + rng.uniform(0, seconds))
+            # both write a new token folder first: the kill comes a random moment after it appears
+            have = {p.name for p in (tmp_path / "c").glob("tokens*")}
+            rc = _run_and_kill_at(cli + argv, rng.uniform(0, seconds),
+                                  started=lambda: {p.name for p in (tmp_path / "c").glob("tokens*")} - have)
             c = Collection.open(tmp_path / "c")
             r = verify(c)
             assert r.ok, (argv, rc, r.problems)
             assert stats(c)["items_active"] == n
+            with c.Session() as s:  # a half-written token folder, or staged rows not switched yet
+                staged = s.scalar(select(func.count()).select_from(Reembedding))
+            caught_midway += rc == -signal.SIGKILL and (staged > 0 or len(list((tmp_path / "c").glob("tokens*"))) > 1)
             c.close()
+        assert caught_midway >= 1, f"no kill of {argv[0]} landed mid-way"
         assert _run_and_kill_at(cli + argv, 300) == 0, argv
     c = Collection.open(tmp_path / "c")
     assert verify(c).ok and stats(c)["items_active"] == n
     assert c.config.model_fingerprint == checkpoint.load(m2).fingerprint
     _assert_tokens_right(c)
     assert len(list((tmp_path / "c").glob("tokens*"))) == 1
+
+
+def test_sigterm_stops_reembed_at_a_batch_boundary_and_it_resumes(tmp_path, model_dir):
+    from indexer.demo import generate
+    from indexer.schema import Reembedding
+
+    generate(tmp_path / "cat", n=240, seed=8, image_size=48)
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, tmp_path / "cat" / "train.csv", workers=0, progress=False)
+    before = _stored(c, "image")
+    m2 = _another_model(model_dir, tmp_path / "m2")
+    p = subprocess.Popen([sys.executable, "-m", "ui.cli", "reembed", str(tmp_path / "c"), "--model", str(m2), "--batch-size", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+        with c.Session() as s:
+            if s.scalar(select(func.count()).select_from(Reembedding)) >= 8:
+                break
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "stopped by SIGTERM at a batch boundary" in err and "nothing switched" in err
+    c = Collection.open(tmp_path / "c")
+    assert verify(c).ok and _stored(c, "image").keys() == before.keys()
+    assert all(np.array_equal(before[i], v) for i, v in _stored(c, "image").items())  # still the old model's
+    rep = reembed(c, m2, progress=False)
+    assert rep.switched and rep.resumed >= 8 and rep.resumed + rep.embedded == len(before)
+    assert verify(Collection.open(tmp_path / "c")).ok

@@ -404,6 +404,10 @@ def reembed_cmd(
     except CollectionError as e:
         _fail(str(e))
     typer.echo(f"re-embedded {r.embedded} items with {r.fingerprint} ({r.resumed} from an earlier run)")
+    if r.stopped_by:
+        typer.secho(f"stopped by {r.stopped_by} at a batch boundary: {r.resumed + r.embedded} items are staged, nothing "
+                    "switched; run the same command again to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(128 + r.stopped_signal)
     for why in r.failed[:20]:
         typer.secho(f"failed {why}", fg=typer.colors.RED, err=True)
     if not r.switched:
