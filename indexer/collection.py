@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import checkpoint
 
-from .locks import file_lock
+from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
 from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
@@ -38,6 +38,7 @@ from .vectors import IndexMeta, UnreadableIndexError, VectorIndex, auto_factory,
 log = logging.getLogger(__name__)
 TOKEN_LOCATIONS_KEPT = 200_000  # item token locations kept in memory (~30 MB)
 CONFIG_NAME = "collection.toml"
+MAINTENANCE_LOCK = "maintenance.lock"  # held by compact, repair and reembed (they move token records)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -87,17 +88,19 @@ class CollectionConfig:
         os.replace(tmp, path)
 
 
-def _holder(engine: Engine) -> str:
-    """'' when the database holds no collection; else what holds it, for a message."""
+def _holder(engine: Engine) -> tuple[str, str, str]:
+    """What holds the database, for a message ('' when nothing does), with its collection uid
+    and the folder it was created in ('' when unknown)."""
     insp = inspect(engine)
     if insp.has_table("collection"):
         with engine.connect() as conn:
             row = conn.execute(select(CollectionInfo.uid, CollectionInfo.folder)).first()
-        if row is not None:
-            return f"collection {row.uid} created in {row.folder}"
+            empty = conn.execute(select(Item.id).limit(1)).first() is None
+        if row is not None:  # an empty one can be taken over by the folder it was made for (an init that stopped half-way)
+            return f"collection {row.uid} created in {row.folder}", row.uid if empty else "", row.folder
     if insp.has_table("items"):
-        return "the tables of a collection created before collection ids existed"
-    return ""
+        return "the tables of a collection created before collection ids existed", "", ""
+    return "", "", ""
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -278,11 +281,14 @@ class Collection:
         folder.mkdir(parents=True, exist_ok=True)
         engine = make_engine(url)
         try:
-            taken = _holder(engine)
+            taken, uid, where = _holder(engine)
         except Exception as e:  # noqa: BLE001 - an unreachable server, a bad URL
-            taken = f"cannot reach the database {mask_url(url)}: {_first_line(e)}"
+            taken, uid, where = f"cannot reach the database {mask_url(url)}: {_first_line(e)}", "", ""
         finally:
             engine.dispose()
+        resumed = bool(uid) and where == str(folder.resolve())
+        if resumed:  # an init of this folder that stopped before writing collection.toml: finish it
+            config.collection_id, taken = uid, ""
         if taken:
             if created:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -298,9 +304,12 @@ class Collection:
             raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {_first_line(e)}") from e
         try:
             with self.Session.begin() as s:  # id 1: a second collection's insert fails, even a concurrent one
-                s.add(CollectionInfo(id=1, uid=config.collection_id, folder=str(folder.resolve()), config=config.model_dict()))
+                if resumed:
+                    s.get(CollectionInfo, 1).config = config.model_dict()
+                else:
+                    s.add(CollectionInfo(id=1, uid=config.collection_id, folder=str(folder.resolve()), config=config.model_dict()))
         except IntegrityError:
-            raise CollectionError(f"the database {mask_url(url)} already holds a collection ({_holder(self.engine)}); "
+            raise CollectionError(f"the database {mask_url(url)} already holds a collection ({_holder(self.engine)[0]}); "
                                   "give each collection its own database or schema (see the README)") from None
         path = folder / CONFIG_NAME
         if literal_password(db_url):  # readable by its owner only; ${ENV} references are better
@@ -331,9 +340,28 @@ class Collection:
             raise
         except Exception as e:  # noqa: BLE001 - say which database (password masked) and why
             raise CollectionError(f"cannot open the database {mask_url(config.db_url or str(self.engine.url))}: {_first_line(e)}") from e
+        with try_file_lock(folder / MAINTENANCE_LOCK) as idle:
+            if idle:  # no compact or reembed is writing a new token folder right now
+                self.clean_stray_token_dirs()
         if catch_up:
             self.catch_up()
         return self
+
+    def clean_stray_token_dirs(self) -> list[str]:
+        """Delete token folders the collection does not use: what an interrupted compact, or a
+        reembed whose staging was given up, left. The folder a reembed in progress stages into
+        is kept (it resumes from it). Call with the maintenance lock held."""
+        with self.Session() as s:
+            row = s.get(CollectionInfo, 1)
+            staged = row.config.get("reembed_tokens_dir") if row is not None else None
+        gone = []
+        for p in self.folder.glob("tokens*"):
+            if p.is_dir() and p.name not in (self.config.tokens_dir, staged):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+        if gone:
+            log.info("%s: removed token folders no longer in use: %s", self.folder, ", ".join(sorted(gone)))
+        return gone
 
     def _check_identity(self) -> None:
         """The database must hold this collection: its uid matches collection.toml's. A
@@ -522,7 +550,6 @@ class Collection:
                 setattr(self.config, k, v)
             self.tokens = self._token_cache()
             self.forget_token_locations()
-            self.indexes.clear()
         elif last == self._synced:
             return False
         self.catch_up()

@@ -19,3 +19,19 @@ def file_lock(path: str | Path):
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
+
+
+@contextmanager
+def try_file_lock(path: str | Path):
+    """Like ``file_lock`` without waiting: yields True holding the lock, or False when another
+    process holds it."""
+    with open(path, "a+") as f:
+        if fcntl is None:
+            yield True
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

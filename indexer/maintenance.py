@@ -25,7 +25,7 @@ from models import checkpoint
 from models.preprocess import ImageError
 from models.progress import progress as progress_bar
 
-from .collection import Collection, CollectionError
+from .collection import MAINTENANCE_LOCK, Collection, CollectionError
 from .locks import file_lock
 from .schema import ACTIVE, DELETED, MODALITIES, Change, CollectionInfo, Embedding, Item, Reembedding
 from .tokens import FORMAT as TOKEN_FORMAT
@@ -37,7 +37,7 @@ COPY_CHUNK = 1024  # records read, checked and appended per step (compact)
 
 
 def _maintenance(c: Collection):
-    return file_lock(c.folder / "maintenance.lock")
+    return file_lock(c.folder / MAINTENANCE_LOCK)
 
 
 def _lock_collection_row(s) -> CollectionInfo:
@@ -69,16 +69,6 @@ def _next_tokens_dir(c: Collection) -> str:
     while (c.folder / f"tokens-{n}").exists() or c.config.tokens_dir == f"tokens-{n}":
         n += 1
     return f"tokens-{n}"
-
-
-def _clean_stray_token_dirs(c: Collection) -> list[str]:
-    """Token folders the collection no longer uses (an interrupted compact or reembed's)."""
-    gone = []
-    for p in c.folder.glob("tokens*"):
-        if p.is_dir() and p.name != c.config.tokens_dir:
-            shutil.rmtree(p, ignore_errors=True)
-            gone.append(p.name)
-    return gone
 
 
 # ---- repair ------------------------------------------------------------------------------------
@@ -182,7 +172,7 @@ def compact(c: Collection, progress: bool = True, vacuum: bool = True) -> Compac
     transaction, delete the old folder; then VACUUM the database (SQLite) or ANALYZE-free
     ``VACUUM`` (PostgreSQL). Crash-safe: the old cache stays in use until the switch commits."""
     with _maintenance(c):
-        _clean_stray_token_dirs(c)
+        c.clean_stray_token_dirs()
         old_dir = c.folder / c.config.tokens_dir
         before = c.tokens.total_bytes() if c.tokens.enabled else 0
         total_before = c.tokens.total_records() if c.tokens.enabled else 0
@@ -339,9 +329,7 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
                 s.execute(sql_delete(Reembedding))
             row = s.get(CollectionInfo, 1)
             row.config = {**row.config, "reembed_tokens_dir": new_name}
-        for p in c.folder.glob("tokens*"):  # other leftovers of interrupted runs
-            if p.is_dir() and p.name not in (c.config.tokens_dir, new_name):
-                shutil.rmtree(p, ignore_errors=True)
+        c.clean_stray_token_dirs()  # other leftovers of interrupted runs (new_name is now the staged one)
         failed_ids: set[int] = set()
         while True:
             with c.Session() as s:

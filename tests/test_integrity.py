@@ -577,15 +577,18 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
             have = {p.name for p in (tmp_path / "c").glob("tokens*")}
             rc = _run_and_kill_at(cli + argv, rng.uniform(0, seconds),
                                   started=lambda: {p.name for p in (tmp_path / "c").glob("tokens*")} - have)
+            folders = len(list((tmp_path / "c").glob("tokens*")))  # before opening: it removes a killed compact's
             c = Collection.open(tmp_path / "c")
             r = verify(c)
             assert r.ok, (argv, rc, r.problems)
             assert stats(c)["items_active"] == n
             with c.Session() as s:  # a half-written token folder, or staged rows not switched yet
                 staged = s.scalar(select(func.count()).select_from(Reembedding))
-            caught_midway += rc == -signal.SIGKILL and (staged > 0 or len(list((tmp_path / "c").glob("tokens*"))) > 1)
+            caught_midway += rc == -signal.SIGKILL and (staged > 0 or folders > 1)
             c.close()
         assert caught_midway >= 1, f"no kill of {argv[0]} landed mid-way"
+        if argv[0] == "compact":  # opening removed what the killed compacts left
+            assert len(list((tmp_path / "c").glob("tokens*"))) == 1
         assert _run_and_kill_at(cli + argv, 300) == 0, argv
     c = Collection.open(tmp_path / "c")
     assert verify(c).ok and stats(c)["items_active"] == n
@@ -621,3 +624,14 @@ def test_sigterm_stops_reembed_at_a_batch_boundary_and_it_resumes(tmp_path, mode
     rep = reembed(c, m2, progress=False)
     assert rep.switched and rep.resumed >= 8 and rep.resumed + rep.embedded == len(before)
     assert verify(Collection.open(tmp_path / "c")).ok
+
+
+def test_an_init_stopped_before_its_toml_can_be_run_again_but_never_over_items(tmp_path, model_dir, small_catalog, db_url):
+    url = db_url or f"sqlite:///{tmp_path / 'shared.db'}"
+    Collection.init(tmp_path / "a", model_dir, db_url=url)
+    (tmp_path / "a" / "collection.toml").unlink()  # as if killed between the database row and the toml
+    c = Collection.init(tmp_path / "a", model_dir, db_url=url)
+    ingest(c, small_catalog / "test.csv", workers=0, progress=False)
+    (tmp_path / "a" / "collection.toml").unlink()  # a toml lost under a populated database: refused
+    with pytest.raises(CollectionError, match="already holds a collection"):
+        Collection.init(tmp_path / "a", model_dir, db_url=url)
