@@ -240,7 +240,8 @@ class Collection:
 
     def _token_cache(self) -> TokenCache:
         c = self.config
-        return TokenCache(self.folder / c.tokens_dir, c.num_tokens, c.token_width, c.token_dtype, fmt=c.token_format)
+        return TokenCache(self.folder / c.tokens_dir, c.num_tokens, c.token_width, c.token_dtype, fmt=c.token_format,
+                          salt=c.model_fingerprint)
 
     # ---- create / open ---------------------------------------------------------------
 

@@ -181,7 +181,8 @@ def compact(c: Collection, progress: bool = True, vacuum: bool = True) -> Compac
         else:
             new_name = _next_tokens_dir(c)
             cfg = c.config
-            new = TokenCache(c.folder / new_name, cfg.num_tokens, cfg.token_width, cfg.token_dtype, c.tokens.shard_records)
+            new = TokenCache(c.folder / new_name, cfg.num_tokens, cfg.token_width, cfg.token_dtype, c.tokens.shard_records,
+                             salt=cfg.model_fingerprint)
             moved: dict[int, tuple[int, int]] = {}
             _copy_records(c, new, moved, progress)
             with c.Session.begin() as s:
@@ -322,7 +323,7 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
             staged_dir = s.get(CollectionInfo, 1).config.get("reembed_tokens_dir")
         new_name = staged_dir if staged_dir and (c.folder / staged_dir).is_dir() else _next_tokens_dir(c)
         dtype = c.config.token_dtype
-        new = TokenCache(c.folder / new_name, m.num_tokens, m.token_width, dtype) if dtype != "none" else None
+        new = TokenCache(c.folder / new_name, m.num_tokens, m.token_width, dtype, salt=fp) if dtype != "none" else None
         with c.Session.begin() as s:  # staging for another model, or without its token folder, is void
             s.execute(sql_delete(Reembedding).where(Reembedding.fingerprint != fp))
             if new_name != staged_dir:

@@ -2,9 +2,9 @@
 
 A record is a 16-byte header and the (N, D) tokens as fp16, or as int8 with one fp32 scale per
 token (symmetric, per-token quantisation: half the bytes of fp16). The header holds a magic
-number, the CRC32 of the rest of the record and a tag: the first 8 bytes of the item's content
-hash. A reader checks both, so a record that is torn, overwritten, shifted or belongs to another
-item is never used as this item's tokens: it counts as a miss (the image is re-encoded) and
+number, the CRC32 of the rest of the record and a tag: 8 bytes of sha256(the item's content hash,
+the model's fingerprint). A reader checks all three, so a record that is torn, overwritten,
+shifted, another item's or another model's is never used as this item's tokens: it counts as a miss (the image is re-encoded) and
 ``verify`` reports it. A shard holds ``shard_records`` records; an item's location is (shard,
 offset) in SQL.
 
@@ -27,6 +27,7 @@ Bytes per image: 16 + N x D x 2 (fp16) or 16 + N x D + 4 N (int8). Default model
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -57,23 +58,27 @@ def auto_dtype(num_tokens: int, width: int) -> str:
     return "fp16" if num_tokens * width * 2 <= AUTO_FP16_MAX_BYTES else "int8"
 
 
-def tag_of(content_hash: str | None) -> bytes:
-    """The 8-byte tag a record carries: the head of its item's content hash."""
-    return bytes.fromhex(content_hash[:16]) if content_hash else b"\0" * 8
+def tag_of(content_hash: str | None, salt: str = "") -> bytes:
+    """The 8-byte tag a record carries: whose tokens (the item's content hash) under which model
+    (``salt``: the model fingerprint)."""
+    if not content_hash:
+        return b"\0" * 8
+    return hashlib.sha256(f"{content_hash}:{salt}".encode()).digest()[:8]
 
 
 class TokenCache:
     def __init__(
         self, folder: str | Path, num_tokens: int, width: int, dtype: str = "fp16", shard_records: int = 4096,
-        fmt: int = FORMAT,
+        fmt: int = FORMAT, salt: str = "",
     ):
+        """``salt``: the fingerprint of the model whose tokens this cache holds (part of each tag)."""
         if dtype not in DTYPES:
             raise ValueError(f"token cache dtype must be one of {DTYPES}; got {dtype!r}")
         if fmt not in (1, 2):
             raise ValueError(f"token cache format must be 1 or 2; got {fmt!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.N, self.D, self.dtype, self.shard_records, self.fmt = num_tokens, width, dtype, shard_records, fmt
+        self.N, self.D, self.dtype, self.shard_records, self.fmt, self.salt = num_tokens, width, dtype, shard_records, fmt, salt
         self.header = HEADER if fmt == 2 else 0
         payload = {"fp16": num_tokens * width * 2, "int8": num_tokens * width + 4 * num_tokens, "none": 0}[dtype]
         self.record_bytes = payload + self.header if payload else 0
@@ -151,7 +156,7 @@ class TokenCache:
         recs = np.empty((B, self.record_bytes), dtype=np.uint8)
         recs[:, HEADER:] = payload
         for b in range(B):
-            tag = tag_of(hashes[b] if hashes is not None else None)
+            tag = tag_of(hashes[b] if hashes is not None else None, self.salt)
             crc = zlib.crc32(payload[b], zlib.crc32(tag))
             recs[b, :HEADER] = np.frombuffer(MAGIC + crc.to_bytes(4, "little") + tag, dtype=np.uint8)
         return recs
@@ -252,7 +257,7 @@ class TokenCache:
         ok &= (recs[:, :4] == np.frombuffer(MAGIC, dtype=np.uint8)).all(axis=1)
         if hashes is not None:
             given = np.array([h is not None for h in hashes], dtype=bool)
-            want = np.frombuffer(b"".join(tag_of(h) for h in hashes), dtype=np.uint8).reshape(-1, 8)  # (K, 8)
+            want = np.frombuffer(b"".join(tag_of(h, self.salt) for h in hashes), dtype=np.uint8).reshape(-1, 8)  # (K, 8)
             ok &= ~given | (recs[:, 8:16] == want).all(axis=1)
         stored = recs[:, 4:8].copy().view("<u4")[:, 0]  # (K,)
         for k in np.flatnonzero(ok & (True if crc is None else crc)):

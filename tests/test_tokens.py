@@ -141,3 +141,15 @@ def test_checks_catch_flipped_bytes_another_items_record_and_truncation(tmp_path
     cache = TokenCache(tmp_path, 5, 7, dtype=dtype)
     _, ok = cache.read_checked(locs + [(7, 0)], H[:4] + [None])  # and a shard that never existed
     assert ok.tolist() == [True, True, False, False, False]
+
+
+def test_a_record_of_another_model_fails_its_check(tmp_path):
+    """The tag binds a record to its item AND the model (salt = fingerprint): a token folder
+    copied from a collection of another model, same catalog, is never read as this model's."""
+    rng = np.random.default_rng(7)
+    t = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    locs = TokenCache(tmp_path, 5, 7, salt="model-a").append(t, H[:2])
+    _, ok = TokenCache(tmp_path, 5, 7, salt="model-b").read_checked(locs, H[:2])
+    assert not ok.any()
+    _, ok = TokenCache(tmp_path, 5, 7, salt="model-a").read_checked(locs, H[:2])
+    assert ok.all()
