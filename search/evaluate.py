@@ -197,6 +197,8 @@ def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progre
         CatalogRow(f"pair{j}", p.image.resolve(), (p.caption,), {}, f"{pairs_path}:{p.line}") for j, p in enumerate(pairs)
     ]
     rep = ingest_rows(c, rows, [], str(pairs_path), workers=workers, progress=progress)
+    if rep.stopped_by:  # never evaluate the part of the pairs ingested before a SIGINT / SIGTERM
+        raise KeyboardInterrupt(f"stopped by {rep.stopped_by} while ingesting the pairs; nothing was evaluated")
     log.info("eval pairs: %d added, %d already there, %d failed", rep.added, rep.duplicates, rep.failed)
     with c.Session() as s:
         return [
