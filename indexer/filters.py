@@ -12,15 +12,20 @@ Grammar (keywords case-insensitive)::
 
 NAME is a metadata column seen at ingest (``meta_columns``) or one of the item columns
 ``id``, ``external_id``, ``source``. Values are always bound parameters. An unknown column or
-a malformed expression raises :class:`FilterError` saying where and what is expected.
+a malformed expression raises :class:`FilterError` saying where and what is expected, and so
+does an expression past the bounds below (a database or the parser's recursion would otherwise
+fail with a raw error): nesting deeper than ``MAX_DEPTH``, more than ``MAX_TERMS`` comparisons,
+more than ``MAX_IN_VALUES`` values in one IN list, an integer outside 64 bits, a number that is
+not finite, or an expression longer than ``MAX_CHARS``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, not_, or_
+from sqlalchemy import BigInteger, ColumnElement, and_, literal, not_, or_
 from sqlalchemy.orm import Session
 
 from .schema import Item, MetaColumn
@@ -31,6 +36,11 @@ _TOKEN = re.compile(
     r"|(?P<op><=|>=|!=|=|<|>|\(|\)|,)|(?P<word>[A-Za-z_][\w.-]*))"
 )
 KEYWORDS = {"and", "or", "not", "in", "between"}
+MAX_DEPTH = 32  # nested parentheses and NOTs
+MAX_TERMS = 256  # comparisons in one expression
+MAX_IN_VALUES = 1000  # values in one IN (...)
+MAX_CHARS = 100_000
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class FilterError(ValueError):
@@ -65,6 +75,8 @@ class _Parser:
         self.toks = tokenize(expr)
         self.i = 0
         self.columns = columns  # metadata name -> number | text
+        self.depth = 0  # current nesting of parentheses and NOTs
+        self.terms = 0  # comparisons so far
 
     def peek(self) -> Tok:
         return self.toks[self.i]
@@ -106,19 +118,38 @@ class _Parser:
         return parts[0] if len(parts) == 1 else and_(*parts)
 
     def unary(self):
-        if self.keyword("not"):
-            return not_(self.unary())
-        if self.peek().text == "(":
-            self.take()
-            e = self.expr()
-            self.expect(")")
-            return e
+        t = self.peek()
+        if t.text.lower() == "not" or t.text == "(":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise FilterError(f"expression nested deeper than {MAX_DEPTH} levels (parentheses and NOTs) at position {t.pos + 1}")
+            try:
+                if self.keyword("not"):
+                    return not_(self.unary())
+                self.take()
+                e = self.expr()
+                self.expect(")")
+                return e
+            finally:
+                self.depth -= 1
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise FilterError(f"more than {MAX_TERMS} comparisons in one expression (at position {t.pos + 1}); "
+                              "use IN (...) for a list of values")
         return self.cmp()
 
     def value(self):
         t = self.take()
         if t.kind == "num":
-            return float(t.text) if any(c in t.text for c in ".eE") else int(t.text)
+            if any(c in t.text for c in ".eE"):
+                v = float(t.text)
+                if not math.isfinite(v):
+                    raise FilterError(f"number {t.text} at position {t.pos + 1} is out of range")
+                return v
+            v = int(t.text)
+            if not INT64[0] <= v <= INT64[1]:
+                raise FilterError(f"integer {t.text[:30]}{'…' if len(t.text) > 30 else ''} at position {t.pos + 1} is out of range (64-bit)")
+            return v
         if t.kind == "str":
             return re.sub(r"\\(.)", r"\1", t.text[1:-1])
         if t.kind == "word" and t.text.lower() not in KEYWORDS:
@@ -149,6 +180,8 @@ class _Parser:
             while self.peek().text == ",":
                 self.take()
                 values.append(self.value())
+                if len(values) > MAX_IN_VALUES:
+                    raise FilterError(f"more than {MAX_IN_VALUES} values in IN (...) at position {self.peek().pos + 1}")
             self.expect(")")
             col = self.column(name, values[0])
             return col.in_([self._coerce(name.text, v) for v in values])
@@ -169,8 +202,10 @@ class _Parser:
     def _coerce(self, name: str, v):
         if self.columns.get(name) == "text" or name in ("external_id", "source"):
             return str(v)
-        if name == "id" and not isinstance(v, int):
-            raise FilterError(f"id must be an integer; got {v!r}")
+        if name == "id":
+            if not isinstance(v, int):
+                raise FilterError(f"id must be an integer; got {v!r}")
+            return literal(v, BigInteger)  # 64-bit: PostgreSQL would cast it to the 32-bit column type and overflow
         if self.columns.get(name) == "number" and not isinstance(v, (int, float)):
             raise FilterError(f"column {name!r} holds numbers; {v!r} is not one")
         return float(v) if self.columns.get(name) == "number" else v
@@ -184,6 +219,8 @@ def parse(expr: str, columns: dict[str, str]) -> ColumnElement[bool]:
     """Parse ``expr`` against the metadata ``columns`` (name -> number | text)."""
     if not expr or not expr.strip():
         raise FilterError("empty filter expression")
+    if len(expr) > MAX_CHARS:
+        raise FilterError(f"filter expression longer than {MAX_CHARS} characters")
     return _Parser(expr, columns).parse()
 
 

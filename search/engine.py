@@ -58,6 +58,8 @@ class SearchEngine:
         """-> (query kind, query modality, xq (1, E), ITM query, excluded item id)."""
         b = self.c.bundle
         if isinstance(query, ItemQuery):
+            if not 0 < int(query.item_id) < 2**63:
+                raise SearchError(f"no active item with id {query.item_id}")
             with self.c.Session() as s:
                 row = s.execute(
                     select(Item.id, Item.status, Embedding.vector)
