@@ -33,7 +33,9 @@ from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
 from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
-from .vectors import IndexMeta, UnreadableIndexError, VectorIndex, auto_factory, clean_index_folder, read_meta
+from .vectors import (
+    IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder, read_meta,
+)
 
 log = logging.getLogger(__name__)
 TOKEN_LOCATIONS_KEPT = 200_000  # item token locations kept in memory (~30 MB)
@@ -69,6 +71,7 @@ class CollectionConfig:
     collection_id: str = ""  # the uid in the database's collection row ("" before it existed)
     token_format: int = 1  # token cache record format (1: no header, from before checksums; init writes 2)
     tokens_dir: str = "tokens"  # token cache folder inside the collection (reembed writes a new one)
+    nprobe: int = 16  # IVF lists probed per search (a search may ask for another number)
 
     def dump(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(self).items())
@@ -253,6 +256,7 @@ class Collection:
         db_url: str = "",
         index_factory: str = "auto",
         token_dtype: str = "auto",
+        nprobe: int = 16,
     ) -> Collection:
         folder = Path(folder)
         if (folder / CONFIG_NAME).exists():
@@ -265,6 +269,12 @@ class Collection:
         m = bundle.model
         if token_dtype == "auto":
             token_dtype = auto_dtype(m.num_tokens, m.token_width)
+        try:
+            index_factory = check_factory(m.embed_dim, index_factory)
+        except IndexTypeError as e:
+            raise CollectionError(str(e)) from None
+        if nprobe < 1:
+            raise CollectionError(f"nprobe must be at least 1; got {nprobe}")
         config = CollectionConfig(
             model=ref,
             model_fingerprint=bundle.fingerprint,
@@ -276,6 +286,7 @@ class Collection:
             token_width=m.token_width,
             collection_id=str(uuid.uuid4()),
             token_format=TOKEN_FORMAT,
+            nprobe=nprobe,
         )
         url = resolve_url(db_url) if db_url else f"sqlite:///{folder / 'catalog.db'}"
         created = not folder.exists()
@@ -571,11 +582,14 @@ class Collection:
             factory = auto_factory(len(ids))
         index = VectorIndex(self.config.embed_dim, factory)
         if not index.is_trained:
-            if len(ids) < 39 * _nlist(factory):
-                log.warning("%d %s vectors are too few to train %s; using an exact index", len(ids), modality, factory)
-                index = VectorIndex(self.config.embed_dim, "Flat")
-            else:
+            try:
+                if len(ids) < 39 * _nlist(factory):
+                    raise RuntimeError(f"{len(ids)} vectors are fewer than 39 per inverted list")
                 index.train(xb)
+            except RuntimeError as e:  # too few vectors for the lists or the PQ codebooks
+                why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                log.warning("cannot train %s on %d %s vectors (%s); using an exact index until a reindex", factory, len(ids), modality, why)
+                index = VectorIndex(self.config.embed_dim, "Flat")
         index.add(ids, xb)
         self._save(modality, index, watermark, mark)
         return index
@@ -586,6 +600,7 @@ class Collection:
             collection_id=self.config.collection_id, mark=mark,
         )
         index.save(self.folder / "index", meta)
+        index.nprobe = self.config.nprobe
         self.indexes[modality] = index
 
     def catch_up(self) -> dict[str, int]:
@@ -619,6 +634,11 @@ class Collection:
             )
 
     def _catch_up(self) -> dict[str, int]:
+        try:
+            check_factory(self.config.embed_dim, self.config.index_factory)
+        except IndexTypeError as e:
+            raise CollectionError(f"{self.folder / CONFIG_NAME}: {e}. Rebuild with a supported one: "
+                                  f"`vtfusion reindex {self.folder} --index auto`") from None
         folder = self.folder / "index"
         clean_index_folder(folder)
         metas = read_meta(folder)
@@ -651,6 +671,7 @@ class Collection:
                     select(Change.seq, Change.item_id).where(Change.seq > meta.watermark).order_by(Change.seq)
                 ).all()
                 if not rows:
+                    index.nprobe = self.config.nprobe
                     self.indexes[modality] = index
                     applied[modality] = 0
                     continue

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from . import filters
 from .collection import Collection, StaleIndexError, mask_url
 from .schema import ACTIVE, DELETED, MODALITIES, Change, Embedding, IngestError, IngestRun, Item
-from .vectors import UnreadableIndexError, VectorIndex, read_meta
+from .vectors import UnreadableIndexError, VectorIndex, check_factory, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,12 @@ def delete(c: Collection, item_ids: list[int]) -> int:
 
 
 def reindex(c: Collection, factory: str | None = None) -> dict[str, str]:
-    """Rebuild every index from the stored embeddings (optionally with another factory)."""
+    """Rebuild every index from the stored embeddings (optionally with another factory, checked
+    first: IndexTypeError when FAISS cannot build it or its index cannot remove vectors)."""
+    checked = check_factory(c.config.embed_dim, factory or c.config.index_factory)
     if factory:
-        c.config.index_factory = factory
-        (c.folder / "collection.toml").write_text(c.config.dump())
+        c.config.index_factory = checked
+        c.config.write(c.folder)
     return {m: c.build_index(m, factory).factory for m in MODALITIES}
 
 

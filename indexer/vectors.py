@@ -34,6 +34,40 @@ class IndexMismatchError(RuntimeError):
     """An index built by another model, or of another dimension, than the collection uses."""
 
 
+class IndexTypeError(ValueError):
+    """A factory string FAISS cannot build, or whose index cannot do what a collection needs."""
+
+
+SUPPORTED = "Flat, IVF<n>,Flat, IVF<n>,SQ8, IVF<n>,PQ<m>, OPQ<m>,IVF<n>,PQ<m>, PCA<d>,IVF<n>,Flat, PQ<m>, SQ8"
+
+
+def check_factory(dim: int, factory: str) -> str:
+    """``factory`` if FAISS builds it for ``dim`` and its index can remove vectors (deletes and
+    updates need ``remove_ids``); IndexTypeError naming what is wrong otherwise. Graph indexes
+    (HNSW) and refinement wrappers cannot remove vectors and are refused: use IVF."""
+    factory = (factory or "").strip()
+    if factory == "auto":
+        return factory
+    if not factory or "IDMap" in factory:
+        raise IndexTypeError(f"index factory {factory!r}: give a FAISS factory string such as {SUPPORTED} (ids are mapped by vtfusion)")
+    try:
+        index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        why = str(e).strip().splitlines()[-1] if str(e).strip() else "not a factory string"
+        raise IndexTypeError(
+            f"FAISS cannot build index {factory!r} for {dim}-d vectors ({why.split(': ', 1)[-1][:200]}). Factory strings "
+            f"read like {SUPPORTED} (FAISS's index_factory syntax)"
+        ) from None
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.zeros(1, dtype=np.int64)))
+    except RuntimeError:
+        raise IndexTypeError(
+            f"index {factory!r} cannot remove vectors, which deletes and updates need (HNSW graphs and Refine wrappers "
+            f"cannot). Use one of {SUPPORTED}; IVF<n>,Flat is the usual choice above 20,000 items"
+        ) from None
+    return factory
+
+
 class UnreadableIndexError(IndexMismatchError):
     """An index file that is missing, truncated or not what ``meta.json`` says: rebuilt from SQL."""
 

@@ -109,11 +109,14 @@ class SearchEngine:
             self._allowed_cache[key] = ids
         return ids
 
-    def _retrieve(self, target: str, xq: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Top n (scores, ids) by ITC among ``allowed`` (all when None); ids -1 where fewer exist."""
+    def _retrieve(
+        self, target: str, xq: np.ndarray, n: int, allowed: np.ndarray | None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top n (scores, ids) by ITC among ``allowed`` (all when None); ids -1 where fewer exist.
+        ``nprobe``: IVF lists to probe (default: the collection's)."""
         index = self.c.indexes[target]
         if allowed is None or index.factory == "Flat":
-            D, I = index.search(xq, n, allowed)
+            D, I = index.search(xq, n, allowed, nprobe=nprobe)
             return D[0], I[0]
         nlist = index.nlist
         if len(allowed) <= EXACT_FILTER_MAX:
@@ -131,9 +134,10 @@ class SearchEngine:
         # share of items allowed (so as many allowed vectors are scanned as an unfiltered search
         # scans), then keep probing more until enough survive.
         want = min(n, len(allowed))
-        nlist = nlist or index.nprobe
+        base = nprobe or index.nprobe
+        nlist = nlist or base
         share = len(allowed) / max(1, index.ntotal)
-        nprobe = min(nlist, max(index.nprobe, int(np.ceil(index.nprobe / max(share, 1e-9)))))
+        nprobe = min(nlist, max(base, int(np.ceil(base / max(share, 1e-9)))))
         while True:
             D, I = index.search(xq, n, allowed, nprobe=nprobe)
             if (I[0] >= 0).sum() >= want or nprobe >= nlist:
@@ -151,14 +155,18 @@ class SearchEngine:
         rerank_depth: int = 32,
         fusion: str = "itm+itc",
         within: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> SearchResult:
-        """``within``: restrict to these item ids as well (e.g. an evaluation set)."""
+        """``within``: restrict to these item ids as well (e.g. an evaluation set). ``nprobe``:
+        IVF lists to probe (default: the collection's ``nprobe``; more is slower and closer to exact)."""
         if target not in ("image", "text"):
             raise SearchError(f"target must be 'image' or 'text'; got {target!r}")
         if fusion not in FUSIONS:
             raise SearchError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
         if k < 1 or rerank_depth < 0:
             raise SearchError("k must be >= 1 and rerank depth >= 0")
+        if nprobe is not None and nprobe < 1:
+            raise SearchError(f"nprobe must be at least 1; got {nprobe}")
         t = time.perf_counter()
         if self.refresh:
             self.c.refresh()  # another process may have ingested or deleted since the last search
@@ -181,7 +189,7 @@ class SearchEngine:
 
         t = time.perf_counter()
         n = max(k, rerank_depth) + (1 if exclude is not None else 0)
-        scores, ids = self._retrieve(target, xq, n, allowed)
+        scores, ids = self._retrieve(target, xq, n, allowed, nprobe)
         keep = (ids >= 0) & (ids != (exclude if exclude is not None else -2))
         scores, ids = scores[keep][: max(k, rerank_depth)], ids[keep][: max(k, rerank_depth)]
         res.timings_ms["retrieve"] = _ms(t)

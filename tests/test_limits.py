@@ -52,3 +52,62 @@ def test_item_ids_out_of_range_are_a_message(col, item):
     r = CliRunner().invoke(app, ["search", str(col), "--item", item])
     assert r.exit_code in (1, 2) and "Traceback" not in r.output
     assert "no active item" in r.output or "Invalid value" in r.output
+
+
+# ---- index types checked at the door --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [("HNSW32", "cannot remove vectors"), ("Foo123", "FAISS cannot build index 'Foo123'"), ("IVF4,Flat,Refine(Flat)", "cannot remove vectors"),
+     ("IDMap2,Flat", "ids are mapped by vtfusion"), ("IVF16,PQ5", "FAISS cannot build")],
+)
+def test_unusable_index_factories_are_refused_at_init_and_reindex(tmp_path, model_dir, small_catalog, factory, message):
+    r = CliRunner().invoke(app, ["init", str(tmp_path / "c"), "--model", str(model_dir), "--index", factory])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    c = Collection.init(tmp_path / "ok", model_dir)
+    ingest(c, small_catalog / "test.csv", workers=0, progress=False)
+    r = CliRunner().invoke(app, ["reindex", str(tmp_path / "ok"), "--index", factory])
+    assert r.exit_code == 1 and message in r.output
+    from indexer.lifecycle import verify
+
+    c = Collection.open(tmp_path / "ok")
+    assert c.config.index_factory == "auto" and verify(c).ok
+
+
+def test_a_collection_stuck_with_hnsw_says_how_to_get_out(tmp_path, model_dir, small_catalog):
+    """Made before factories were checked: its toml names HNSW32. Every command says to
+    reindex with a supported factory, and that works."""
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, small_catalog / "test.csv", workers=0, progress=False)
+    toml = tmp_path / "c" / "collection.toml"
+    toml.write_text(toml.read_text().replace('index_factory = "auto"', 'index_factory = "HNSW32"'))
+    for argv in (["search", str(tmp_path / "c"), "a red mug"], ["stats", str(tmp_path / "c")], ["reindex", str(tmp_path / "c")]):
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 1 and "cannot remove vectors" in r.output and "Traceback" not in r.output, (argv, r.output)
+    assert "--index auto" in CliRunner().invoke(app, ["search", str(tmp_path / "c"), "a red mug"]).output
+    assert CliRunner().invoke(app, ["reindex", str(tmp_path / "c"), "--index", "auto"]).exit_code == 0
+    assert CliRunner().invoke(app, ["delete", str(tmp_path / "c"), "--where", "price > 40", "--yes"]).exit_code == 0
+
+
+def test_pq_on_too_few_vectors_falls_back_to_exact_and_nprobe_is_a_setting(tmp_path, model_dir, small_catalog):
+    import numpy as np
+
+    from search.engine import SearchEngine, SearchError
+
+    c = Collection.init(tmp_path / "pq", model_dir, index_factory="IVF4,PQ4")  # 256 codewords: more than the items
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    assert c.indexes["image"].factory == "Flat"
+    c = Collection.init(tmp_path / "ivf", model_dir, index_factory="IVF1,Flat", nprobe=1)
+    ingest(c, small_catalog / "train.csv", workers=0, progress=False)
+    assert c.indexes["image"].factory == "IVF1,Flat" and c.indexes["image"].nprobe == 1
+    assert Collection.open(tmp_path / "ivf").indexes["text"].nprobe == 1  # the collection's default, kept
+    e = SearchEngine(c)
+    a = e.search("a red mug", k=5, rerank_depth=0, nprobe=1)
+    b = e.search("a red mug", k=5, rerank_depth=0, nprobe=50)  # more lists than exist: all of them
+    assert [h.item_id for h in a.hits] == [h.item_id for h in b.hits]
+    with pytest.raises(SearchError, match="nprobe must be at least 1"):
+        e.search("a red mug", nprobe=0)
+    r = CliRunner().invoke(app, ["search", str(tmp_path / "ivf"), "a red mug", "--nprobe", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    assert np.isfinite([h["itc"] for h in __import__("json").loads(r.output)["hits"]]).all()

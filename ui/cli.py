@@ -183,12 +183,13 @@ def init_cmd(
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder). ${NAME} parts are read from the environment at every open: keep passwords out of collection.toml.")] = "",
     index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
     token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8) | fp16 | int8 | none (re-encode at query time).")] = "auto",
+    nprobe: Annotated[int, typer.Option("--nprobe", help="IVF lists probed per search (the collection's default; search --nprobe overrides it).")] = 16,
 ) -> None:
     """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
     from indexer.collection import Collection, CollectionError, mask_url
 
     try:
-        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype)
+        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe)
     except (CollectionError, ValueError) as e:
         _fail(str(e))
     typer.echo(
@@ -451,7 +452,7 @@ def reindex_cmd(
     try:
         c = Collection.open(collection, catch_up=False)
         built = reindex(c, index)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # CollectionError, IndexTypeError
         _fail(str(e))
     typer.echo("rebuilt " + ", ".join(f"{m}: {f}" for m, f in built.items()))
 
@@ -471,6 +472,7 @@ def search_cmd(
     rerank_depth: Annotated[int, typer.Option("--rerank-depth", help="ITC candidates rescored by ITM (0: none).")] = 32,
     fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm | itc.")] = "itm+itc",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable hits and timings.")] = False,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists to probe (default: the collection's; more is slower and closer to exact).")] = None,
 ) -> None:
     """Search a collection by text, image or item; rerank with cross-attention ITM."""
     import json
@@ -486,7 +488,7 @@ def search_cmd(
     from indexer.collection import CollectionError
 
     try:
-        res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion)
+        res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion, nprobe=nprobe)
     except (SearchError, CollectionError) as e:
         _fail(str(e))
     if as_json:
