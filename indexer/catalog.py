@@ -243,12 +243,19 @@ def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
     if not root.is_dir():
         raise CatalogError(f"not a folder: {root}")
     rows, errors = [], []
+    real = _Resolver(root)
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         rel = p.relative_to(root).as_posix()
+        if not real.inside(real(rel)):  # a symlink out of the folder: same rule as a catalog's image paths
+            errors.append(RowError(str(p), 0, "image is a symlink that leaves the catalog folder; skipped"))
+            continue
         txt = p.with_suffix(".txt")
         texts: tuple[str, ...] = ()
+        if txt.exists() and not real.inside(real(txt.relative_to(root).as_posix())):
+            errors.append(RowError(str(txt), 0, "caption is a symlink that leaves the catalog folder; skipped"))
+            continue
         if txt.exists():
             try:
                 t = txt.read_text(encoding="utf-8").strip()

@@ -27,6 +27,11 @@ class ImageError(ValueError):
     """An image file that cannot be used: missing, not an image, truncated, or too large."""
 
 
+# what an image may be, decided by its content, never its name: PIL is never asked to try its
+# other plugins (EPS / PS / PDF would hand the bytes to Ghostscript where it is installed)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # (a multi-picture JPEG opens as JPEG, format "MPO")
+
+
 def load_image(
     path: str | os.PathLike | IO[bytes] | Image.Image,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -46,15 +51,17 @@ def load_image(
     owned = not isinstance(path, Image.Image)  # opened here: transposed and converted in place, no copies
     if not owned:
         img = path
+        if img.format is not None and img.format not in (*IMAGE_FORMATS, "MPO"):
+            raise ImageError(f"not an image in an allowed format (JPEG, PNG, WebP, GIF, BMP, TIFF) ({img.format}): {name}")
     else:
         try:
-            img = Image.open(path)
+            img = Image.open(path, formats=IMAGE_FORMATS)
         except FileNotFoundError as e:
             raise ImageError(f"file not found: {name}") from e
         except Image.DecompressionBombError as e:
             raise ImageError(f"decompression bomb refused: {name} ({e})") from e
         except (OSError, Image.UnidentifiedImageError) as e:
-            raise ImageError(f"not an image PIL can read: {name}") from e
+            raise ImageError(f"not an image in an allowed format (JPEG, PNG, WebP, GIF, BMP, TIFF): {name}") from e
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels}: {name}")

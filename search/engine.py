@@ -24,6 +24,7 @@ from sqlalchemy import select
 from indexer import filters
 from indexer.collection import Collection
 from indexer.schema import Embedding, Item
+from models.preprocess import ImageError
 
 from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
 from .results import Hit, SearchResult
@@ -72,7 +73,11 @@ class SearchEngine:
             tokens, _ = self.c.item_tokens([row.id])  # (1, N, D_v), re-encoded when not cached
             return "item", "image", xq, Query(image_tokens=tokens), row.id
         if isinstance(query, (Image.Image, Path)):
-            tokens = b.image_tokens([b.transform.load(query)])  # (1, N, D_v)
+            try:
+                img = b.transform.load(query)
+            except ImageError as e:  # not an image, a format outside the allowlist, a bomb
+                raise SearchError(str(e)) from e
+            tokens = b.image_tokens([img])  # (1, N, D_v)
             xq = b.model.image_emb(tokens).float().cpu().numpy()
             return "image", "image", xq, Query(image_tokens=tokens.float().cpu()), None
         if isinstance(query, str):

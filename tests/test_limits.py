@@ -111,3 +111,88 @@ def test_pq_on_too_few_vectors_falls_back_to_exact_and_nprobe_is_a_setting(tmp_p
     r = CliRunner().invoke(app, ["search", str(tmp_path / "ivf"), "a red mug", "--nprobe", "3", "--json"])
     assert r.exit_code == 0, r.output
     assert np.isfinite([h["itc"] for h in __import__("json").loads(r.output)["hits"]]).all()
+
+
+# ---- files are opened safely ------------------------------------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 48 48\nnewpath 0 0 moveto 48 0 lineto 48 48 lineto closepath fill\nshowpage\n"
+
+
+def _install_ghostscript() -> bool:
+    """Debian's ghostscript (what PIL hands EPS to), as the browser tests install Chromium."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("gs"):
+        return True
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "ghostscript"]
+        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+            subprocess.run(cmd, env=env, capture_output=True)
+    return shutil.which("gs") is not None
+
+
+def test_eps_named_jpg_is_a_row_error_even_with_ghostscript(tmp_path, model_dir, small_catalog):
+    import os
+    import shutil
+
+    from PIL import Image
+
+    if not _install_ghostscript():
+        if os.environ.get("CI"):
+            pytest.fail("ghostscript could not be installed")
+        pytest.skip("ghostscript not installable here")
+    cat = tmp_path / "cat"
+    shutil.copytree(small_catalog, cat)
+    (cat / "images" / "evil.jpg").write_bytes(EPS)
+    assert Image.open(cat / "images" / "evil.jpg").format == "EPS"  # PIL alone would take it to Ghostscript
+    imgs = sorted(p.name for p in (cat / "images").iterdir() if p.suffix == ".png")[:2]
+    (cat / "mixed.csv").write_text(f"id,image,caption\na,images/{imgs[0]},a mug\nb,images/{imgs[1]},a hat\nevil,images/evil.jpg,a black square\n")
+    c = Collection.init(tmp_path / "c", model_dir)
+    r = ingest(c, cat / "mixed.csv", workers=0, progress=False)
+    assert (r.added, r.failed) == (2, 1)
+    from indexer.lifecycle import errors
+
+    assert "not an image in an allowed format (JPEG, PNG, WebP, GIF, BMP, TIFF)" in errors(c)[0].reason
+    res = CliRunner().invoke(app, ["search", str(tmp_path / "c"), "--image", str(cat / "images" / "evil.jpg")])
+    assert res.exit_code == 1 and "not an image in an allowed format" in res.output and "Traceback" not in res.output
+
+
+def test_folder_catalogs_do_not_follow_symlinks_out_of_the_folder(tmp_path, model_dir, small_catalog):
+    import shutil
+
+    from indexer.catalog import read_folder
+
+    folder = tmp_path / "shop"
+    (folder / "sub").mkdir(parents=True)
+    imgs = sorted((small_catalog / "images").iterdir())
+    shutil.copy(imgs[0], folder / "a.png")
+    (folder / "a.txt").symlink_to("/etc/hostname")  # a caption from outside
+    (folder / "b.png").symlink_to(imgs[1])  # an image from outside
+    shutil.copy(imgs[2], folder / "sub" / "c.png")
+    (folder / "c-link.png").symlink_to(folder / "sub" / "c.png")  # inside: fine
+    (folder / "sub" / "c.txt").write_text("a small caption")
+    rows, errs = read_folder(folder)
+    assert sorted(r.external_id for r in rows) == ["c-link.png", "sub/c.png"]
+    assert sorted((e.file.rsplit("/", 1)[1], "leaves the catalog folder" in e.reason) for e in errs) == [("a.txt", True), ("b.png", True)]
+    hostname = open("/etc/hostname").read().strip()
+    assert all(hostname not in t for r in rows for t in r.texts)
+
+
+def test_control_characters_are_escaped_in_terminal_output(tmp_path, model_dir, small_catalog):
+    import shutil
+
+    cat = tmp_path / "cat"
+    shutil.copytree(small_catalog, cat)
+    img = sorted((cat / "images").iterdir())[0].name
+    (cat / "esc.csv").write_text(f'id,image,caption\nx\x07y,images/{img},"a red mug \x1b[2J\x1b[31mOWNED\x1b[0m\r done"\n')
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, cat / "esc.csv", workers=0, progress=False)
+    for argv in (["search", str(tmp_path / "c"), "a red mug"], ["delete", str(tmp_path / "c"), "--where", "price > -1", "--dry-run"],
+                 ["delete", str(tmp_path / "c"), "--ids", "x\x07y", "--dry-run"]):
+        r = CliRunner().invoke(app, argv)
+        assert "\x1b" not in r.output and "\x07" not in r.output and "\r" not in r.output, argv
+    assert "\\x1b[31mOWNED" in CliRunner().invoke(app, ["search", str(tmp_path / "c"), "a red mug"]).output

@@ -32,8 +32,17 @@ def main(
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+# control characters (C0, DEL, C1) as visible escapes: catalog text never drives the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def _safe(text) -> str:
+    """``text`` for a terminal: escape codes, bells, carriage returns and newlines made visible."""
+    return str(text).translate(_CONTROL)
+
+
 def _fail(msg: str, code: int = 1) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_safe(msg)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -255,7 +264,7 @@ def errors_cmd(
     if not rows:
         typer.echo("no ingest errors")
     for e in rows:
-        typer.echo(f"{e.file}:{e.line}: {e.reason}")
+        typer.echo(_safe(f"{e.file}:{e.line}: {e.reason}"))
 
 
 @app.command("stats")
@@ -287,7 +296,7 @@ def _chosen(c, ids, where, status: str):
         _fail(str(e))
     unknown = unknown_ids(c, ids, status=status) if ids else []
     if unknown:
-        typer.secho(f"warning: {len(unknown)} ids match no {status} item: {', '.join(unknown[:10])}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: {len(unknown)} ids match no {status} item: {_safe(', '.join(unknown[:10]))}", fg=typer.colors.YELLOW, err=True)
     return chosen, unknown
 
 
@@ -296,7 +305,7 @@ def _preview(c, verb: str, chosen: list[int]) -> None:
 
     typer.echo(f"{verb} {len(chosen)} items" + (":" if chosen else ""))
     for item_id, ext, text in describe(c, chosen):
-        typer.echo(f"  #{item_id:<7} {ext:<16} {text[:60]}")
+        typer.echo(f"  #{item_id:<7} {_safe(ext):<16} {_safe(text[:60])}")
     if len(chosen) > 10:
         typer.echo(f"  ... and {len(chosen) - 10} more")
 
@@ -352,7 +361,7 @@ def restore_cmd(
     r = restore(c, chosen)
     typer.echo(f"restored {len(r.restored)} items")
     for why in r.skipped:
-        typer.echo(f"skipped {why}")
+        typer.echo(f"skipped {_safe(why)}")
     if unknown or r.skipped:
         raise typer.Exit(1)
 
@@ -370,7 +379,7 @@ def repair_cmd(collection: Annotated[Path, typer.Argument(help="Collection folde
         _fail(str(e))
     typer.echo(f"re-encoded {r.records_rewritten} token records; rebuilt indexes: {', '.join(r.indexes_rebuilt) or 'none'}")
     for why in r.unrepairable:
-        typer.secho(f"cannot repair {why}", fg=typer.colors.RED, err=True)
+        typer.secho(f"cannot repair {_safe(why)}", fg=typer.colors.RED, err=True)
     if r.unrepairable:
         raise typer.Exit(1)
 
@@ -410,7 +419,7 @@ def reembed_cmd(
                     "switched; run the same command again to resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + r.stopped_signal)
     for why in r.failed[:20]:
-        typer.secho(f"failed {why}", fg=typer.colors.RED, err=True)
+        typer.secho(f"failed {_safe(why)}", fg=typer.colors.RED, err=True)
     if not r.switched:
         _fail(f"{len(r.failed)} items could not be re-embedded; nothing was switched. Fix their files or delete them "
               "(vtfusion delete --ids '#ID'), then run the same command again")
@@ -498,10 +507,10 @@ def search_cmd(
     for h in res.hits:
         moved = f"+{h.moved}" if h.moved > 0 else str(h.moved) if h.moved else "."
         itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
-        typer.echo(f"{h.rank:>3} {moved:>5} {h.fused:7.3f} {itm} {h.itc:6.3f}  {h.external_id:<12} {h.text[:70]}")
+        typer.echo(f"{h.rank:>3} {moved:>5} {h.fused:7.3f} {itm} {h.itc:6.3f}  {_safe(h.external_id):<12} {_safe(h.text[:70])}")
     typer.echo("timings ms: " + ", ".join(f"{s} {v:.1f}" for s, v in res.timings_ms.items()) + f"; reranked {res.rerank_depth}")
     for n in res.notes:
-        typer.echo(f"note: {n}")
+        typer.echo(f"note: {_safe(n)}")
 
 
 @app.command("eval")
