@@ -9,7 +9,11 @@ that escapes the catalog folder. A bad row never stops the read.
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
+import gzip
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 AUTO_TEXT_COLUMNS = ("title", "caption", "text", "description")
-SOURCE_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq"}  # catalog files read_source reads
+SOURCE_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".parquet", ".pq", ".gz"}  # catalog files read_source reads (.gz: .csv.gz, .jsonl.gz)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAX_TEXT_CHARS = 20_000
 CSV_FIELD_LIMIT = 16 * 2**20
@@ -61,19 +65,89 @@ def _has_bad_bytes(s: str) -> bool:
     return _BAD_BYTES.search(s) is not None
 
 
-def _typed(v: Any) -> Any:
-    """CSV gives strings: parse ints and floats so metadata filters can compare numbers."""
-    if not isinstance(v, str):
+# ---- metadata column types: one per column, never guessed value by value --------------------
+
+KINDS = ("number", "text")
+# a number as catalogs write one: no leading zeros ("02139" is a code, not a number), no
+# NaN / inf spellings, no "1_000" or non-ASCII digits; a leading "+" or whitespace is fine
+_NUMBER = re.compile(r"\s*[-+]?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?\s*\Z|\s*[-+]?\.\d+([eE][-+]?\d+)?\s*\Z")
+
+
+def as_number(v: Any) -> int | float | None:
+    """``v`` as a finite int or float if it is one (a JSON number, or a string written as a
+    number); None otherwise (text, a code with leading zeros, NaN, inf, a boolean)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v if isinstance(v, int) or math.isfinite(v) else None
+    if isinstance(v, str) and _NUMBER.match(v):
+        s = v.strip()
+        if "." not in s and "e" not in s.lower():
+            n = int(s)
+            return n if -(2**63) <= n < 2**63 else float(n)
+        f = float(s)
+        return f if math.isfinite(f) else None
+    return None
+
+
+def as_text(v: Any) -> str:
+    """``v`` as text: strings as written, JSON numbers and booleans as JSON writes them."""
+    if isinstance(v, str):
         return v
-    s = v.strip()
-    if not s or not (s[0].isdigit() or s[0] in "+-.iInN"):  # cannot be a number (inf, nan included):
-        return v  # skip two raised ValueErrors, most of the cost of a text value
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return v
+    if isinstance(v, (bool, int, float)) or v is None:
+        return json.dumps(v)
+    return str(v)
+
+
+def parse_schema(spec: str) -> dict[str, str]:
+    """``"zip:text,price:number"`` -> {"zip": "text", "price": "number"}; CatalogError if malformed."""
+    out = {}
+    for part in (p.strip() for p in (spec or "").split(",")):
+        if not part:
+            continue
+        name, _, kind = part.rpartition(":")
+        if not name.strip() or kind.strip() not in KINDS:
+            raise CatalogError(f"schema entry {part!r}: write COLUMN:TYPE with TYPE one of {', '.join(KINDS)}")
+        out[name.strip()] = kind.strip()
+    return out
+
+
+def type_columns(
+    rows: list[CatalogRow], errors: list[RowError], kinds: dict[str, str] | None = None
+) -> tuple[list[CatalogRow], list[RowError], dict[str, str]]:
+    """Give every metadata column one type and every value that type.
+
+    ``kinds``: types already fixed (the collection's registered columns, the user's schema);
+    any other column is inferred from all of its values in these rows: ``number`` when every
+    value is a number as :func:`as_number` reads one, else ``text``. Values are then converted:
+    a number column holds ints and finite floats, a text column strings as written (``02139``
+    stays ``02139``). A row with a value that does not fit a fixed number column is a row error.
+    Returns (rows, errors, the types of every column seen)."""
+    fixed = dict(kinds or {})
+    seen: dict[str, bool] = {}  # column -> every value so far is a number
+    for r in rows:
+        for k, v in r.metadata.items():
+            if k not in fixed:
+                seen[k] = seen.get(k, True) and as_number(v) is not None
+    types = {**{k: "number" if ok else "text" for k, ok in seen.items()}, **fixed}
+    out = []
+    for r in rows:
+        meta, bad = {}, None
+        for k, v in r.metadata.items():
+            if types[k] == "number":
+                n = as_number(v)
+                if n is None:
+                    bad = f"column {k!r} holds numbers; {as_text(v)[:40]!r} is not one (declare it text with --schema {k}:text)"
+                    break
+                meta[k] = n
+            else:
+                meta[k] = as_text(v)
+        if bad:
+            file, _, line = r.source.rpartition(":")
+            errors.append(RowError(file, int(line) if line.isdigit() else 0, bad))
+        else:
+            out.append(CatalogRow(r.external_id, r.image, r.texts, meta, r.source))
+    return out, errors, types
 
 
 def _text_columns(cols: Columns, header: Sequence[str], path: Path) -> tuple[str, ...]:
@@ -116,7 +190,33 @@ class _Resolver:
         return s == str(self.root) or s.startswith(self.prefix)
 
 
+def _meta_value(v: Any) -> Any:
+    """A reader's value as metadata: str, int, float and bool as they are; dates and times as
+    ISO text; decimals as numbers; nested JSON as compact JSON text; bytes dropped (None)."""
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, decimal.Decimal):
+        return float(v) if v.is_finite() else str(v)
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, datetime.timedelta):
+        return v.total_seconds()
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=False, default=str, separators=(",", ":"))
+    if isinstance(v, (bytes, bytearray)):
+        return None
+    return str(v)
+
+
 def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str], root: _Resolver) -> CatalogRow | RowError:
+    """One record as a row, or its RowError: any failure is this row's alone."""
+    try:
+        return _to_row_or_error(rec, path, line, cols, text_cols, root)
+    except Exception as e:  # noqa: BLE001 - one bad row never stops the read
+        return RowError(str(path), line, f"unreadable row ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _to_row_or_error(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols: Sequence[str], root: _Resolver) -> CatalogRow | RowError:
     """``root``: resolves image paths against ``path.parent.resolve()``; one per file."""
     def err(reason: str) -> RowError:
         return RowError(str(path), line, reason)
@@ -124,6 +224,9 @@ def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols
     bad = [c for c, v in rec.items() if isinstance(v, str) and _has_bad_bytes(v)]
     if bad:
         return err(f"not UTF-8 text in column(s) {bad}")
+    nul = [c for c, v in rec.items() if (isinstance(v, str) and "\x00" in v) or (isinstance(c, str) and "\x00" in c)]
+    if nul:
+        return err(f"NUL byte in column(s) {nul}: no database stores it in text")
     ext_id = "" if rec.get(cols.id) is None else str(rec[cols.id]).strip()
     img = "" if rec.get(cols.image) is None else str(rec[cols.image]).strip()
     texts = tuple(str(t).strip() for c in text_cols if (t := rec.get(c)) is not None and str(t).strip())
@@ -139,7 +242,15 @@ def _to_row(rec: dict[str, Any], path: Path, line: int, cols: Columns, text_cols
     if not root.inside(image):
         return err(f"image path {img!r} points outside the catalog folder {root.root}")
     skip = {cols.id, cols.image, *text_cols}
-    meta = {k: _typed(v) for k, v in rec.items() if k not in skip and k is not None and v is not None and v != ""}
+    meta = {}
+    for k, v in rec.items():
+        if k in skip or k is None or v is None or v == "":
+            continue
+        v = _meta_value(v)
+        if isinstance(v, str) and ("\x00" in v or "\\u0000" in v):  # also inside nested JSON: PostgreSQL refuses it
+            return err(f"NUL byte in column {k!r}: no database stores it in text")
+        if v is not None:
+            meta[str(k)] = v
     return CatalogRow(ext_id, image, texts, meta, f"{path}:{line}")
 
 
@@ -159,6 +270,17 @@ def _split(items: Iterable[CatalogRow | RowError]) -> tuple[list[CatalogRow], li
     return rows, errors
 
 
+def _open_text(path: Path, **kw):
+    """A catalog file for reading, gunzipped on the fly when it ends in ``.gz``."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", **kw)
+    return open(path, **kw)
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
     path = Path(path)
     if not path.is_file():
@@ -172,7 +294,7 @@ def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogR
         # fields up to 16 MB are read (an over-long text is then refused with its own reason,
         # not the csv module's "field larger than field limit" that stops at 128 kB)
         csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        with _open_text(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if any(_has_bad_bytes(h) for h in header):
@@ -204,7 +326,7 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
     root = _Resolver(path.parent.resolve())
 
     def gen():
-        with open(path, "rb") as f:
+        with _open_bytes(path) as f:
             for line_no, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -216,6 +338,9 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
                 except json.JSONDecodeError as e:
                     yield RowError(str(path), line_no, f"malformed JSON: {e}")
                     continue
+                except RecursionError:
+                    yield RowError(str(path), line_no, "JSON nested too deeply")
+                    continue
                 if not isinstance(rec, dict):
                     yield RowError(str(path), line_no, "a JSONL line must be an object")
                     continue
@@ -226,15 +351,29 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
 
 
 def read_parquet(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
+    """A Parquet file, or a folder of Parquet files (one catalog: image paths relative to each
+    file's folder, ids unique across the files), read a record batch at a time."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".parquet", ".pq")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise CatalogError(f"catalog file not found: {path}")
+    return _split(r for f in files for r in _parquet_rows(f, cols))
+
+
+def _parquet_rows(path: Path, cols: Columns):
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
-        raise CatalogError(f"catalog file not found: {path}")
-    table = pq.read_table(path)
-    text_cols = _text_columns(cols, table.column_names, path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - not Parquet, truncated
+        raise CatalogError(f"{path}: not a readable Parquet file ({e})") from e
+    text_cols = _text_columns(cols, pf.schema_arrow.names, path)
     root = _Resolver(path.parent.resolve())
-    return _split(_to_row(rec, path, i, cols, text_cols, root) for i, rec in enumerate(table.to_pylist(), 1))
+    line = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            line += 1
+            yield _to_row(rec, path, line, cols, text_cols, root)
 
 
 def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
@@ -270,18 +409,31 @@ def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
     return rows, errors
 
 
-def read_source(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
-    """Dispatch on what ``path`` is: a folder, ``.csv``, ``.jsonl``/``.ndjson`` or ``.parquet``."""
+def read_source(
+    path: str | Path, cols: Columns = Columns(), kinds: dict[str, str] | None = None
+) -> tuple[list[CatalogRow], list[RowError]]:
+    """Dispatch on what ``path`` is: a folder of images, a folder of Parquet files, ``.csv``,
+    ``.jsonl``/``.ndjson`` (either gzipped: ``.csv.gz``, ``.jsonl.gz``) or ``.parquet``; then
+    give each metadata column one type (``type_columns``; ``kinds``: types already fixed)."""
     path = Path(path)
+    rows, errors = _read(path, cols)
+    rows, errors, _ = type_columns(rows, errors, kinds)
+    return rows, errors
+
+
+def _read(path: Path, cols: Columns) -> tuple[list[CatalogRow], list[RowError]]:
     if path.is_dir():
+        if any(p.suffix.lower() in (".parquet", ".pq") for p in path.iterdir()):
+            return read_parquet(path, cols)
         return read_folder(path)
-    suffix = path.suffix.lower()
+    name = path.name.lower()
+    suffix = Path(name[:-3]).suffix if name.endswith(".gz") else path.suffix.lower()
     if suffix == ".csv":
         return read_csv(path, cols)
     if suffix in (".jsonl", ".ndjson"):
         return read_jsonl(path, cols)
-    if suffix in (".parquet", ".pq"):
+    if suffix in (".parquet", ".pq") and not name.endswith(".gz"):
         return read_parquet(path, cols)
     if not path.exists():
         raise CatalogError(f"catalog not found: {path}")
-    raise CatalogError(f"{path}: unknown catalog format {suffix!r}; use a folder, .csv, .jsonl or .parquet")
+    raise CatalogError(f"{path}: unknown catalog format {suffix!r}; use a folder, .csv, .jsonl (either may be .gz) or .parquet")

@@ -72,6 +72,7 @@ class CollectionConfig:
     token_format: int = 1  # token cache record format (1: no header, from before checksums; init writes 2)
     tokens_dir: str = "tokens"  # token cache folder inside the collection (reembed writes a new one)
     nprobe: int = 16  # IVF lists probed per search (a search may ask for another number)
+    schema: str = ""  # declared metadata column types, "col:type,..." (number | text); others are inferred
 
     def dump(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(self).items())
@@ -257,6 +258,7 @@ class Collection:
         index_factory: str = "auto",
         token_dtype: str = "auto",
         nprobe: int = 16,
+        schema: str = "",
     ) -> Collection:
         folder = Path(folder)
         if (folder / CONFIG_NAME).exists():
@@ -275,6 +277,12 @@ class Collection:
             raise CollectionError(str(e)) from None
         if nprobe < 1:
             raise CollectionError(f"nprobe must be at least 1; got {nprobe}")
+        from .catalog import CatalogError, parse_schema
+
+        try:
+            schema = ",".join(f"{k}:{v}" for k, v in sorted(parse_schema(schema).items()))
+        except CatalogError as e:
+            raise CollectionError(str(e)) from None
         config = CollectionConfig(
             model=ref,
             model_fingerprint=bundle.fingerprint,
@@ -287,6 +295,7 @@ class Collection:
             collection_id=str(uuid.uuid4()),
             token_format=TOKEN_FORMAT,
             nprobe=nprobe,
+            schema=schema,
         )
         url = resolve_url(db_url) if db_url else f"sqlite:///{folder / 'catalog.db'}"
         created = not folder.exists()

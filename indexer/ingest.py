@@ -44,13 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from torch.utils.data import DataLoader, Dataset
 
 from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
 from models.progress import progress as progress_bar
 
-from .catalog import CatalogRow, Columns, RowError, read_source
+from .catalog import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
 from .collection import Collection, make_engine
 from .schema import ACTIVE, REPLACED, Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 
@@ -185,17 +185,41 @@ def ingest(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     source_name: str | None = None,
+    schema: str | dict[str, str] | None = None,
 ) -> IngestReport:
     """``on_progress(done, total)`` is called after each batch (front ends draw their own bar).
 
     An item is identified by (source, external id): the source is ``source_name`` when given,
     else the catalog's real path (symlinks and ``..`` resolved), so one file named two ways is
-    one source, and a row ingested again with other content replaces its earlier version."""
+    one source, and a row ingested again with other content replaces its earlier version.
+
+    Metadata columns get one type each (``catalog.type_columns``): the collection's registered
+    type, else the declared one (``schema``, "col:type,..." or a dict; new declarations are kept
+    in collection.toml), else inferred from the whole column."""
     t_start = time.perf_counter()
     source = Path(source)
-    rows, row_errors = read_source(source, cols)
+    rows, row_errors = read_source(source, cols, column_kinds(collection, schema))
     ident = source_name or os.path.realpath(source)
     return ingest_rows(collection, rows, row_errors, ident, batch_size, workers, progress, t_start, on_progress)
+
+
+def column_kinds(collection: Collection, schema: str | dict[str, str] | None = None) -> dict[str, str]:
+    """The column types a catalog read for ``collection`` must follow: registered ones, then
+    declared ones (``schema`` is added to collection.toml's; CatalogError on a conflict with a
+    registered column, whose type never changes)."""
+    from .filters import known_columns
+
+    with collection.Session() as s:
+        registered = known_columns(s)
+    declared = parse_schema(collection.config.schema)
+    new = parse_schema(schema) if isinstance(schema, str) else dict(schema or {})
+    for name, kind in {**declared, **new}.items():
+        if registered.get(name, kind) != kind:
+            raise CatalogError(f"column {name!r} is {registered[name]} in this collection already; it cannot be declared {kind}")
+    if new and {**declared, **new} != declared:
+        collection.config.schema = ",".join(f"{k}:{v}" for k, v in sorted({**declared, **new}.items()))
+        collection.config.write(collection.folder)
+    return {**declared, **new, **registered}
 
 
 def ingest_rows(
@@ -312,21 +336,33 @@ def _record_errors(session, run_id: int, errors: list[RowError]) -> int:
     return len(errors)
 
 
-def _register_columns(session, metas: list[dict]) -> None:
-    """Record new metadata keys and their kind (a key seen with text anywhere becomes text)."""
-    kinds: dict[str, str] = {}
+def _kind(v) -> str:
+    return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "text"
+
+
+def _register_columns(session, metas: list[dict]) -> dict[str, str]:
+    """The kind of every metadata key in ``metas``: as registered, or (a new key) registered now
+    with the kind of its first value. A column's kind never changes once registered."""
+    first: dict[str, str] = {}
     for meta in metas:
         for k, v in meta.items():
-            kind = "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "text"
-            kinds[k] = "text" if kinds.get(k) == "text" else kind
-    if not kinds:
-        return
-    known = {c.name: c for c in session.scalars(select(MetaColumn).where(MetaColumn.name.in_(kinds)))}
-    for name, kind in kinds.items():
-        if name not in known:
+            first.setdefault(k, _kind(v))
+    if not first:
+        return {}
+    kinds = {c.name: c.kind for c in session.scalars(select(MetaColumn).where(MetaColumn.name.in_(first)))}
+    for name, kind in first.items():
+        if name not in kinds:
             session.add(MetaColumn(name=name, kind=kind))
-        elif known[name].kind != kind and kind == "text":
-            known[name].kind = "text"
+            kinds[name] = kind
+    return kinds
+
+
+def _misfit(meta: dict, kinds: dict[str, str]) -> str | None:
+    """Why ``meta`` does not fit the collection's column kinds (None when it does)."""
+    for k, v in meta.items():
+        if _kind(v) != kinds.get(k, _kind(v)):
+            return f"column {k!r} holds {kinds[k]}s in this collection; {str(v)[:40]!r} is not one"
+    return None
 
 
 def _source_of(row: CatalogRow, source: str = "") -> str:
@@ -405,8 +441,8 @@ def _prepare(
     bundle, rows: list[CatalogRow], batch, stored: Callable[[list[str]], set[str]], seen: set[str], encode: Callable | None
 ) -> _Prepared:
     """Split off failures, drop duplicates (``stored(hashes)``, or in ``seen``: already taken by
-    this run), embed the rest; ``encode`` turns image tokens into token-cache records."""
-    model, device = bundle.model, bundle.device
+    this run), embed the rest; ``encode`` turns image tokens into token-cache records. A batch
+    that fails to embed is embedded row by row: the row that fails is recorded, the rest kept."""
     errors, ok = [], []
     for i, px, h, err in batch:
         if err is not None:
@@ -419,7 +455,30 @@ def _prepare(
         if h not in known and h not in seen and h not in taken:
             taken.add(h)
             fresh.append((i, px, h))
-    p = _Prepared(len(batch), [(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh))
+    try:
+        return _embed(bundle, rows, fresh, encode, _Prepared(len(batch), [(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh)))
+    except Exception as e:  # noqa: BLE001 - a batch that fails to embed: find the row, keep the rest
+        log.warning("a batch failed to embed (%s: %s); embedding its rows one by one", type(e).__name__, e)
+    parts = []
+    for item in fresh:
+        try:
+            parts.append(_embed(bundle, rows, [item], encode, _Prepared(0, [(item[0], item[2])], [], 0)))
+        except Exception as e:  # noqa: BLE001 - this row's error alone
+            errors.append(RowError(*_location(rows[item[0]]), f"could not be embedded: {type(e).__name__}: {str(e)[:200]}"))
+    p = _Prepared(len(batch), [x for q in parts for x in q.fresh], errors, len(ok) - len(fresh))
+    if parts:
+        p.has_text = [x for q in parts for x in q.has_text]
+        p.image_emb = torch.cat([q.image_emb for q in parts])
+        texts = [q.text_emb for q in parts if q.text_emb is not None]
+        p.text_emb = torch.cat(texts) if texts else None
+        p.records = torch.cat([q.records for q in parts]) if encode is not None else None
+    return p
+
+
+def _embed(bundle, rows: list[CatalogRow], fresh, encode: Callable | None, p: _Prepared) -> _Prepared:
+    """Embed ``fresh`` [(row index, uint8 pixels, hash)] into ``p``: image and text embeddings,
+    token-cache records."""
+    model, device = bundle.model, bundle.device
     if not fresh:
         return p
     pixels = bundle.transform.normalize(torch.stack([px for _, px, _ in fresh]).to(device, non_blocking=True))
@@ -474,7 +533,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     keep = list(range(len(p.fresh)))
     for attempt in range(WRITE_RETRIES + 1):
         try:
-            replaced, n_err = _commit_batch(collection, rows, p, keep, locations, text_pos, report, source)
+            replaced, n_err, keep = _commit_batch(collection, rows, p, keep, locations, text_pos, report, source, p.errors)
             break
         except IntegrityError:
             if attempt == WRITE_RETRIES:
@@ -484,6 +543,12 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
             log.info("ingest batch raced another writer: %d of its items were committed meanwhile; retrying", len(taken))
             p.duplicates += sum(1 for k in keep if p.fresh[k][1] in taken)
             keep = [k for k in keep if p.fresh[k][1] not in taken]
+        except (DataError, StatementError, ValueError, TypeError) as e:
+            if isinstance(e, (OperationalError, InterfaceError, IntegrityError)):  # the database, not a row: stop
+                raise
+            log.warning("ingest batch failed to commit (%s); committing its rows one by one to find the bad one", _first_line(e))
+            replaced, n_err, keep = _commit_rows_alone(collection, rows, p, keep, locations, text_pos, report, source)
+            break
     report.added += len(keep)
     report.replaced += replaced
     report.duplicates += p.duplicates
@@ -491,15 +556,52 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     report.stages["write"] += time.perf_counter() - t
 
 
-def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, text_pos, report, source: str = "") -> tuple[int, int]:
+def _first_line(e: Exception) -> str:
+    msg = str(getattr(e, "orig", None) or e).strip()
+    return msg.splitlines()[0][:300] if msg else type(e).__name__
+
+
+def _commit_rows_alone(collection, rows, p: _Prepared, keep, locations, text_pos, report, source) -> tuple[int, int, list[int]]:
+    """After a batch failed for a reason of its data: each row in its own transaction, a row
+    that fails again recorded as its error (file, line, reason); the batch's own errors first."""
+    replaced, n_err, kept = 0, 0, []
+    _, n, _ = _commit_batch(collection, rows, p, [], locations, text_pos, report, source, p.errors, dup=True)
+    n_err += n
+    for k in keep:
+        try:
+            r, n, ok = _commit_batch(collection, rows, p, [k], locations, text_pos, report, source, [], dup=False)
+            replaced, n_err, kept = replaced + r, n_err + n, kept + ok
+        except IntegrityError:
+            p.duplicates += 1  # taken by a concurrent writer meanwhile
+        except (DataError, StatementError, ValueError, TypeError) as e:
+            if isinstance(e, (OperationalError, InterfaceError)):
+                raise
+            err = RowError(*_location(rows[p.fresh[k][0]]), f"could not be stored: {_first_line(e)}")
+            _, n, _ = _commit_batch(collection, rows, p, [], locations, text_pos, report, source, [err], dup=False)
+            n_err += n
+    return replaced, n_err, kept
+
+
+def _commit_batch(
+    collection, rows, p: _Prepared, keep: list[int], locations, text_pos, report, source: str, errors: list[RowError], dup: bool = True
+) -> tuple[int, int, list[int]]:
     """One transaction of Core executemany INSERTs: the items, then (their ids read back by
     content hash, which is unique) their embeddings and change rows. No ORM objects and no
     RETURNING: the writer thread holds the GIL while it builds statements (ORM objects cost
     ~0.5 ms per item), and RETURNING in parameter order made SQLite run one INSERT per item.
     Writer CPU per item, 2,012 items in batches of 64: 0.31-0.37 ms with ORM inserts and
     RETURNING, 0.25-0.31 ms now (the rest is SQLAlchemy's per-row parameter processing). At
-    ~0.3 ms a GIL-holding writer caps ingest near 3,000 items/s: the bound on a fast GPU."""
+    ~0.3 ms a GIL-holding writer caps ingest near 3,000 items/s: the bound on a fast GPU.
+
+    Items whose metadata does not fit the collection's column kinds become row errors here,
+    under the transaction (two writers registering a new column race to one kind). ``dup``:
+    count the batch's duplicates in the run (once per batch). Returns (replaced, errors
+    recorded, the fresh items committed)."""
     with collection.Session.begin() as s:
+        kinds = _register_columns(s, [rows[p.fresh[k][0]].metadata for k in keep])
+        misfits = {k: why for k in keep if (why := _misfit(rows[p.fresh[k][0]].metadata, kinds))}
+        errors = [*errors, *(RowError(*_location(rows[p.fresh[k][0]]), why) for k, why in misfits.items())]
+        keep = [k for k in keep if k not in misfits]
         fresh = [p.fresh[k] for k in keep]
         replaced = _replace_older_versions(s, [rows[i] for i, _ in fresh], source)
         n_added = 0
@@ -538,19 +640,18 @@ def _commit_batch(collection, rows, p: _Prepared, keep: list[int], locations, te
             s.execute(insert(Embedding.__table__), vectors)
             s.execute(insert(Change.__table__), [{"item_id": item_id, "op": "add", "at": now} for item_id in ids])
             n_added = len(ids)
-        _register_columns(s, [rows[i].metadata for i, _ in fresh])
-        n_err = _record_errors(s, report.run_id, p.errors)
+        n_err = _record_errors(s, report.run_id, errors)
         collection.check_model(s)  # last: a reembed or compact that switched meanwhile voids this batch
         s.execute(
             update(IngestRun)
             .where(IngestRun.id == report.run_id)
             .values(
                 added=IngestRun.added + n_added,
-                duplicates=IngestRun.duplicates + p.duplicates,
+                duplicates=IngestRun.duplicates + (p.duplicates if dup else 0),
                 failed=IngestRun.failed + n_err,
             )
         )
-    return replaced, n_err
+    return replaced, n_err, keep
 
 
 class _Writer(threading.Thread):

@@ -193,12 +193,13 @@ def init_cmd(
     index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
     token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8) | fp16 | int8 | none (re-encode at query time).")] = "auto",
     nprobe: Annotated[int, typer.Option("--nprobe", help="IVF lists probed per search (the collection's default; search --nprobe overrides it).")] = 16,
+    schema: Annotated[str, typer.Option("--schema", help="Metadata column types, e.g. 'zip:text,price:number' (others are inferred per column at the first ingest).")] = "",
 ) -> None:
     """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
     from indexer.collection import Collection, CollectionError, mask_url
 
     try:
-        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe)
+        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe, schema=schema)
     except (CollectionError, ValueError) as e:
         _fail(str(e))
     typer.echo(
@@ -220,6 +221,7 @@ def ingest_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per embedding batch and SQL transaction.")] = 64,
     workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: with a GPU up to 8 decode while the GPU embeds; on a CPU one per core, up to 16, each decoding and embedding on one thread). 0: all in this process.")] = None,
     source_name: Annotated[str | None, typer.Option("--source-name", help="Name the source (items are identified by source and id; default: the catalog's real path, however it is typed).")] = None,
+    schema: Annotated[str | None, typer.Option("--schema", help="Declare metadata column types not registered yet, e.g. 'zip:text,price:number' (kept in collection.toml).")] = None,
 ) -> None:
     """Add a catalog's items to a collection (dedup by content; a changed row replaces its earlier version; re-running resumes).
 
@@ -232,7 +234,7 @@ def ingest_cmd(
     c = _open(collection)
     try:
         r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers,
-                   source_name=source_name)
+                   source_name=source_name, schema=schema)
     except (CatalogError, CollectionError) as e:
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes
