@@ -340,7 +340,7 @@ def ingest_ui(engine: SearchEngine) -> None:
     source = None
     with tab_up:
         up = st.file_uploader("A catalog (CSV, JSONL, Parquet) or a ZIP with a catalog and its images",
-                              type=["csv", "jsonl", "parquet", "zip"], key="ingest_upload")
+                              type=["csv", "jsonl", "parquet", "gz", "zip"], key="ingest_upload")
         if up is not None and st.button("Ingest upload", key="ingest_upload_go"):
             dest = engine.c.folder / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name(up.name)}"
             source = unpack_upload(up.name, up.getvalue(), dest)
