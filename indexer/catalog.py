@@ -75,16 +75,19 @@ _NUMBER = re.compile(r"\s*[-+]?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?\s*\Z|\s*[-+]?
 
 def as_number(v: Any) -> int | float | None:
     """``v`` as a finite int or float if it is one (a JSON number, or a string written as a
-    number); None otherwise (text, a code with leading zeros, NaN, inf, a boolean)."""
+    number); None otherwise (text, a code with leading zeros, an integer wider than 64 bits,
+    NaN, inf, a boolean)."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, float)):
-        return v if isinstance(v, int) or math.isfinite(v) else None
+    if isinstance(v, int):
+        return v if -(2**63) <= v < 2**63 else None  # wider: a code (digits a float would round)
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     if isinstance(v, str) and _NUMBER.match(v):
         s = v.strip()
         if "." not in s and "e" not in s.lower():
             n = int(s)
-            return n if -(2**63) <= n < 2**63 else float(n)
+            return n if -(2**63) <= n < 2**63 else None
         f = float(s)
         return f if math.isfinite(f) else None
     return None
