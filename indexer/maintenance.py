@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from models import checkpoint
 from models.preprocess import ImageError
@@ -47,21 +47,32 @@ def _lock_collection_row(s) -> CollectionInfo:
     return s.scalars(select(CollectionInfo).where(CollectionInfo.id == 1).with_for_update()).one()
 
 
-def _switch(c: Collection, s, row: CollectionInfo, **changes) -> None:
-    """Set model fields in the database row (inside the caller's transaction) and in memory."""
-    row.config = {**row.config, **changes}
+def _switch(row: CollectionInfo, changes: dict, drop: tuple[str, ...] = ()) -> None:
+    """Set model fields in the database row, inside the caller's transaction."""
+    row.config = {**{k: v for k, v in row.config.items() if k not in drop}, **changes}
+
+
+def _after_switch(c: Collection, changes: dict, old_tokens: Path | None) -> None:
+    """After the commit: this process and the toml follow the row, this process reads the new
+    cache, the old folder goes."""
     for k, v in changes.items():
         setattr(c.config, k, v)
-
-
-def _after_switch(c: Collection, old_tokens: Path | None) -> None:
-    """After the commit: the toml mirrors the row, this process reads the new cache, the old
-    folder goes."""
     c.config.write(c.folder)
     c.tokens = c._token_cache()
     c.forget_token_locations()
     if old_tokens is not None and old_tokens != c.folder / c.config.tokens_dir:
         shutil.rmtree(old_tokens, ignore_errors=True)
+
+
+def _point_items(s, locations: dict[int, tuple[int | None, int | None]]) -> None:
+    """Set items' token locations, one executemany (not a statement per item)."""
+    if not locations:
+        return
+    t = Item.__table__
+    s.execute(
+        update(t).where(t.c.id == bindparam("b_id")).values(token_shard=bindparam("b_shard"), token_offset=bindparam("b_off")),
+        [{"b_id": i, "b_shard": sh, "b_off": off} for i, (sh, off) in locations.items()],
+    )
 
 
 def _next_tokens_dir(c: Collection) -> str:
@@ -118,8 +129,7 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
                     if part:
                         locs = c.tokens.append(tok, [it.content_hash for it in part])
                         with c.Session.begin() as s:
-                            for it, (shard, off) in zip(part, locs):
-                                s.execute(update(Item).where(Item.id == it.id).values(token_shard=shard, token_offset=off))
+                            _point_items(s, {it.id: loc for it, loc in zip(part, locs)})
                         r.records_rewritten += len(part)
                     bar.update(len(items[i : i + BATCH]))
             finally:
@@ -188,10 +198,10 @@ def compact(c: Collection, progress: bool = True, vacuum: bool = True) -> Compac
             with c.Session.begin() as s:
                 row = _lock_collection_row(s)
                 _copy_records(c, new, moved, False, session=s)  # items committed since the first pass
-                for item_id, (shard, off) in moved.items():
-                    s.execute(update(Item).where(Item.id == item_id).values(token_shard=shard, token_offset=off))
-                _switch(c, s, row, tokens_dir=new_name, token_format=TOKEN_FORMAT)
-            _after_switch(c, old_dir)
+                _point_items(s, moved)
+                changes = {"tokens_dir": new_name, "token_format": TOKEN_FORMAT}
+                _switch(row, changes)
+            _after_switch(c, changes, old_dir)
             kept = len(moved)
         after = c.tokens.total_bytes() if c.tokens.enabled else 0
         vacuumed = _vacuum(c) if vacuum else False
@@ -368,18 +378,16 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
             vectors += [{"item_id": st.item_id, "modality": "text", "vector": st.text_vector} for st in staged if st.text_vector is not None]
             if vectors:
                 s.execute(Embedding.__table__.insert(), vectors)
-            for st in staged:
-                s.execute(update(Item).where(Item.id == st.item_id).values(token_shard=st.token_shard, token_offset=st.token_offset))
+            _point_items(s, {st.item_id: (st.token_shard, st.token_offset) for st in staged})
             s.execute(sql_delete(Reembedding))
-            cfg = {k: v for k, v in row.config.items() if k != "reembed_tokens_dir"}
-            row.config = cfg
-            _switch(
-                c, s, row, model=ref, model_fingerprint=fp, embed_dim=m.embed_dim, num_tokens=m.num_tokens,
-                token_width=m.token_width, tokens_dir=new_name if new is not None else c.config.tokens_dir,
-                token_format=TOKEN_FORMAT,
-            )
+            changes = {
+                "model": ref, "model_fingerprint": fp, "embed_dim": m.embed_dim, "num_tokens": m.num_tokens,
+                "token_width": m.token_width, "tokens_dir": new_name if new is not None else c.config.tokens_dir,
+                "token_format": TOKEN_FORMAT,
+            }
+            _switch(row, changes, drop=("reembed_tokens_dir",))
+        _after_switch(c, changes, old_dir if new is not None else None)
         c._bundle = bundle
-        _after_switch(c, old_dir if new is not None else None)
         rep.switched = True
         for modality in MODALITIES:
             c.build_index(modality)

@@ -246,10 +246,10 @@ def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path,
     # written to since the restore until it reaches the same change number: still refused
     c = Collection.open(tmp_path / "c", catch_up=False)
     ingest_rows_later = small_catalog / "train.csv"
+    from indexer.catalog import read_source
     from indexer.ingest import ingest_rows
-    from indexer.catalog import read_csv
 
-    rows, _ = read_csv(ingest_rows_later)
+    rows, _ = read_source(ingest_rows_later)
     with pytest.raises(StaleIndexError):
         ingest_rows(c, rows, [], "x", workers=0, progress=False)  # its final catch-up refuses
     c.close()
@@ -368,14 +368,14 @@ def _write_catalog(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
     path.write_text("id,image,caption,price\n" + "".join(f"{a},{b},{c},{d}\n" for a, b, c, d in rows))
 
 
-def test_one_file_named_two_ways_metadata_changes_and_reverts_are_updates(tmp_path, model_dir, small_catalog, db_url):
+def test_one_file_named_two_ways_metadata_changes_and_reverts_are_updates(tmp_path, model_dir, small_catalog, db_url, monkeypatch):
     cat = tmp_path / "cat"
     shutil.copytree(small_catalog, cat)
     img = sorted((cat / "images").iterdir())
     rows = [("u1", f"images/{img[0].name}", "a red mug", "10"), ("u2", f"images/{img[1].name}", "a blue hat", "5")]
     _write_catalog(cat / "upd.csv", rows)
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     ingest(c, Path("cat/upd.csv"), workers=0, progress=False)
 
     def active(ext):
