@@ -154,7 +154,7 @@ def mask_url(url: str) -> str:
         return "<unparseable url>"
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """The driver's message without SQLAlchemy's trailer (statement, parameters, help link)."""
     msg = str(getattr(e, "orig", None) or e).strip()
     return msg.splitlines()[0] if msg else type(e).__name__
@@ -304,7 +304,7 @@ class Collection:
         try:
             taken, uid, where = _holder(engine)
         except Exception as e:  # noqa: BLE001 - an unreachable server, a bad URL
-            taken, uid, where = f"cannot reach the database {mask_url(url)}: {_first_line(e)}", "", ""
+            taken, uid, where = f"cannot reach the database {mask_url(url)}: {first_line(e)}", "", ""
         finally:
             engine.dispose()
         resumed = bool(uid) and where == str(folder.resolve())
@@ -322,7 +322,7 @@ class Collection:
         try:
             migrate(self.engine)
         except Exception as e:
-            raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {_first_line(e)}") from e
+            raise CollectionError(f"cannot create the schema in {mask_url(self.engine.url.render_as_string())}: {first_line(e)}") from e
         try:
             with self.Session.begin() as s:  # id 1: a second collection's insert fails, even a concurrent one
                 if resumed:
@@ -360,7 +360,7 @@ class Collection:
         except CollectionError:
             raise
         except Exception as e:  # noqa: BLE001 - say which database (password masked) and why
-            raise CollectionError(f"cannot open the database {mask_url(config.db_url or str(self.engine.url))}: {_first_line(e)}") from e
+            raise CollectionError(f"cannot open the database {mask_url(config.db_url or str(self.engine.url))}: {first_line(e)}") from e
         with try_file_lock(folder / MAINTENANCE_LOCK) as idle:
             if idle:  # no compact or reembed is writing a new token folder right now
                 self.clean_stray_token_dirs()

@@ -51,7 +51,7 @@ from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
 from models.progress import progress as progress_bar
 
 from .catalog import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
-from .collection import Collection, make_engine
+from .collection import Collection, first_line, make_engine
 from .schema import ACTIVE, REPLACED, Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 
 log = logging.getLogger(__name__)
@@ -546,7 +546,7 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
         except (DataError, StatementError, ValueError, TypeError) as e:
             if isinstance(e, (OperationalError, InterfaceError, IntegrityError)):  # the database, not a row: stop
                 raise
-            log.warning("ingest batch failed to commit (%s); committing its rows one by one to find the bad one", _first_line(e))
+            log.warning("ingest batch failed to commit (%s); committing its rows one by one to find the bad one", first_line(e))
             replaced, n_err, keep = _commit_rows_alone(collection, rows, p, keep, locations, text_pos, report, source)
             break
     report.added += len(keep)
@@ -554,11 +554,6 @@ def _write_batch(collection: Collection, rows: list[CatalogRow], p: _Prepared, r
     report.duplicates += p.duplicates
     report.failed += n_err
     report.stages["write"] += time.perf_counter() - t
-
-
-def _first_line(e: Exception) -> str:
-    msg = str(getattr(e, "orig", None) or e).strip()
-    return msg.splitlines()[0][:300] if msg else type(e).__name__
 
 
 def _commit_rows_alone(collection, rows, p: _Prepared, keep, locations, text_pos, report, source) -> tuple[int, int, list[int]]:
@@ -576,7 +571,7 @@ def _commit_rows_alone(collection, rows, p: _Prepared, keep, locations, text_pos
         except (DataError, StatementError, ValueError, TypeError) as e:
             if isinstance(e, (OperationalError, InterfaceError)):
                 raise
-            err = RowError(*_location(rows[p.fresh[k][0]]), f"could not be stored: {_first_line(e)}")
+            err = RowError(*_location(rows[p.fresh[k][0]]), f"could not be stored: {first_line(e)}")
             _, n, _ = _commit_batch(collection, rows, p, [], locations, text_pos, report, source, [err], dup=False)
             n_err += n
     return replaced, n_err, kept
