@@ -15,9 +15,9 @@ import shutil
 import threading
 import tomllib
 import uuid
-from datetime import timezone
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import timezone
 from pathlib import Path
 
 import numpy as np

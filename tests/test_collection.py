@@ -13,12 +13,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from indexer.catalog import Columns
 from indexer.collection import Collection, CollectionError
 from indexer.ingest import ingest
 from indexer.lifecycle import delete, reindex, select_items, stats, verify
 from indexer.schema import Embedding, IngestError, Item
-from indexer.vectors import IndexMismatchError, read_meta
+from indexer.vectors import read_meta
 
 
 def _state(c: Collection) -> dict:
