@@ -199,6 +199,8 @@ def compact(c: Collection, progress: bool = True, vacuum: bool = True) -> Compac
                 row = _lock_collection_row(s)
                 _copy_records(c, new, moved, False, session=s)  # items committed since the first pass
                 _point_items(s, moved)
+                # the others' records are not copied: they must not point into the new folder's positions
+                s.execute(update(Item).where(Item.status != ACTIVE).values(token_shard=None, token_offset=None))
                 changes = {"tokens_dir": new_name, "token_format": TOKEN_FORMAT}
                 _switch(row, changes)
             _after_switch(c, changes, old_dir)
@@ -263,6 +265,7 @@ def _vacuum(c: Collection) -> bool:
 class RestoreReport:
     restored: list[int] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # why an item was not restored
+    no_tokens: list[str] = field(default_factory=list)  # restored, but its token record could not be re-encoded
 
 
 def deleted_items(c: Collection, ids: list[str] | None = None, where: str | None = None) -> list[int]:
@@ -275,10 +278,31 @@ def deleted_items(c: Collection, ids: list[str] | None = None, where: str | None
 def restore(c: Collection, item_ids: list[int]) -> RestoreReport:
     """Bring deleted items back with their stored embeddings and token records: status active
     and an 'add' change (the indexes catch up). An item is skipped when a newer version of it
-    (same source and external id) or an item with the same content is active."""
+    (same source and external id) or an item with the same content is active. A restored item
+    whose token record is gone (``compact`` drops deleted items' records) is re-encoded from
+    its image; one whose image is gone too is reported, and reranking re-encodes nothing for it
+    until ``repair`` can."""
     r = RestoreReport()
     if not item_ids:
         return r
+    with _maintenance(c):
+        _restore(c, item_ids, r)
+        c.forget_token_locations()
+        if r.restored and c.tokens.enabled:
+            bad = set(bad_token_items(c)) & set(r.restored)
+            with c.Session() as s:
+                items = s.execute(select(Item.id, Item.image_path, Item.content_hash).where(Item.id.in_(bad)).order_by(Item.id)).all()
+            for i in range(0, len(items), BATCH):
+                part, tok = _encode_what_decodes(c, items[i : i + BATCH], r.no_tokens)
+                if part:
+                    locs = c.tokens.append(tok, [it.content_hash for it in part])
+                    with c.Session.begin() as s:
+                        _point_items(s, {it.id: loc for it, loc in zip(part, locs)})
+    c.catch_up()
+    return r
+
+
+def _restore(c: Collection, item_ids: list[int], r: RestoreReport) -> None:
     with c.Session.begin() as s:
         items = s.scalars(select(Item).where(Item.id.in_(item_ids), Item.status == DELETED).order_by(Item.id)).all()
         for it in items:
@@ -291,8 +315,6 @@ def restore(c: Collection, item_ids: list[int]) -> RestoreReport:
             s.add(Change(item_id=it.id, op="add"))
             s.flush()  # one at a time: two deleted copies of one content must not both come back
             r.restored.append(it.id)
-    c.catch_up()
-    return r
 
 
 # ---- reembed -----------------------------------------------------------------------------------

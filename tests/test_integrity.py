@@ -455,6 +455,13 @@ def test_compact_reclaims_deleted_records_keeps_the_rest_and_upgrades_the_format
     _assert_tokens_right(c2)
     r = CliRunner().invoke(app, ["compact", str(tmp_path / "c")])
     assert r.exit_code == 0 and "reclaimed 0 bytes" in r.output
+    # items deleted before the compact lost their records: restoring them re-encodes their tokens
+    gone = select_items(c2, where="price > 30", status="deleted")
+    r2 = restore(Collection.open(tmp_path / "c"), gone)
+    assert sorted(r2.restored) == gone and not r2.no_tokens and not r2.skipped
+    c3 = Collection.open(tmp_path / "c")
+    assert verify(c3).ok and stats(c3)["items_active"] == n_all
+    _assert_tokens_right(c3)
 
 
 # ---- 7. signals and exit codes -----------------------------------------------------------------------

@@ -364,7 +364,10 @@ def restore_cmd(
     typer.echo(f"restored {len(r.restored)} items")
     for why in r.skipped:
         typer.echo(f"skipped {_safe(why)}")
-    if unknown or r.skipped:
+    for why in r.no_tokens:
+        typer.secho(f"restored without a token record ({_safe(why)}); `vtfusion repair {collection}` once the image is back",
+                    fg=typer.colors.YELLOW, err=True)
+    if unknown or r.skipped or r.no_tokens:
         raise typer.Exit(1)
 
 
