@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import checkpoint
+from models.preprocess import ImageError
 
 from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
@@ -498,7 +499,13 @@ class Collection:
                             "Run `vtfusion verify %s` and `vtfusion repair %s`", len(bad), bad[:5], self.folder, self.folder)
         missing = np.flatnonzero(~ok).tolist()
         if missing:
-            tokens[missing] = self.encode_images([locs[k][2] for k in missing])
+            try:
+                tokens[missing] = self.encode_images([locs[k][2] for k in missing])
+            except (OSError, ImageError) as e:
+                raise CollectionError(
+                    f"items {[item_ids[k] for k in missing][:5]} have no usable token record and cannot be re-encoded ({e}). "
+                    f"Restore their image files and run `vtfusion repair {self.folder}`, or delete them"
+                ) from e
         return tokens, len(missing)
 
     @torch.no_grad()

@@ -154,6 +154,9 @@ def test_repair_names_items_whose_image_is_gone_and_repairs_the_rest(tmp_path, m
     assert bad_token_items(Collection.open(tmp_path / "c")) == sorted(x.id for x in rows[:2])
     res = CliRunner().invoke(app, ["repair", str(tmp_path / "c")])
     assert res.exit_code == 1 and f"cannot repair item {rows[1].id}" in res.output
+    # a search that must rerank them says so, instead of a traceback
+    res = CliRunner().invoke(app, ["search", str(tmp_path / "c"), "a red mug", "--rerank-depth", "64"])
+    assert res.exit_code == 1 and "no usable token record" in res.output and "vtfusion repair" in res.output
 
 
 # ---- 2. one collection per database --------------------------------------------------------------
