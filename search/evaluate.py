@@ -8,12 +8,15 @@ per pair. Rankings are computed over the evaluation set only:
 - image -> text: each image ranks every caption; it is found at the best rank of any of its
   captions (the BLIP/ALBEF ``itm_eval`` convention).
 
-For every query the ITC top ``max(10, max depth)`` is taken from similarities computed in query
-chunks (never a full N x M matrix); the top ``max depth`` are scored once by ITM, and each
-depth d reorders its own prefix of d candidates (the rest keep ITC order). Recall@1/5/10 are
-computed here; MRR and nDCG@10 by ``ir_measures``; each depth is compared with ITC only by a
-paired Wilcoxon signed-rank test on per-query reciprocal ranks. Per-stage latency comes from
-running a sample of queries through ``SearchEngine.search`` at each depth.
+Similarities are computed in query chunks (never a full N x M matrix); each query's ITC top
+``max depth`` is scored once by ITM, and each depth d reorders its own prefix of d candidates
+(the rest keep ITC order). Every metric comes from exact ranks in the full ranking (see
+``rank_direction``: ties go to the lower gallery position), never from a truncated candidate
+list, so the ITC-only row does not depend on the depths asked for; image -> text R@K, MRR and
+nDCG@10 all rank captions, with all of an image's captions relevant. The metrics are checked
+against ``ir_measures`` and a from-the-definitions oracle in the tests. Each depth is compared
+with ITC only by a paired Wilcoxon signed-rank test on per-query reciprocal ranks. Per-stage
+latency comes from running a sample of queries through ``SearchEngine.search`` at each depth.
 """
 
 from __future__ import annotations
@@ -53,14 +56,36 @@ class EvalPair:
     line: int
 
 
+JSON_FORMATS = (
+    "Karpathy JSON ({\"images\": [{\"filename\", \"filepath\", \"split\", \"sentences\": [{\"raw\"}]}]}, "
+    "as dataset_coco.json / dataset_flickr30k.json) or BLIP/ALBEF annotation JSON ([{\"image\": path, "
+    "\"caption\": text or [texts]}])"
+)
+
+
 def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "caption", split: str = "test") -> list[EvalPair]:
-    """CSV rows (image path relative to the CSV, caption) or Karpathy JSON (``images[].sentences``)."""
+    """CSV rows (image path relative to the CSV, caption), Karpathy JSON (``images[].sentences``,
+    ``split`` chosen) or BLIP/ALBEF annotation JSON (``[{"image", "caption"}]``, a caption a
+    string or a list); ValueError naming the expected formats for any other JSON."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        images = data["images"] if isinstance(data, dict) else data
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not JSON ({e}); expected {JSON_FORMATS}") from None
+        images = data.get("images") if isinstance(data, dict) else data
+        if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+            raise ValueError(f"{path}: expected {JSON_FORMATS}")
+        if images and all("image" in im and "caption" in im for im in images):  # BLIP / ALBEF / LAVIS annotations
+            out = []
+            for n, im in enumerate(images, 1):
+                caps = im["caption"] if isinstance(im["caption"], list) else [im["caption"]]
+                out += [EvalPair(path.parent / str(im["image"]), str(c).strip(), n) for c in caps if str(c).strip()]
+            return out
+        if not all("filename" in im for im in images):
+            raise ValueError(f"{path}: entries without 'filename' (or 'image' and 'caption'); expected {JSON_FORMATS}")
         if any("split" in im for im in images):
             images = [im for im in images if im.get("split") == split]
         out = []
@@ -105,45 +130,55 @@ def rank_direction(
     depths: Sequence[int],
     fusion: str,
     itm_fn,
-    n_cand: int,
     chunk: int = 256,
     progress: bool = False,
     name: str = "",
     itc_scale: float = 1.0,
-) -> tuple[dict[int, list[float]], dict[int, dict], dict[str, set[str]]]:
-    """Rank every query's target group at every depth, streaming (chunk, M) similarity blocks.
+) -> tuple[dict[int, list[float]], dict[int, list[float]], dict[int, dict[str, float]]]:
+    """Every query's exact ranks at every depth, streaming (chunk, M) similarity blocks.
 
-    ``itm_fn(query index, candidate db positions) -> ITM logits`` is called once per query for
-    the top ``max(depths)`` candidates. Returns ranks per depth, ir_measures-style runs per
-    depth (groups scored by best rank), and qrels.
+    The relevant gallery items of query q are those whose group is ``q_targets[q]`` (one image
+    for text -> image; all of an image's captions for image -> text). A relevant item's rank is
+    its position in the full ranking: ITC order over the whole gallery (ties: the lower gallery
+    position first), with the top ``d`` reordered by the fused score (ties: ITC order). An item
+    past the top d keeps its ITC rank, however deep; the ITC-only ranking does not depend on
+    ``depths``. ``itm_fn(query index, candidate db positions) -> ITM logits`` is called once per
+    query for the top ``max(depths)``. Returns, per depth: the rank of the first relevant item
+    (R@K, MRR), nDCG@10 (binary relevance, every relevant item), and per-query reciprocal ranks.
     """
     max_d = max(depths)
-    ranks: dict[int, list[float]] = {d: [] for d in depths}
-    runs: dict[int, dict] = {d: {} for d in depths}
-    qrels: dict[str, set[str]] = {}
+    first: dict[int, list[float]] = {d: [] for d in depths}
+    ndcg: dict[int, list[float]] = {d: [] for d in depths}
+    rr: dict[int, dict[str, float]] = {d: {} for d in depths}
+    discount = 1.0 / np.log2(np.arange(2, 12))  # ranks 1..10
     for start in progress_bar(range(0, len(q_emb), chunk), desc=f"eval {name}", unit="chunk", enabled=progress):
         sims = q_emb[start : start + chunk] @ db_emb.T  # (c, M): one chunk at a time
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :n_cand]
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :max_d]  # (c, max_d): what ITM rescoring needs
         for r, cand in enumerate(top):
             qi = start + r
-            itc = sims[r, cand]
+            row = sims[r]
+            rel = np.flatnonzero(db_groups == q_targets[qi])  # relevant gallery positions
+            if not len(rel):
+                raise ValueError(f"query {qi} has no relevant item in the gallery")
+            itc_rank = {int(j): int((row > row[j]).sum() + (row[:j] == row[j]).sum()) + 1 for j in rel}  # exact, ties by position
+            itc = row[cand]
             itm = np.full(len(cand), np.nan, np.float32)
             if max_d:
                 itm[: min(max_d, len(cand))] = itm_fn(qi, cand[:max_d])
-            groups = db_groups[cand]
-            qid = str(qi)
-            qrels[qid] = {str(q_targets[qi])}  # runs list groups: one relevant group per query
+            idcg = discount[: min(10, len(rel))].sum()
             for d in depths:
-                rank, order = rerank_ranks(groups, itc, itm, q_targets[qi], min(d, len(cand)), fusion, itc_scale)
-                ranks[d].append(rank)
-                seen, ranked = set(), []
-                for pos in order:  # a run lists groups (images) at their best rank
-                    g = int(groups[pos])
-                    if g not in seen:
-                        seen.add(g)
-                        ranked.append(str(g))
-                runs[d][qid] = [(g, float(len(ranked) - i)) for i, g in enumerate(ranked)]
-    return ranks, runs, qrels
+                ranks = dict(itc_rank)
+                dd = min(d, len(cand))
+                if dd:
+                    _, order = rerank_ranks(db_groups[cand[:dd]], itc[:dd], itm[:dd], q_targets[qi], dd, fusion, itc_scale)
+                    for pos, k in enumerate(order):
+                        if int(cand[k]) in ranks:
+                            ranks[int(cand[k])] = pos + 1
+                best = min(ranks.values())
+                first[d].append(best)
+                rr[d][str(qi)] = 1.0 / best
+                ndcg[d].append(float(sum(discount[x - 1] for x in ranks.values() if x <= 10) / idcg))
+    return first, ndcg, rr
 
 
 LATENCY_KEYS = {"t2i": "latency_ms", "i2t": "latency_ms_i2t"}  # report.json keys of each direction's timings
@@ -162,20 +197,6 @@ def key_depth(key: str) -> int:
 def recall_at(ranks: Sequence[float], ks: Sequence[int] = KS) -> dict[str, float]:
     r = np.asarray(ranks, dtype=float)
     return {f"R@{k}": float(100.0 * np.mean(r <= k)) for k in ks}
-
-
-def ir_metrics(runs: dict[str, list[tuple[str, float]]], qrels: dict[str, set[str]]) -> tuple[dict, dict]:
-    """MRR and nDCG@10 through ir_measures: (aggregate, per-query reciprocal rank)."""
-    import ir_measures
-    from ir_measures import RR, Qrel, ScoredDoc, nDCG
-
-    q = [Qrel(qid, d, 1) for qid, docs in qrels.items() for d in docs]
-    run = [ScoredDoc(qid, d, s) for qid, docs in runs.items() for d, s in docs]
-    agg = ir_measures.calc_aggregate([RR, nDCG @ 10], q, run)
-    per_q = {m.query_id: m.value for m in ir_measures.iter_calc([RR], q, run)}
-    for qid in qrels:  # a query with no relevant doc retrieved scores 0
-        per_q.setdefault(qid, 0.0)
-    return {"MRR": float(agg[RR]), "nDCG@10": float(agg[nDCG @ 10])}, per_q
 
 
 def paired_p(a: dict[str, float], b: dict[str, float]) -> float:
@@ -235,6 +256,9 @@ def evaluate(
     if not pairs:
         raise ValueError(f"{pairs_path}: no (image, caption) pairs")
     items = _ingest_pairs(c, pairs, pairs_path, progress, workers)
+    if not items:
+        raise ValueError(f"{pairs_path}: none of its {len(pairs)} pairs could be evaluated (their images failed to ingest: "
+                         "see `vtfusion errors`)")
     image_paths = sorted({p for _, p, _ in items})
     group_of_path = {p: g for g, p in enumerate(image_paths)}
     text_ids = [i for i, _, _ in items]  # every caption is a text item
@@ -249,8 +273,6 @@ def evaluate(
         notes.append(f"the model {c.config.model} has no trained ITM head: ITC only (depths {depths[1:]} skipped)")
         log.warning(notes[-1])
         depths = [0]
-    max_d = max(depths)
-    n_cand = max(max(KS), max_d)
     scorer = ITMScorer(c, chunk=64)
     b = c.bundle
 
@@ -266,17 +288,16 @@ def evaluate(
         def itm_fn(qi, cand):
             return scorer.score(q_query(qi), [db_ids[j] for j in cand])
 
-        ranks, runs, qrels = rank_direction(
-            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, n_cand, chunk, progress, name,
+        ranks, ndcg, rr = rank_direction(
+            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, chunk, progress, name,
             float(b.model.logit_scale_value().detach()),
         )
-        out, per_q = {}, {}
+        out = {}
         for d in depths:
             key = depth_key(d)
-            agg, per_q[d] = ir_metrics(runs[d], qrels)
-            out[key] = {**recall_at(ranks[d]), **agg}
+            out[key] = {**recall_at(ranks[d]), "MRR": float(np.mean(list(rr[d].values()))), "nDCG@10": float(np.mean(ndcg[d]))}
             if d:
-                out[key]["p_value_vs_itc"] = paired_p(per_q[0], per_q[d])
+                out[key]["p_value_vs_itc"] = paired_p(rr[0], rr[d])
         return out
 
     with torch.no_grad():
