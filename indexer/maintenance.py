@@ -92,15 +92,14 @@ class RepairReport:
     indexes_rebuilt: list[str] = field(default_factory=list)
 
 
-def bad_token_items(c: Collection, chunk: int = 1024) -> list[int]:
-    """Active items whose token record is missing or fails its check (torn, shifted, corrupt,
-    another item's). [] when the cache is disabled."""
+def bad_token_items(c: Collection, chunk: int = 1024, ids: list[int] | None = None) -> list[int]:
+    """Active items (all, or those among ``ids``) whose token record is missing or fails its
+    check (torn, shifted, corrupt, another item's or model's). [] when the cache is disabled."""
     if not c.tokens.enabled:
         return []
+    q = select(Item.id, Item.token_shard, Item.token_offset, Item.content_hash).where(Item.status == ACTIVE).order_by(Item.id)
     with c.Session() as s:
-        refs = s.execute(
-            select(Item.id, Item.token_shard, Item.token_offset, Item.content_hash).where(Item.status == ACTIVE).order_by(Item.id)
-        ).all()
+        refs = s.execute(q if ids is None else q.where(Item.id.in_(ids))).all()
     bad = [r.id for r in refs if r.token_shard is None or r.token_offset is None]
     located = [r for r in refs if r.token_shard is not None and r.token_offset is not None]
     for i in range(0, len(located), chunk):
@@ -118,23 +117,7 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
 
     r = RepairReport()
     with _maintenance(c):
-        bad = bad_token_items(c)
-        if bad:
-            with c.Session() as s:
-                items = s.execute(select(Item.id, Item.image_path, Item.content_hash).where(Item.id.in_(bad)).order_by(Item.id)).all()
-            bar = progress_bar(total=len(items), desc="repair", unit="item", enabled=progress)
-            try:
-                for i in range(0, len(items), BATCH):
-                    part, tok = _encode_what_decodes(c, items[i : i + BATCH], r.unrepairable)
-                    if part:
-                        locs = c.tokens.append(tok, [it.content_hash for it in part])
-                        with c.Session.begin() as s:
-                            _point_items(s, {it.id: loc for it, loc in zip(part, locs)})
-                        r.records_rewritten += len(part)
-                    bar.update(len(items[i : i + BATCH]))
-            finally:
-                bar.close()
-            c.forget_token_locations()
+        r.records_rewritten = _reencode(c, bad_token_items(c), r.unrepairable, progress, "repair")
         for m, problems in index_problems(c).items():
             if problems:
                 log.info("rebuilding the %s index: %s", m, "; ".join(problems))
@@ -142,6 +125,30 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
                 r.indexes_rebuilt.append(m)
         c.catch_up()
     return r
+
+
+def _reencode(c: Collection, ids: list[int], failures: list[str], progress: bool = False, desc: str = "repair") -> int:
+    """New token records for ``ids`` from their image files, and the items pointed at them;
+    items whose image cannot be read go to ``failures``. Returns the records written."""
+    if not ids:
+        return 0
+    with c.Session() as s:
+        items = s.execute(select(Item.id, Item.image_path, Item.content_hash).where(Item.id.in_(ids)).order_by(Item.id)).all()
+    written = 0
+    bar = progress_bar(total=len(items), desc=desc, unit="item", enabled=progress)
+    try:
+        for i in range(0, len(items), BATCH):
+            part, tok = _encode_what_decodes(c, items[i : i + BATCH], failures)
+            if part:
+                locs = c.tokens.append(tok, [it.content_hash for it in part])
+                with c.Session.begin() as s:
+                    _point_items(s, {it.id: loc for it, loc in zip(part, locs)})
+                written += len(part)
+            bar.update(len(items[i : i + BATCH]))
+    finally:
+        bar.close()
+    c.forget_token_locations()
+    return written
 
 
 def _encode_what_decodes(c: Collection, items, failures: list[str]) -> tuple[list, np.ndarray]:
@@ -287,17 +294,8 @@ def restore(c: Collection, item_ids: list[int]) -> RestoreReport:
         return r
     with _maintenance(c):
         _restore(c, item_ids, r)
-        c.forget_token_locations()
-        if r.restored and c.tokens.enabled:
-            bad = set(bad_token_items(c)) & set(r.restored)
-            with c.Session() as s:
-                items = s.execute(select(Item.id, Item.image_path, Item.content_hash).where(Item.id.in_(bad)).order_by(Item.id)).all()
-            for i in range(0, len(items), BATCH):
-                part, tok = _encode_what_decodes(c, items[i : i + BATCH], r.no_tokens)
-                if part:
-                    locs = c.tokens.append(tok, [it.content_hash for it in part])
-                    with c.Session.begin() as s:
-                        _point_items(s, {it.id: loc for it, loc in zip(part, locs)})
+        if r.restored:
+            _reencode(c, bad_token_items(c, ids=r.restored), r.no_tokens)
     c.catch_up()
     return r
 
