@@ -7,6 +7,7 @@ brings up to the last change (``changes.seq``) whenever the collection is opened
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -543,6 +544,83 @@ class Collection:
         dim = self.config.embed_dim
         xb = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), dim)
         return np.array([r.item_id for r in rows], dtype=np.int64), xb
+
+    def iter_vectors(self, modality: str, where=None, batch: int = 8192):
+        """Active items' stored vectors in blocks of ``batch``, ascending by id: (ids (n,), xb
+        (n, E)) each, read by keyset (one short query per block, never the whole table in
+        memory). ``where``: a SQL condition on ``items`` (``filters.parse``) they must meet."""
+        last = 0
+        dim = self.config.embed_dim
+        while True:
+            q = (
+                select(Embedding.item_id, Embedding.vector)
+                .join(Item, Item.id == Embedding.item_id)
+                .where(Embedding.modality == modality, Item.status == ACTIVE, Embedding.item_id > last)
+                .order_by(Embedding.item_id)
+                .limit(batch)
+            )
+            if where is not None:
+                q = q.where(where)
+            with self.Session() as s:
+                rows = s.execute(q).all()
+            if not rows:
+                return
+            last = rows[-1].item_id
+            yield (np.array([r.item_id for r in rows], dtype=np.int64),
+                   np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), dim))
+
+    def count_vectors(self, modality: str, where=None) -> int:
+        """How many active items ``iter_vectors`` yields."""
+        q = select(func.count()).select_from(Embedding).join(Item, Item.id == Embedding.item_id).where(
+            Embedding.modality == modality, Item.status == ACTIVE)
+        if where is not None:
+            q = q.where(where)
+        with self.Session() as s:
+            return int(s.scalar(q))
+
+    def items_with_images(self, images: dict[str, Path], where=None, modality: str | None = None) -> dict[str, list[int]]:
+        """Active items whose image bytes are those of ``images`` (sha256 of the bytes -> a
+        file holding them), by that hash, ids ascending: matched by ``items.image_hash``
+        whatever text, metadata or source they were ingested with. Items ingested before it
+        existed (NULL) match when their image path is that file and their content hash is of
+        these bytes (so a file changed since its ingest does not). ``where``: a SQL condition
+        they must meet too; ``modality``: and have a stored vector of it."""
+        from .ingest import content_hash
+
+        out: dict[str, list[int]] = {}
+        hashes = list(images)
+
+        def restrict(q):
+            if where is not None:
+                q = q.where(where)
+            if modality is not None:
+                q = q.where(Item.id.in_(select(Embedding.item_id).where(Embedding.modality == modality)))
+            return q
+
+        with self.Session() as s:
+            for start in range(0, len(hashes), 500):  # bound the bind parameters of one query
+                part = hashes[start : start + 500]
+                for iid, h in s.execute(restrict(select(Item.id, Item.image_hash).where(Item.status == ACTIVE, Item.image_hash.in_(part)))):
+                    out.setdefault(h, []).append(int(iid))
+            by_path: dict[str, list[str]] = {}
+            for h, p in images.items():
+                by_path.setdefault(str(p), []).append(h)
+            paths = list(by_path)
+            for start in range(0, len(paths), 500):
+                legacy = s.execute(restrict(
+                    select(Item.id, Item.image_path, Item.text, Item.meta, Item.content_hash)
+                    .where(Item.status == ACTIVE, Item.image_hash.is_(None), Item.image_path.in_(paths[start : start + 500]))
+                )).all()
+                for it in legacy:
+                    try:
+                        data = Path(it.image_path).read_bytes()
+                    except OSError:
+                        continue
+                    if it.content_hash in (content_hash(data, it.text, it.meta), content_hash(data, it.text)):
+                        for h in by_path[it.image_path]:
+                            if hashlib.sha256(data).hexdigest() == h:
+                                out.setdefault(h, []).append(int(it.id))
+        return {h: sorted(set(ids)) for h, ids in out.items()}
 
     @contextmanager
     def index_lock(self):

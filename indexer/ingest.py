@@ -47,7 +47,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from torch.utils.data import DataLoader, Dataset
 
-from models.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageTransform
+from models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, read_image_bytes
 from models.progress import progress as progress_bar
 
 from .catalog import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
@@ -56,7 +56,6 @@ from .schema import ACTIVE, REPLACED, Change, Embedding, IngestError, IngestRun,
 
 log = logging.getLogger(__name__)
 WRITE_RETRIES = 3  # re-commits of a batch that raced another writer on a unique key
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
 
 @dataclass
@@ -86,6 +85,12 @@ def content_hash(image_bytes: bytes, text: str, meta: dict | None = None) -> str
         h.update(b"\0")
         h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
     return h.hexdigest()
+
+
+def image_hash(image_bytes: bytes) -> str:
+    """sha256 of the image bytes alone: what evaluation matches a pairs file's images by
+    (``items.image_hash``), whatever text and metadata they were ingested with."""
+    return hashlib.sha256(image_bytes).hexdigest()
 
 
 def item_text(row: CatalogRow) -> str:
@@ -126,7 +131,8 @@ class StopOnSignal:
 
 
 class DecodeStage(Dataset):
-    """Row i -> (i, uint8 (3,S,S) or None, content hash or None, error or None)."""
+    """Row i -> (i, uint8 (3,S,S) or None, content hash or None, image-bytes sha256 or None,
+    error or None)."""
 
     def __init__(self, rows: list[CatalogRow], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.rows, self.transform, self.max_pixels = rows, transform, max_pixels
@@ -137,18 +143,15 @@ class DecodeStage(Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            size = row.image.stat().st_size
-            if size > MAX_IMAGE_BYTES:
-                raise ImageError(f"image file is {size} bytes, over the cap of {MAX_IMAGE_BYTES}: {row.image}")
-            data = row.image.read_bytes()
+            data = read_image_bytes(row.image, MAX_IMAGE_BYTES)  # a regular file, read no further than the cap
             img = self.transform.load(io.BytesIO(data), self.max_pixels, name=str(row.image))
-            return i, self.transform(img), content_hash(data, item_text(row), row.metadata), None
+            return i, self.transform(img), content_hash(data, item_text(row), row.metadata), image_hash(data), None
         except FileNotFoundError:
-            return i, None, None, f"image file not found: {row.image}"
+            return i, None, None, None, f"image file not found: {row.image}"
         except (ImageError, OSError, ValueError) as e:
-            return i, None, None, str(e) or type(e).__name__
+            return i, None, None, None, str(e) or type(e).__name__
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the batch
-            return i, None, None, f"unexpected {type(e).__name__} while decoding {row.image}: {e}"
+            return i, None, None, None, f"unexpected {type(e).__name__} while decoding {row.image}: {e}"
 
 
 def _collate(batch):
@@ -402,6 +405,7 @@ class _Prepared:
     text_emb: torch.Tensor | None = None  # (t, E) for the items that have text, in order
     has_text: list[bool] = field(default_factory=list)
     records: torch.Tensor | None = None  # (b, record_bytes) uint8 token-cache records
+    image_hashes: dict[int, str] = field(default_factory=dict)  # row index -> sha256 of its image bytes
     decode_s: float = 0.0  # busy time in a worker process
     embed_s: float = 0.0
 
@@ -443,12 +447,13 @@ def _prepare(
     """Split off failures, drop duplicates (``stored(hashes)``, or in ``seen``: already taken by
     this run), embed the rest; ``encode`` turns image tokens into token-cache records. A batch
     that fails to embed is embedded row by row: the row that fails is recorded, the rest kept."""
-    errors, ok = [], []
-    for i, px, h, err in batch:
+    errors, ok, image_hashes = [], [], {}
+    for i, px, h, ih, err in batch:
         if err is not None:
             errors.append(RowError(*_location(rows[i]), err))
         else:
             ok.append((i, px, h))
+            image_hashes[i] = ih
     known = stored([h for _, _, h in ok])
     fresh, taken = [], set()
     for i, px, h in ok:
@@ -456,7 +461,8 @@ def _prepare(
             taken.add(h)
             fresh.append((i, px, h))
     try:
-        return _embed(bundle, rows, fresh, encode, _Prepared(len(batch), [(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh)))
+        return _embed(bundle, rows, fresh, encode,
+                      _Prepared(len(batch), [(i, h) for i, _, h in fresh], errors, len(ok) - len(fresh), image_hashes=image_hashes))
     except Exception as e:  # noqa: BLE001 - a batch that fails to embed: find the row, keep the rest
         log.warning("a batch failed to embed (%s: %s); embedding its rows one by one", type(e).__name__, e)
     parts = []
@@ -465,7 +471,7 @@ def _prepare(
             parts.append(_embed(bundle, rows, [item], encode, _Prepared(0, [(item[0], item[2])], [], 0)))
         except Exception as e:  # noqa: BLE001 - this row's error alone
             errors.append(RowError(*_location(rows[item[0]]), f"could not be embedded: {type(e).__name__}: {str(e)[:200]}"))
-    p = _Prepared(len(batch), [x for q in parts for x in q.fresh], errors, len(ok) - len(fresh))
+    p = _Prepared(len(batch), [x for q in parts for x in q.fresh], errors, len(ok) - len(fresh), image_hashes=image_hashes)
     if parts:
         p.has_text = [x for q in parts for x in q.has_text]
         p.image_emb = torch.cat([q.image_emb for q in parts])
@@ -611,6 +617,7 @@ def _commit_batch(
                         "image_path": str(rows[i].image),
                         "text": item_text(rows[i]),
                         "content_hash": h,
+                        "image_hash": p.image_hashes.get(i),
                         "meta": rows[i].metadata,
                         "status": ACTIVE,
                         "run_id": report.run_id,

@@ -35,6 +35,7 @@ class Item(Base):
     image_path: Mapped[str] = mapped_column(String(2048))  # absolute path of the image file
     text: Mapped[str] = mapped_column(Text)  # the texts joined by " | " (what the text index embeds)
     content_hash: Mapped[str] = mapped_column(String(64), index=True)  # sha256 of image bytes + text + metadata (unique among active items)
+    image_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # sha256 of the image bytes alone (NULL: ingested before 0003)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # metadata columns, typed
     status: Mapped[str] = mapped_column(String(16), default=ACTIVE, index=True)  # active | deleted | replaced
     run_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_runs.id"), nullable=True)

@@ -8,6 +8,7 @@ queues and host-to-device copies than float pixels.
 from __future__ import annotations
 
 import os
+import stat
 import string
 from collections.abc import Iterable, Sequence
 from typing import IO
@@ -25,6 +26,29 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 class ImageError(ValueError):
     """An image file that cannot be used: missing, not an image, truncated, or too large."""
+
+
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # an image file larger than this is refused before it is read
+
+
+def read_image_bytes(path: str | os.PathLike, cap: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of an image file: a regular file (never a device, FIFO or folder: /dev/zero
+    would never end, a FIFO would block) of at most ``cap`` bytes, read no further than that
+    whatever its size claims. ImageError otherwise."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # what was opened, not what the name pointed to a moment before
+                raise ImageError(f"not a regular file: {p}")
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {p}") from None
+    except OSError as e:
+        raise ImageError(f"image file unreadable: {p} ({e.strerror or e})") from None
+    if len(data) > cap:
+        raise ImageError(f"image file is over the cap of {cap} bytes: {p}")
+    return data
 
 
 # what an image may be, decided by its content, never its name: PIL is never asked to try its

@@ -56,5 +56,5 @@ def test_a_symlink_loop_fails_its_row_not_the_read(tmp_path):
     p.write_text("id,image,caption\na,img/loop1,a red mug\n")
     rows, errors = read_csv(p)  # Path.resolve raised RuntimeError here and stopped the read
     assert [r.external_id for r in rows] == ["a"] and not errors
-    _, px, _, err = DecodeStage(rows, ImageTransform(VisionConfig()))[0]
+    _, px, _, _, err = DecodeStage(rows, ImageTransform(VisionConfig()))[0]
     assert px is None and "symbolic links" in err
