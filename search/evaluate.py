@@ -1,49 +1,67 @@
 """Reranking evaluation: what cross-attention reranking buys, at which depth, at what cost.
 
-Pairs come from a CSV of (image, caption) rows or a Karpathy-style JSON (COCO/Flickr); they are
-ingested into the collection first (content dedup makes that a no-op the second time), one item
-per pair. Rankings are computed over the evaluation set only:
+Pairs come from a CSV of (image, caption) rows, a Karpathy JSON (COCO / Flickr30k) or a
+BLIP/ALBEF annotation JSON (``read_pairs``). The evaluated set is exactly the file's usable rows
+(a row whose image is missing or cannot be decoded, or whose caption is empty, is listed in the
+report with its line and reason); images are grouped by their bytes (sha256), so the same
+picture under two names is one image, and a caption repeated in the file is a query of its own.
 
-- text -> image: each caption ranks the distinct images; its own image is the answer;
-- image -> text: each image ranks every caption; it is found at the best rank of any of its
-  captions (the BLIP/ALBEF ``itm_eval`` convention).
+Evaluation never writes to the collection. Two galleries:
 
-Similarities are computed in query chunks (never a full N x M matrix); each query's ITC top
-``max depth`` is scored once by ITM, and each depth d reorders its own prefix of d candidates
-(the rest keep ITC order). Every metric comes from exact ranks in the full ranking (see
-``rank_direction``: ties go to the lower gallery position), never from a truncated candidate
-list, so the ITC-only row does not depend on the depths asked for; image -> text R@K, MRR and
-nDCG@10 all rank captions, with all of an image's captions relevant. The metrics are checked
-against ``ir_measures`` and a from-the-definitions oracle in the tests. Each depth is compared
-with ITC only by a paired Wilcoxon signed-rank test on per-query reciprocal ranks. Per-stage
-latency comes from running a sample of queries through ``SearchEngine.search`` at each depth.
+- ``gallery="pairs"`` (BLIP's ``itm_eval`` protocol): each caption ranks the pairs' distinct
+  images (text -> image), each image ranks every caption, all of its captions relevant
+  (image -> text). An image some active item already has (same bytes, whatever its text,
+  metadata or source) uses that item's stored vector and token record; the others are encoded
+  into scratch space owned by the run (a temporary folder, removed at the end). Captions are
+  encoded as queries are.
+- ``gallery="collection"``: the whole collection (active items, optionally ``where``) is the
+  gallery, the question a catalog owner asks. A caption's relevant items are the active items
+  with its image's bytes (text -> image over the items' image vectors); an image query finds
+  those same items among every item's text vector (image -> text). Rows whose image no item
+  has are listed, not evaluated. The gallery is streamed in blocks from the database: memory is
+  (queries x depth), never (queries x gallery).
+
+Ranks are exact: a relevant item's rank is its position in the full ranking, ITC order over the
+whole gallery (ties: the earlier gallery position, i.e. the lower key) with the top ``d``
+reordered by the fused score (ties: ITC order). A relevant item past every candidate list is
+counted, not dropped (``rank_queries``), so the ITC-only row does not depend on the depths
+asked for. Each depth is compared with ITC only and with the previous depth on per-query
+reciprocal ranks: Fisher's randomization test and the paired t-test, Holm-corrected over the
+sweep, with win / tie / loss counts (``search/stats.py``). Each stage's ranking can be written as
+a TREC run with its qrels (``trec_dir``), so ir-measures, ranx, pytrec_eval or trec_eval can
+recompute every number. Per-stage latency comes from ``SearchEngine.search`` on the collection.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import select
 
-from indexer.catalog import CatalogRow
+from indexer import filters
 from indexer.collection import Collection
-from indexer.ingest import ingest_rows
-from indexer.schema import Item
+from models.preprocess import ImageError, read_image_bytes
 from models.progress import progress as progress_bar
 
+from . import stats
 from .engine import SearchEngine
-from .rerank import ITMScorer, Query, fuse
+from .rerank import FUSIONS, ITMScorer, Query, fuse
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
+GALLERIES = ("pairs", "collection")
+BLOCK = 8192  # gallery vectors per block of the ITC pass
+RUN_DEPTH = 100  # ranked items per query in the TREC run files
 
 
 # ---- input ---------------------------------------------------------------------------------
@@ -51,7 +69,7 @@ KS = (1, 5, 10)
 
 @dataclass(frozen=True)
 class EvalPair:
-    image: Path
+    image: Path | None  # None: the row names no image
     caption: str
     line: int
 
@@ -64,9 +82,11 @@ JSON_FORMATS = (
 
 
 def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "caption", split: str = "test") -> list[EvalPair]:
-    """CSV rows (image path relative to the CSV, caption), Karpathy JSON (``images[].sentences``,
-    ``split`` chosen) or BLIP/ALBEF annotation JSON (``[{"image", "caption"}]``, a caption a
-    string or a list); ValueError naming the expected formats for any other JSON."""
+    """Every (image, caption) row of a CSV (image path relative to the CSV), a Karpathy JSON
+    (``images[].sentences``, ``split`` chosen) or a BLIP/ALBEF annotation JSON (``[{"image",
+    "caption"}]``, a caption a string or a list), in file order, empty ones included (the
+    evaluation lists them as skipped). ValueError naming the expected formats for any other
+    JSON, or a CSV without the columns."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
@@ -82,7 +102,7 @@ def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "capt
             out = []
             for n, im in enumerate(images, 1):
                 caps = im["caption"] if isinstance(im["caption"], list) else [im["caption"]]
-                out += [EvalPair(path.parent / str(im["image"]), str(c).strip(), n) for c in caps if str(c).strip()]
+                out += [EvalPair(path.parent / str(im["image"]), str(c).strip(), n) for c in caps]
             return out
         if not all("filename" in im for im in images):
             raise ValueError(f"{path}: entries without 'filename' (or 'image' and 'caption'); expected {JSON_FORMATS}")
@@ -90,36 +110,234 @@ def read_pairs(path: str | Path, image_col: str = "image", text_col: str = "capt
             images = [im for im in images if im.get("split") == split]
         out = []
         for n, im in enumerate(images, 1):
-            img = path.parent / im.get("filepath", "") / im["filename"]
-            out += [EvalPair(img, s["raw"].strip(), n) for s in im.get("sentences", []) if s.get("raw", "").strip()]
+            img = path.parent / str(im.get("filepath", "")) / str(im["filename"])
+            out += [EvalPair(img, str(s.get("raw", "")).strip(), n) for s in im.get("sentences", []) if isinstance(s, dict)]
         return out
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in (image_col, text_col) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: columns {missing} not in the header {reader.fieldnames}")
-        return [
-            EvalPair(path.parent / r[image_col], r[text_col].strip(), reader.line_num)
-            for r in reader
-            if r.get(image_col) and (r.get(text_col) or "").strip()
-        ]
+        try:
+            missing = [c for c in (image_col, text_col) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: columns {missing} not in the header {reader.fieldnames}")
+            return [
+                EvalPair(path.parent / r[image_col] if (r.get(image_col) or "").strip() else None,
+                         (r.get(text_col) or "").strip(), reader.line_num)
+                for r in reader
+            ]
+        except (csv.Error, UnicodeDecodeError) as e:  # a NUL byte, a field over the size limit, not UTF-8
+            raise ValueError(f"{path}: not a readable CSV near line {reader.line_num + 1} ({e})") from None
 
 
-# ---- metrics (pure; tested against hand-computed cases and a naive full-matrix oracle) --------
+@dataclass
+class PairSet:
+    """The rows of a pairs file that can be evaluated, their images grouped by bytes."""
+
+    pairs: list[EvalPair]  # every row read (query ids ``r<j>`` index this list)
+    rows: list[int]  # the usable rows, indices into ``pairs``, in file order
+    row_group: dict[int, int]  # usable row -> its image group
+    groups: list[tuple[str, Path]]  # per image group: (sha256 of the bytes, a file holding them)
+    skipped: list[dict]  # {"row", "line", "image", "caption", "reason"} per row left out
+
+    def skip(self, groups: dict[int, str]) -> None:
+        """Move the rows of these image groups (group -> reason) to ``skipped``."""
+        for j in [j for j in self.rows if self.row_group[j] in groups]:
+            self.skipped.append(_skipped(self.pairs[j], j, groups[self.row_group[j]]))
+        self.rows = [j for j in self.rows if self.row_group[j] not in groups]
+
+    def group_rows(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for j in self.rows:
+            out.setdefault(self.row_group[j], []).append(j)
+        return out
 
 
-def rerank_ranks(
-    cand_groups: np.ndarray, itc: np.ndarray, itm: np.ndarray, target: int, depth: int, fusion: str, itc_scale: float = 1.0
-) -> tuple[int, np.ndarray]:
-    """1-based rank of the first candidate of group ``target`` after reordering the first
-    ``depth`` candidates by the fused score (0 = ITC order); ``inf`` if absent. Also returns
-    the final order of candidate positions."""
-    order = np.arange(len(cand_groups))
-    if depth:
-        head = np.argsort(-fuse(itc[:depth], itm[:depth], fusion, itc_scale), kind="stable")
-        order = np.concatenate([head, np.arange(depth, len(cand_groups))])
-    hits = np.nonzero(cand_groups[order] == target)[0]
-    return (int(hits[0]) + 1 if len(hits) else np.inf), order
+def _skipped(p: EvalPair, j: int, reason: str) -> dict:
+    return {"row": j, "line": p.line, "image": str(p.image or ""), "caption": p.caption, "reason": reason}
+
+
+def load_pairs(pairs: list[EvalPair]) -> PairSet:
+    """Read each distinct image file once and group the rows by its bytes; rows without a
+    caption or a readable image file are skipped with the reason."""
+    by_path: dict[Path, tuple[str | None, str]] = {}
+    group_of: dict[str, int] = {}
+    out = PairSet(pairs, [], {}, [], [])
+    for j, p in enumerate(pairs):
+        if not p.caption:
+            out.skipped.append(_skipped(p, j, "empty caption"))
+            continue
+        if p.image is None:
+            out.skipped.append(_skipped(p, j, "no image"))
+            continue
+        path = p.image.resolve()
+        if path not in by_path:
+            by_path[path] = _hash_file(path)
+        h, why = by_path[path]
+        if h is None:
+            out.skipped.append(_skipped(p, j, why))
+            continue
+        if h not in group_of:
+            group_of[h] = len(out.groups)
+            out.groups.append((h, path))
+        out.rows.append(j)
+        out.row_group[j] = group_of[h]
+    return out
+
+
+def _hash_file(path: Path) -> tuple[str | None, str]:
+    try:
+        data = read_image_bytes(path)
+        return hashlib.sha256(data).hexdigest(), ""
+    except ImageError as e:
+        return None, str(e)
+    except FileNotFoundError:
+        return None, f"image file not found: {path}"
+    except OSError as e:
+        return None, f"image file unreadable: {e}"
+
+
+# ---- exact ranks over a streamed gallery (pure; tested against oracles) -----------------------
+
+
+@dataclass
+class Rankings:
+    """Each query's ranking at each depth, as far as the metrics and the run files need it."""
+
+    depths: list[int]
+    first: dict[int, np.ndarray]  # depth -> (Q,) 1-based rank of the first relevant item
+    ndcg: dict[int, np.ndarray]  # depth -> (Q,) nDCG@10, binary relevance, every relevant item
+    runs: dict[int, np.ndarray]  # depth -> (Q, keep) gallery keys of the stage's top ``keep`` (-1: none)
+
+    def rr(self, depth: int) -> np.ndarray:
+        return 1.0 / self.first[depth]
+
+
+def _merge_top(ts: np.ndarray, tk: np.ndarray, sims: np.ndarray, keys: np.ndarray, k: int) -> None:
+    """Merge a block's scores (c, b) with keys (b,) ascending, all above the keys already in
+    the running top (c, k) lists ``ts``/``tk`` (score descending, key ascending among ties),
+    in place."""
+    c, nb = sims.shape
+    kk = min(k, nb)
+    if kk < nb:
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        kth = np.take_along_axis(sims, part, 1).min(axis=1)
+        for r in np.flatnonzero((sims >= kth[:, None]).sum(axis=1) > kk):  # a tie straddles the cut: lowest keys win
+            part[r] = np.argsort(-sims[r], kind="stable")[:kk]
+    else:
+        part = np.broadcast_to(np.arange(nb), (c, nb))
+    s, kb = np.take_along_axis(sims, part, 1), keys[part]
+    o = np.lexsort((kb, -s), axis=-1)
+    ms = np.concatenate([ts, np.take_along_axis(s, o, 1)], axis=1)
+    mk = np.concatenate([tk, np.take_along_axis(kb, o, 1)], axis=1)
+    o = np.argsort(-ms, axis=1, kind="stable")[:, : ts.shape[1]]  # stable: the running top's (lower) keys first among ties
+    ts[:] = np.take_along_axis(ms, o, 1)
+    tk[:] = np.take_along_axis(mk, o, 1)
+
+
+def rank_queries(
+    q_emb: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    relevant: Sequence[tuple[np.ndarray, np.ndarray]],
+    depths: Sequence[int],
+    fusion: str,
+    itm_fn: Callable[[int, np.ndarray], np.ndarray] | None,
+    itc_scale: float = 1.0,
+    chunk: int = 256,
+    keep: int = 0,
+    progress: bool = False,
+    name: str = "",
+    n_blocks: int | None = None,
+) -> Rankings:
+    """Exact ranks of every query's relevant items at every depth, in one pass over the gallery.
+
+    ``blocks`` yields the gallery as (keys (b,) int64, vectors (b, E) float32), keys ascending
+    across blocks: the key order is the tie order. ``relevant[q]`` is (keys, vectors) of query
+    q's relevant items. One pass keeps each query's ITC top ``k = max(depths, 10, keep)`` and,
+    for its best relevant items, the count of gallery items scored above them; an item inside
+    a window of float32 rounding error around its score is compared again with the score the
+    pass computed (that window is the bound E * 2^-24 * |q| |v| on a float32 dot product, times
+    four), so a rank past every list is exact, not an estimate. ``itm_fn(q, candidate keys) ->
+    ITM logits`` is called once per query for its top ``max(depths)``; depth d reorders the top
+    d by the fused score. ``keep``: how many of each stage's ranking ``runs`` holds.
+    """
+    depths = sorted(set(int(d) for d in depths))
+    max_d = max(depths)
+    nq, dim = q_emb.shape
+    k = max(max_d, 10, keep)
+    top_s = np.full((nq, k), -np.inf, np.float32)
+    top_k = np.full((nq, k), -1, np.int64)
+    unit = dim * 2.0**-24 * 4
+    qnorm = np.linalg.norm(q_emb.astype(np.float64), axis=1)
+    cq, ck, cs, ce = [], [], [], []  # the candidates for each query's best relevant item
+    for q, (keys, vecs) in enumerate(relevant):
+        if not len(keys):
+            raise ValueError(f"query {q} has no relevant item in the gallery")
+        s64 = vecs.astype(np.float64) @ q_emb[q].astype(np.float64)
+        eps = unit * qnorm[q] * np.linalg.norm(vecs.astype(np.float64), axis=1) + 1e-30
+        best = s64 >= s64.max() - 2 * eps.max()
+        cq += [q] * int(best.sum())
+        ck += keys[best].tolist()
+        cs += s64[best].tolist()
+        ce += eps[best].tolist()
+    cq, ck, cs, ce = np.array(cq, np.int64), np.array(ck, np.int64), np.array(cs), np.array(ce)
+    above = np.zeros(len(cq), np.int64)
+    s_pass = np.full(len(cq), np.nan)
+    near: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for keys, vecs in progress_bar(blocks, desc=f"eval {name} ITC", unit="block", total=n_blocks, enabled=progress):
+        keys = np.asarray(keys, np.int64)
+        for a in range(0, nq, chunk):
+            b = min(nq, a + chunk)
+            sims = q_emb[a:b] @ vecs.T  # (c, block): the only scores, one block at a time
+            _merge_top(top_s[a:b], top_k[a:b], sims, keys, k)
+            lo, hi = np.searchsorted(cq, a), np.searchsorted(cq, b)
+            if hi == lo:
+                continue
+            rows = sims[cq[lo:hi] - a].astype(np.float64)  # (candidates, block)
+            above[lo:hi] += (rows > (cs[lo:hi] + ce[lo:hi])[:, None]).sum(axis=1)
+            r, col = np.nonzero(np.abs(rows - cs[lo:hi, None]) <= ce[lo:hi, None])
+            near.append((r + lo, rows[r, col], keys[col]))
+            pos = np.minimum(np.searchsorted(keys, ck[lo:hi]), len(keys) - 1)
+            here = keys[pos] == ck[lo:hi]
+            s_pass[lo:hi][here] = rows[np.flatnonzero(here), pos[here]]
+    if np.isnan(s_pass).any():
+        raise ValueError(f"relevant items not in the gallery: keys {ck[np.isnan(s_pass)][:5].tolist()}")
+    if np.any(np.abs(s_pass - cs) > ce):  # the float32 error bound failed: never guess a rank
+        raise RuntimeError("a score moved past its float32 error bound between two computations; ranks not computed")
+    deep = above + 1
+    if near:
+        nr, ns, nk = (np.concatenate(x) for x in zip(*near))
+        ahead = (nk != ck[nr]) & ((ns > s_pass[nr]) | ((ns == s_pass[nr]) & (nk < ck[nr])))
+        deep += np.bincount(nr[ahead], minlength=len(cq))
+    deep_rank = np.full(nq, np.iinfo(np.int64).max)
+    np.minimum.at(deep_rank, cq, deep)
+
+    discount = 1.0 / np.log2(np.arange(2, 12))  # ranks 1..10
+    first = {d: np.zeros(nq, np.int64) for d in depths}
+    ndcg = {d: np.zeros(nq) for d in depths}
+    runs = {d: np.full((nq, keep), -1, np.int64) for d in depths} if keep else {}
+    for q in progress_bar(range(nq), desc=f"eval {name} ITM", unit="query", enabled=progress and max_d > 0):
+        valid = int((top_k[q] >= 0).sum())
+        keys_q, itc_q = top_k[q, :valid], top_s[q, :valid]
+        is_rel = np.isin(keys_q, relevant[q][0])
+        itm = itm_fn(q, keys_q[:max_d]) if max_d and valid else np.zeros(0, np.float32)
+        idcg = discount[: min(10, len(relevant[q][0]))].sum()
+        for d in depths:
+            dd = min(d, valid)
+            order = np.arange(valid)
+            if dd:
+                order[:dd] = np.argsort(-fuse(itc_q[:dd], itm[:dd], fusion, itc_scale), kind="stable")
+            rel_pos = np.flatnonzero(is_rel[order]) + 1
+            first[d][q] = rel_pos[0] if len(rel_pos) else deep_rank[q]
+            ndcg[d][q] = discount[rel_pos[rel_pos <= 10] - 1].sum() / idcg
+            if keep:
+                n = min(keep, valid)
+                runs[d][q, :n] = keys_q[order[:n]]
+    return Rankings(depths, first, ndcg, runs)
+
+
+def array_blocks(emb: np.ndarray, block: int = BLOCK):
+    """An in-memory gallery as ``rank_queries`` blocks: keys are row positions."""
+    for start in range(0, len(emb), block):
+        yield np.arange(start, min(len(emb), start + block), dtype=np.int64), emb[start : start + block]
 
 
 def rank_direction(
@@ -134,51 +352,22 @@ def rank_direction(
     progress: bool = False,
     name: str = "",
     itc_scale: float = 1.0,
-) -> tuple[dict[int, list[float]], dict[int, list[float]], dict[int, dict[str, float]]]:
-    """Every query's exact ranks at every depth, streaming (chunk, M) similarity blocks.
-
-    The relevant gallery items of query q are those whose group is ``q_targets[q]`` (one image
-    for text -> image; all of an image's captions for image -> text). A relevant item's rank is
-    its position in the full ranking: ITC order over the whole gallery (ties: the lower gallery
-    position first), with the top ``d`` reordered by the fused score (ties: ITC order). An item
-    past the top d keeps its ITC rank, however deep; the ITC-only ranking does not depend on
-    ``depths``. ``itm_fn(query index, candidate db positions) -> ITM logits`` is called once per
-    query for the top ``max(depths)``. Returns, per depth: the rank of the first relevant item
-    (R@K, MRR), nDCG@10 (binary relevance, every relevant item), and per-query reciprocal ranks.
-    """
-    max_d = max(depths)
-    first: dict[int, list[float]] = {d: [] for d in depths}
-    ndcg: dict[int, list[float]] = {d: [] for d in depths}
-    rr: dict[int, dict[str, float]] = {d: {} for d in depths}
-    discount = 1.0 / np.log2(np.arange(2, 12))  # ranks 1..10
-    for start in progress_bar(range(0, len(q_emb), chunk), desc=f"eval {name}", unit="chunk", enabled=progress):
-        sims = q_emb[start : start + chunk] @ db_emb.T  # (c, M): one chunk at a time
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :max_d]  # (c, max_d): what ITM rescoring needs
-        for r, cand in enumerate(top):
-            qi = start + r
-            row = sims[r]
-            rel = np.flatnonzero(db_groups == q_targets[qi])  # relevant gallery positions
-            if not len(rel):
-                raise ValueError(f"query {qi} has no relevant item in the gallery")
-            itc_rank = {int(j): int((row > row[j]).sum() + (row[:j] == row[j]).sum()) + 1 for j in rel}  # exact, ties by position
-            itc = row[cand]
-            itm = np.full(len(cand), np.nan, np.float32)
-            if max_d:
-                itm[: min(max_d, len(cand))] = itm_fn(qi, cand[:max_d])
-            idcg = discount[: min(10, len(rel))].sum()
-            for d in depths:
-                ranks = dict(itc_rank)
-                dd = min(d, len(cand))
-                if dd:
-                    _, order = rerank_ranks(db_groups[cand[:dd]], itc[:dd], itm[:dd], q_targets[qi], dd, fusion, itc_scale)
-                    for pos, k in enumerate(order):
-                        if int(cand[k]) in ranks:
-                            ranks[int(cand[k])] = pos + 1
-                best = min(ranks.values())
-                first[d].append(best)
-                rr[d][str(qi)] = 1.0 / best
-                ndcg[d].append(float(sum(discount[x - 1] for x in ranks.values() if x <= 10) / idcg))
-    return first, ndcg, rr
+) -> tuple[dict[int, list[int]], dict[int, list[float]], dict[int, dict[str, float]]]:
+    """``rank_queries`` on an in-memory gallery whose relevant items are those of group
+    ``q_targets[q]`` (one image for text -> image; all of an image's captions for image ->
+    text), ties by gallery position. Returns, per depth, the first relevant ranks, nDCG@10 and
+    per-query reciprocal ranks (keyed by the query's position as a string)."""
+    where: dict[int, list[int]] = {}
+    for j, g in enumerate(np.asarray(db_groups).tolist()):
+        where.setdefault(g, []).append(j)
+    relevant = []
+    for t in np.asarray(q_targets).tolist():
+        pos = np.array(where.get(t, []), np.int64)
+        relevant.append((pos, db_emb[pos]))
+    r = rank_queries(q_emb, array_blocks(db_emb), relevant, depths, fusion, itm_fn, itc_scale, chunk, 0, progress, name,
+                     -(-len(db_emb) // BLOCK))
+    return ({d: r.first[d].tolist() for d in r.depths}, {d: r.ndcg[d].tolist() for d in r.depths},
+            {d: {str(q): float(x) for q, x in enumerate(r.rr(d))} for d in r.depths})
 
 
 LATENCY_KEYS = {"t2i": "latency_ms", "i2t": "latency_ms_i2t"}  # report.json keys of each direction's timings
@@ -199,43 +388,122 @@ def recall_at(ranks: Sequence[float], ks: Sequence[int] = KS) -> dict[str, float
     return {f"R@{k}": float(100.0 * np.mean(r <= k)) for k in ks}
 
 
-def paired_p(a: dict[str, float], b: dict[str, float]) -> float:
-    """Wilcoxon signed-rank p-value on paired per-query values (1.0 when they never differ)."""
-    from scipy.stats import wilcoxon
-
-    keys = sorted(a)
-    x, y = np.array([a[k] for k in keys]), np.array([b.get(k, 0.0) for k in keys])
-    if np.allclose(x, y):
-        return 1.0
-    return float(wilcoxon(x, y, zero_method="zsplit").pvalue)
-
-
-# ---- the evaluation ----------------------------------------------------------------------------
-
-
-def _ingest_pairs(c: Collection, pairs: list[EvalPair], pairs_path: Path, progress: bool, workers: int | None) -> list[tuple[int, str, str]]:
-    rows = [
-        CatalogRow(f"pair{j}", p.image.resolve(), (p.caption,), {}, f"{pairs_path}:{p.line}") for j, p in enumerate(pairs)
-    ]
-    rep = ingest_rows(c, rows, [], str(pairs_path), workers=workers, progress=progress)
-    if rep.stopped_by:  # never evaluate the part of the pairs ingested before a SIGINT / SIGTERM
-        raise KeyboardInterrupt(f"stopped by {rep.stopped_by} while ingesting the pairs; nothing was evaluated")
-    log.info("eval pairs: %d added, %d already there, %d failed", rep.added, rep.duplicates, rep.failed)
-    with c.Session() as s:
-        return [
-            (r.id, r.image_path, r.text)
-            for r in s.execute(
-                select(Item.id, Item.image_path, Item.text).where(Item.source == str(pairs_path), Item.status == "active").order_by(Item.id)
-            )
-        ]
+def compare_depths(rankings: Rankings, n_perm: int = stats.N_PERM) -> list[dict]:
+    """Each depth against ITC only, and each against the previous depth, on per-query
+    reciprocal ranks: Fisher randomization and paired t p-values, each Holm-corrected over the
+    whole sweep, with win / tie / loss counts (wins: the first named is better)."""
+    ds = rankings.depths
+    pairs = [(d, 0) for d in ds if d] + [(ds[i], ds[i - 1]) for i in range(2, len(ds)) if ds[i - 1]]
+    out = []
+    for a, b in pairs:
+        x, y = rankings.rr(a), rankings.rr(b)
+        w, t, lo = stats.win_tie_loss(x, y)
+        out.append({
+            "a": depth_key(a), "b": depth_key(b), "wins": w, "ties": t, "losses": lo,
+            "mean_rr_difference": float(np.mean(x - y)),
+            "p_randomization": stats.randomization_p(x, y, n_perm), "p_t": stats.paired_t_p(x, y),
+        })
+    for test in ("p_randomization", "p_t"):
+        for row, adj in zip(out, stats.holm([row[test] for row in out])):
+            row[f"{test}_holm"] = adj
+    return out
 
 
-def _stored(c: Collection, ids: list[int], modality: str) -> np.ndarray:
-    """Stored vectors of ``ids``, in that order: (len(ids), E)."""
-    with c.Session() as s:
-        found, xb = c.stored_vectors(s, modality, ids=ids)
-    row = {int(i): k for k, i in enumerate(found)}
-    return xb[[row[i] for i in ids]]
+# ---- the evaluation ----
+
+class _Images:
+    """The evaluation's images: vector (G, E) and tokens per image group. An image some active
+    item has (same bytes) uses that item's stored vector and token record; the others (when
+    ``encode``) are decoded from the bytes that were hashed and encoded into scratch space
+    owned by the run (float16 token rows in a temporary file, removed with the run)."""
+
+    def __init__(self, c: Collection, groups: list[tuple[str, Path]], scratch: Path, encode: bool, progress: bool):
+        self.c = c
+        b = c.bundle
+        matches = c.items_with_images(dict(groups), modality="image")
+        self.item: list[int | None] = [matches[h][0] if h in matches else None for h, _ in groups]
+        self.failed: dict[int, str] = {}
+        self.emb = np.zeros((len(groups), c.config.embed_dim), np.float32)
+        stored = [(g, i) for g, i in enumerate(self.item) if i is not None]
+        for start in range(0, len(stored), 500):
+            part = stored[start : start + 500]
+            with c.Session() as s:
+                found, xb = c.stored_vectors(s, "image", ids=[i for _, i in part])
+            row = {int(i): n for n, i in enumerate(found)}
+            for g, i in part:
+                self.emb[g] = xb[row[i]]
+        todo = [g for g, i in enumerate(self.item) if i is None]
+        self.scratch_row: dict[int, int] = {}
+        self.scratch = None
+        if not encode:
+            self.failed = {g: "no active item in the collection has this image" for g in todo}
+            return
+        shape = (max(1, len(todo)), c.config.num_tokens, c.config.token_width)
+        self.scratch = np.lib.format.open_memmap(scratch / "image_tokens.npy", mode="w+", dtype=np.float16, shape=shape)
+        for start in progress_bar(range(0, len(todo), 16), desc="eval encode images", unit="batch", enabled=progress and bool(todo)):
+            batch, imgs = [], []
+            for g in todo[start : start + 16]:
+                h, path = groups[g]
+                try:
+                    data = read_image_bytes(path)
+                    if hashlib.sha256(data).hexdigest() != h:
+                        raise ImageError(f"{path} changed while the evaluation read it")
+                    imgs.append(b.transform.load(io.BytesIO(data), name=str(path)))
+                    batch.append(g)
+                except (ImageError, OSError, ValueError) as e:
+                    self.failed[g] = str(e) or type(e).__name__
+            if not batch:
+                continue
+            with torch.inference_mode():
+                tok = b.image_tokens(imgs)  # (B, N, D_v)
+                self.emb[batch] = b.model.image_emb(tok).float().cpu().numpy()
+            for g, t in zip(batch, tok.float().cpu().numpy()):
+                self.scratch_row[g] = len(self.scratch_row)
+                self.scratch[self.scratch_row[g]] = t
+
+    def tokens(self, groups: Sequence[int]) -> torch.Tensor:
+        """Image tokens of these groups, in order: (K, N, D_v) float32."""
+        out = torch.zeros(len(groups), self.c.config.num_tokens, self.c.config.token_width)
+        stored = [(n, self.item[g]) for n, g in enumerate(groups) if self.item[g] is not None]
+        if stored:
+            out[[n for n, _ in stored]] = self.c.item_tokens([i for _, i in stored])[0]
+        for n, g in enumerate(groups):
+            if self.item[g] is None:
+                out[n] = torch.from_numpy(self.scratch[self.scratch_row[g]].astype(np.float32))
+        return out
+
+
+def _encode_texts(b, texts: list[str], progress: bool, batch: int = 64) -> np.ndarray:
+    out = []
+    for start in progress_bar(range(0, len(texts), batch), desc="eval encode captions", unit="batch", enabled=progress):
+        ids, mask = b.tokenizer(texts[start : start + batch])
+        with torch.inference_mode():
+            out.append(b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, b.model.embed_dim if hasattr(b.model, "embed_dim") else 0), np.float32)
+
+
+def _stored_by_id(c: Collection, ids: list[int], modality: str) -> dict[int, np.ndarray]:
+    out = {}
+    for start in range(0, len(ids), 500):
+        with c.Session() as s:
+            found, xb = c.stored_vectors(s, modality, ids=ids[start : start + 500])
+        out.update({int(i): xb[n] for n, i in enumerate(found)})
+    return out
+
+
+@dataclass
+class _Direction:
+    """One direction's queries and gallery, ready for ``rank_queries``."""
+
+    name: str
+    query_ids: list[str]  # TREC query ids
+    q_emb: np.ndarray
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+    n_blocks: int
+    relevant: list[tuple[np.ndarray, np.ndarray]]
+    itm_fn: Callable[[int, np.ndarray], np.ndarray]
+    doc_id: Callable[[int], str]  # gallery key -> TREC doc id
+    gallery_size: int
 
 
 def evaluate(
@@ -246,102 +514,218 @@ def evaluate(
     latency_queries: int = 50,
     chunk: int = 256,
     progress: bool = True,
-    workers: int | None = None,
+    gallery: str = "pairs",
+    where: str | None = None,
+    trec_dir: str | Path | None = None,
+    run_depth: int = RUN_DEPTH,
+    n_perm: int = stats.N_PERM,
     **read_kw,
 ) -> dict:
-    """``workers``: the ingest of new pairs (``ingest_rows``; 0 in a process that must not fork,
-    such as a web server)."""
+    """Evaluate reranking on a pairs file (see the module docstring); the collection is only
+    read. ``trec_dir``: write each stage's ranking (top ``run_depth`` per query) as TREC run
+    files with their qrels there. ValueError when nothing can be evaluated."""
+    if gallery not in GALLERIES:
+        raise ValueError(f"--gallery must be one of {', '.join(GALLERIES)}; got {gallery!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
+    if where and gallery != "collection":
+        raise ValueError("--where restricts the collection gallery: use it with --gallery collection")
+    if any(int(d) < 0 for d in depths) or run_depth < 0:
+        raise ValueError("depths and the run depth must be >= 0")
     pairs_path = Path(pairs_path).resolve()
     pairs = read_pairs(pairs_path, **read_kw)
     if not pairs:
-        raise ValueError(f"{pairs_path}: no (image, caption) pairs")
-    items = _ingest_pairs(c, pairs, pairs_path, progress, workers)
-    if not items:
-        raise ValueError(f"{pairs_path}: none of its {len(pairs)} pairs could be evaluated (their images failed to ingest: "
-                         "see `vtfusion errors`)")
-    image_paths = sorted({p for _, p, _ in items})
-    group_of_path = {p: g for g, p in enumerate(image_paths)}
-    text_ids = [i for i, _, _ in items]  # every caption is a text item
-    text_group = np.array([group_of_path[p] for _, p, _ in items])
-    first_item: dict[str, int] = {}
-    for i, p, _ in items:
-        first_item.setdefault(p, i)
-    image_ids = [first_item[path] for path in image_paths]  # one item per image
+        raise ValueError(f"{pairs_path}: no (image, caption) rows")
+    ps = load_pairs(pairs)
     depths = sorted(set(int(d) for d in depths) | {0})
     notes = []
-    if not c.bundle.has_itm and depths != [0]:
+    b = c.bundle
+    if not b.has_itm and depths != [0]:
         notes.append(f"the model {c.config.model} has no trained ITM head: ITC only (depths {depths[1:]} skipped)")
         log.warning(notes[-1])
         depths = [0]
+    itc_scale = float(b.model.logit_scale_value().detach())
     scorer = ITMScorer(c, chunk=64)
-    b = c.bundle
+    expr = None
+    if where:
+        with c.Session() as s:
+            expr = filters.parse(where, filters.known_columns(s))
 
-    img_emb = _stored(c, image_ids, "image")  # (M, E)
-    txt_emb = _stored(c, text_ids, "text")  # (T, E)
-    report: dict = {
-        "pairs": str(pairs_path), "images": len(image_ids), "texts": len(text_ids), "depths": depths, "fusion": fusion,
-        "itc_scale": float(b.model.logit_scale_value().detach()),
-        "notes": notes,
-    }
+    with c.Session() as s:
+        mark = c.last_change(s)
+    with tempfile.TemporaryDirectory(prefix="vtfusion-eval-") as scratch:
+        images = _Images(c, ps.groups, Path(scratch), encode=gallery == "pairs", progress=progress)
+        if gallery == "pairs":
+            ps.skip(images.failed)
+        if not ps.rows:
+            raise ValueError(f"{pairs_path}: none of its {len(pairs)} rows can be evaluated; first reasons: "
+                             + "; ".join(f"line {x['line']}: {x['reason']}" for x in ps.skipped[:3]))
+        captions = [pairs[j].caption for j in ps.rows]
+        txt_emb = _encode_texts(b, captions, progress)
+        row_pos = {j: n for n, j in enumerate(ps.rows)}
 
-    def run_direction(name, q_emb, db_emb, db_groups, q_targets, q_query, db_ids):
-        def itm_fn(qi, cand):
-            return scorer.score(q_query(qi), [db_ids[j] for j in cand])
-
-        ranks, ndcg, rr = rank_direction(
-            q_emb, db_emb, db_groups, q_targets, depths, fusion, itm_fn, chunk, progress, name,
-            float(b.model.logit_scale_value().detach()),
-        )
-        out = {}
-        for d in depths:
-            key = depth_key(d)
-            out[key] = {**recall_at(ranks[d]), "MRR": float(np.mean(list(rr[d].values()))), "nDCG@10": float(np.mean(ndcg[d]))}
-            if d:
-                out[key]["p_value_vs_itc"] = paired_p(rr[0], rr[d])
-        return out
-
-    with torch.no_grad():
-        img_groups = np.arange(len(image_ids))
-        t2i_targets = text_group
-
-        def t2i_query(qi):
-            ids, mask = b.tokenizer([items[qi][2]])
+        def text_query(j: int) -> Query:
+            ids, mask = b.tokenizer([pairs[j].caption])
             return Query(ids=ids, mask=mask)
 
-        report["t2i"] = run_direction("t2i", txt_emb, img_emb, img_groups, t2i_targets, t2i_query, image_ids)
-
-        img_tokens_cache = {}
-
-        def i2t_query(qi):
-            if qi not in img_tokens_cache:
-                img_tokens_cache.clear()
-                img_tokens_cache[qi] = c.item_tokens([image_ids[qi]])[0]  # (1, N, D_v)
-            return Query(image_tokens=img_tokens_cache[qi])
-
-        report["i2t"] = run_direction("i2t", img_emb, txt_emb, text_group, np.arange(len(image_ids)), i2t_query, text_ids)
-
-    report[LATENCY_KEYS["t2i"]] = latency(c, [t for _, _, t in items], "image", image_ids, depths, fusion, latency_queries)
-    report[LATENCY_KEYS["i2t"]] = latency(c, [Path(p) for p in image_paths], "text", text_ids, depths, fusion, latency_queries)
+        if gallery == "pairs":
+            dirs = _pairs_directions(c, ps, images, txt_emb, row_pos, scorer, text_query)
+        else:
+            dirs, unmatched = _collection_directions(c, ps, images, txt_emb, row_pos, scorer, text_query, expr, where)
+            ps.skipped += unmatched
+        report: dict = {
+            "pairs": str(pairs_path), "gallery": gallery, "where": where or None,
+            "rows": len(pairs), "images": len(ps.group_rows()), "texts": len(ps.rows),
+            "reused_images": sum(1 for g in ps.group_rows() if images.item[g] is not None),
+            "depths": depths, "fusion": fusion, "itc_scale": itc_scale, "notes": notes,
+            "skipped": sorted(ps.skipped, key=lambda x: x["row"]),
+            "evaluated": {}, "gallery_size": {}, "comparisons": {},
+        }
+        keep = max(run_depth, max(depths), 10) if trec_dir else 0
+        trec: dict = {"run_depth": keep, "files": [], "first_relevant_beyond_run": {}} if trec_dir else {}
+        for d in dirs:
+            report["evaluated"][d.name] = len(d.query_ids)
+            report["gallery_size"][d.name] = d.gallery_size
+            if not d.query_ids and d.name == "i2t" and gallery == "collection":
+                notes.append("image -> text not evaluated: no item with a pair's image has a text in the gallery")
+                report["i2t"], report["comparisons"]["i2t"] = {}, []
+                continue
+            if not d.query_ids:
+                raise ValueError(f"{pairs_path}: no {d.name} query can be evaluated ({len(ps.skipped)} rows skipped; first: "
+                                 + "; ".join(f"line {x['line']}: {x['reason']}" for x in ps.skipped[:3]) + ")")
+            itm_fn = d.itm_fn if fusion != "itc" else (lambda q, cand: np.zeros(len(cand), np.float32))  # ITC alone: no ITM to run
+            with torch.inference_mode():
+                r = rank_queries(d.q_emb, d.blocks(), d.relevant, depths, fusion, itm_fn, itc_scale, chunk, keep,
+                                 progress, d.name, d.n_blocks)
+            report[d.name] = {}
+            for depth in depths:
+                report[d.name][depth_key(depth)] = {**recall_at(r.first[depth]), "MRR": float(np.mean(r.rr(depth))),
+                                                    "nDCG@10": float(np.mean(r.ndcg[depth]))}
+            comps = compare_depths(r, n_perm)
+            report["comparisons"][d.name] = comps
+            for row in comps:
+                if row["b"] == "itc":
+                    report[d.name][row["a"]].update(p_value_vs_itc=row["p_randomization_holm"], wins=row["wins"],
+                                                    ties=row["ties"], losses=row["losses"])
+            if trec_dir:
+                files, beyond = write_trec(Path(trec_dir), d, r)
+                trec["files"] += [str(f) for f in files]
+                trec["first_relevant_beyond_run"][d.name] = beyond
+        if trec_dir:
+            trec["files"].append(str(_write_ids(Path(trec_dir), pairs, ps, c)))
+            report["trec"] = trec
+    with c.Session() as s:
+        now = c.last_change(s)
+    if now != mark:  # the reads above are not one snapshot: say so rather than report a mix as exact
+        notes.append(f"the collection changed while it was evaluated (changes {mark + 1}..{now}): "
+                     "the ranks may mix its states; evaluate again when no ingest or delete is running")
+        log.warning(notes[-1])
+    if report["evaluated"]["t2i"] != len(ps.rows):  # every usable row is a text -> image query, exactly once
+        raise RuntimeError(f"evaluated {report['evaluated']['t2i']} text queries of {len(ps.rows)} usable rows")
+    lat_where = where if gallery == "collection" else None
+    report[LATENCY_KEYS["t2i"]] = latency(c, captions, "image", depths, fusion, latency_queries, lat_where, notes)
+    report[LATENCY_KEYS["i2t"]] = latency(c, [ps.groups[g][1] for g in ps.group_rows()], "text", depths, fusion,
+                                          latency_queries, lat_where, notes)
     return report
 
 
-def latency(c: Collection, queries: list, target: str, within: list[int], depths: Sequence[int], fusion: str, n: int) -> dict:
-    """Per-stage mean and p95 over ``n`` searches at each depth ({} when n is 0): text queries
-    against ``target="image"``, or image files (decoded and encoded as an upload is) against
-    ``target="text"``, restricted to the evaluation's items."""
+def _pairs_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer: ITMScorer, text_query) -> list[_Direction]:
+    groups = sorted(ps.group_rows())  # the image groups left, ascending: the image gallery's keys
+    g_rows = ps.group_rows()
+    img_emb = images.emb[groups]
+    g_pos = {g: n for n, g in enumerate(groups)}
+    rows = ps.rows
+
+    def t2i_itm(qi: int, cand: np.ndarray) -> np.ndarray:
+        return scorer.score_tokens(text_query(rows[qi]), images.tokens([int(g) for g in cand]))
+
+    def i2t_itm(qi: int, cand: np.ndarray) -> np.ndarray:
+        return scorer.score_texts(images.tokens([groups[qi]]), [ps.pairs[int(j)].caption for j in cand])
+
+    def img_blocks():
+        for keys, emb in array_blocks(img_emb):
+            yield np.asarray(groups, np.int64)[keys], emb
+
+    def txt_blocks():
+        for keys, emb in array_blocks(txt_emb):
+            yield np.asarray(rows, np.int64)[keys], emb
+
+    t2i = _Direction(
+        "t2i", [f"r{j}" for j in rows], txt_emb, img_blocks, -(-len(groups) // BLOCK),
+        [(np.array([ps.row_group[j]], np.int64), img_emb[[g_pos[ps.row_group[j]]]]) for j in rows],
+        t2i_itm, lambda g: f"img{g}", len(groups),
+    )
+    i2t = _Direction(
+        "i2t", [f"img{g}" for g in groups], img_emb, txt_blocks, -(-len(rows) // BLOCK),
+        [(np.array(g_rows[g], np.int64), txt_emb[[row_pos[j] for j in g_rows[g]]]) for g in groups],
+        i2t_itm, lambda j: f"r{j}", len(rows),
+    )
+    return [t2i, i2t]
+
+
+def _collection_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer: ITMScorer, text_query, expr, where):
+    """The whole collection (``expr``) as the gallery; relevant items: those with the image's bytes."""
+    hashes = {h: p for h, p in ps.groups}
+    in_img = c.items_with_images(hashes, where=expr, modality="image")
+    in_txt = c.items_with_images(hashes, where=expr, modality="text")
+    why_not = ("no active item in the collection has this image (ingest the pairs first: vtfusion ingest COLLECTION PAIRS)"
+               if not where else f"no active item with this image matches --where {where!r}")
+    unmatched = {g: why_not for g, (h, _) in enumerate(ps.groups) if h not in in_img}
+    before = len(ps.skipped)
+    ps.skip(unmatched)
+    skipped, ps.skipped = ps.skipped[before:], ps.skipped[:before]
+    rows = ps.rows
+    g_rows = ps.group_rows()
+    img_vec = _stored_by_id(c, sorted({i for h in in_img.values() for i in h}), "image")
+    txt_vec = _stored_by_id(c, sorted({i for h in in_txt.values() for i in h}), "text")
+    hash_of = [h for h, _ in ps.groups]
+    i2t_groups = [g for g in sorted(g_rows) if hash_of[g] in in_txt]
+
+    def t2i_itm(qi: int, cand: np.ndarray) -> np.ndarray:
+        return scorer.score(text_query(rows[qi]), [int(i) for i in cand])
+
+    def i2t_itm(qi: int, cand: np.ndarray) -> np.ndarray:
+        return scorer.score(Query(image_tokens=images.tokens([i2t_groups[qi]])), [int(i) for i in cand])
+
+    def rel(ids: list[int], vec: dict[int, np.ndarray]):
+        return np.array(ids, np.int64), np.stack([vec[i] for i in ids])
+
+    def blocks(modality):
+        return lambda: c.iter_vectors(modality, where=expr, batch=BLOCK)
+
+    n_img, n_txt = c.count_vectors("image", expr), c.count_vectors("text", expr)
+    t2i = _Direction(
+        "t2i", [f"r{j}" for j in rows], txt_emb[[row_pos[j] for j in rows]], blocks("image"), -(-n_img // BLOCK),
+        [rel(in_img[hash_of[ps.row_group[j]]], img_vec) for j in rows], t2i_itm, lambda i: f"item{i}", n_img,
+    )
+    i2t = _Direction(
+        "i2t", [f"img{g}" for g in i2t_groups], images.emb[i2t_groups] if i2t_groups else np.zeros((0, txt_emb.shape[1]), np.float32),
+        blocks("text"), -(-n_txt // BLOCK), [rel(in_txt[hash_of[g]], txt_vec) for g in i2t_groups], i2t_itm, lambda i: f"item{i}", n_txt,
+    )
+    return [t2i, i2t], skipped
+
+
+def latency(c: Collection, queries: list, target: str, depths: Sequence[int], fusion: str, n: int,
+            where: str | None = None, notes: list[str] | None = None) -> dict:
+    """Per-stage mean and p95 over ``n`` searches of the collection at each depth ({} when n
+    is 0 or the collection is empty): text queries against ``target="image"``, or image files
+    (decoded and encoded as an upload is) against ``target="text"``."""
     if n <= 0 or not queries:
+        return {}
+    if not c.count_vectors(target, None):
+        if notes is not None and "latency not measured: the collection has no items" not in notes:
+            notes.append("latency not measured: the collection has no items")
         return {}
     engine = SearchEngine(c)
     rng = np.random.default_rng(0)
     sample = [queries[i] for i in rng.choice(len(queries), size=min(n, len(queries)), replace=False)]
-    allowed = np.array(within, dtype=np.int64)
     out = {}
-    engine.search(sample[0], target=target, k=10, rerank_depth=max(depths), fusion=fusion, within=allowed)  # warm-up
+    engine.search(sample[0], target=target, k=10, rerank_depth=max(depths), fusion=fusion, where=where)  # warm-up
     for d in depths:
         per_stage: dict[str, list[float]] = {}
         for q in sample:
             t = time.perf_counter()
-            res = engine.search(q, target=target, k=10, rerank_depth=d, fusion=fusion, within=allowed)
+            res = engine.search(q, target=target, k=10, rerank_depth=d, fusion=fusion, where=where)
             for s, v in res.timings_ms.items():
                 per_stage.setdefault(s, []).append(v)
             per_stage.setdefault("total", []).append((time.perf_counter() - t) * 1000)
@@ -350,6 +734,68 @@ def latency(c: Collection, queries: list, target: str, within: list[int], depths
         }
     return out
 
+
+# ---- TREC run files -----------------------------------------------------------------------------
+
+
+def write_trec(folder: Path, d: _Direction, r: Rankings) -> tuple[list[Path], dict[str, int]]:
+    """``<dir>.qrels`` (every relevant item of every query, relevance 1) and one
+    ``<dir>.<stage>.run`` per depth: each query's top ``keep`` in the stage's order, scored
+    ``keep - position + 1`` (distinct, so no tool's tie rule can reorder them). Returns the
+    files and, per stage, how many queries' first relevant item lies past the run (their RR
+    from the run is 0 where the report's is exact)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{d.name}.qrels"]
+    with open(files[0], "w") as f:
+        for q, (keys, _) in enumerate(d.relevant):
+            f.writelines(f"{d.query_ids[q]} 0 {d.doc_id(int(k))} 1\n" for k in keys)
+    beyond = {}
+    for depth in r.depths:
+        stage = depth_key(depth)
+        path = folder / f"{d.name}.{stage.replace('@', '')}.run"
+        keep = r.runs[depth].shape[1]
+        with open(path, "w") as f:
+            for q, ranking in enumerate(r.runs[depth]):
+                f.writelines(
+                    f"{d.query_ids[q]} Q0 {d.doc_id(int(k))} {pos + 1} {keep - pos} {stage}\n"
+                    for pos, k in enumerate(ranking) if k >= 0
+                )
+        beyond[stage] = int((r.first[depth] > keep).sum())
+        files.append(path)
+    return files, beyond
+
+
+def _item_ids(folder: Path) -> set[int]:
+    """The collection items the run files and qrels in ``folder`` name."""
+    out = set()
+    for f in [*folder.glob("*.run"), *folder.glob("*.qrels")]:
+        with open(f) as fh:
+            out.update(int(w[4:]) for line in fh for w in line.split()[1:3] if w.startswith("item"))
+    return out
+
+
+def _write_ids(folder: Path, pairs: list[EvalPair], ps: PairSet, c: Collection) -> Path:
+    """What the run files' ids name: ``r<j>`` the j-th row read (its line and caption),
+    ``img<g>`` an image (a file holding its bytes), ``item<id>`` a collection item (its
+    external id and image path)."""
+    from sqlalchemy import select
+
+    from indexer.schema import Item
+
+    items = sorted(_item_ids(folder))
+    path = folder / "ids.tsv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["id", "line", "caption", "image", "external_id"])
+        for j in ps.rows:
+            w.writerow([f"r{j}", pairs[j].line, pairs[j].caption, str(pairs[j].image), ""])
+        for g in sorted(ps.group_rows()):
+            w.writerow([f"img{g}", "", "", str(ps.groups[g][1]), ""])
+        for start in range(0, len(items), 500):
+            with c.Session() as s:
+                for it in s.execute(select(Item.id, Item.external_id, Item.image_path).where(Item.id.in_(items[start : start + 500])).order_by(Item.id)):
+                    w.writerow([f"item{it.id}", "", "", it.image_path, it.external_id])
+    return path
 
 # ---- output --------------------------------------------------------------------------------------
 
@@ -363,18 +809,39 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Reranking evaluation\n", f"{report['images']} images, {report['texts']} captions; fusion `{report['fusion']}`.\n"]
+    gallery = ("the pairs' own images and captions" if report.get("gallery", "pairs") == "pairs"
+               else f"the collection ({report['gallery_size']['t2i']} items with images"
+               + (f", where {report['where']}" if report.get("where") else "") + ")")
+    lines = [
+        "# Reranking evaluation\n",
+        f"{report['texts']} captions of {report['images']} images from `{report['pairs']}` ({report['rows']} rows read, "
+        f"{len(report.get('skipped', []))} skipped); gallery: {gallery}; fusion `{report['fusion']}`.\n",
+    ]
     for direction, title in (("t2i", "text → image"), ("i2t", "image → text")):
-        lines += [f"\n## {title}\n", "| | R@1 | R@5 | R@10 | MRR | nDCG@10 | p vs ITC | mean ms | p95 ms |", "|---|---|---|---|---|---|---|---|---|"]
-        for key, m in report[direction].items():
+        lines += [f"\n## {title}\n", f"{report.get('evaluated', {}).get(direction, '')} queries.\n",
+                  "| | R@1 | R@5 | R@10 | MRR | nDCG@10 | win/tie/loss vs ITC | p vs ITC (Holm) | mean ms | p95 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, m in report.get(direction, {}).items():
             lat = report.get(LATENCY_KEYS[direction], {}).get(key, {}).get("total", {})
             p = m.get("p_value_vs_itc")
+            wtl = f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else ""
             lines.append(
-                f"| {key} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['MRR']:.3f} | {m['nDCG@10']:.3f} | "
+                f"| {key} | {m['R@1']:.1f} | {m['R@5']:.1f} | {m['R@10']:.1f} | {m['MRR']:.3f} | {m['nDCG@10']:.3f} | {wtl} | "
                 f"{'' if p is None else f'{p:.2g}'} | {lat.get('mean', float('nan')):.1f} | {lat.get('p95', float('nan')):.1f} |"
             )
-    lines.append("\nLatency: `SearchEngine.search` calls (encode, filter, retrieve, rerank, metadata): caption texts "
-                 "against the images, and image files (decoded and encoded, as an upload) against the captions.\n")
+        comps = report.get("comparisons", {}).get(direction, [])
+        if comps:
+            lines += ["\nPaired tests on per-query reciprocal rank (Holm-corrected over the sweep):\n",
+                      "| | vs | win/tie/loss | mean ΔRR | randomization p | Holm | t-test p | Holm |", "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {c['a']} | {c['b']} | {c['wins']}/{c['ties']}/{c['losses']} | {c['mean_rr_difference']:+.4f} | "
+                      f"{c['p_randomization']:.2g} | {c['p_randomization_holm']:.2g} | {c['p_t']:.2g} | {c['p_t_holm']:.2g} |" for c in comps]
+    if report.get("skipped"):
+        lines.append(f"\n{len(report['skipped'])} rows skipped (report.json lists each with its line and reason); first: "
+                     + "; ".join(f"line {x['line']}: {x['reason']}" for x in report["skipped"][:3]) + ".\n")
+    lines.append("\nLatency: `SearchEngine.search` calls on the collection (encode, filter, retrieve, rerank, metadata): "
+                 "caption texts against images, and image files (decoded and encoded, as an upload) against texts.\n")
+    for n in report.get("notes", []):
+        lines.append(f"Note: {n}\n")
     return "\n".join(lines)
 
 
@@ -399,6 +866,8 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for direction, style in (("t2i", "o-"), ("i2t", "s--")):
+        if not report.get(direction):
+            continue
         for k in ("R@1", "R@5"):
             ax.plot(depths, [report[direction][key][k] for key in keys], style, label=f"{direction} {k}")
     p1 = save(fig, ax, "recall (%)", "recall_vs_depth.png")

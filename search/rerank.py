@@ -49,30 +49,58 @@ class ITMScorer:
 
     @torch.inference_mode()
     def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray:
-        b = self.c.bundle
-        if not b.has_itm:
-            raise ValueError(f"the model {self.c.config.model} has no trained ITM head; rerank with a model trained by `vtfusion train`")
-        model, device = b.model, b.device
-        out, extra = [], {}
+        """ITM logits of the stored items ``candidate_ids`` for ``query``: their image tokens
+        (token cache) for a text query, their texts for an image query."""
+        self._check()
         if query.ids is None:  # image query -> candidate texts
             with self.c.Session() as s:
                 texts = dict(s.execute(select(Item.id, Item.text).where(Item.id.in_(list(candidate_ids)))).all())
-        else:
-            q_ids, q_mask = query.ids.to(device), query.mask.to(device)
-            if query.text_tokens is not None:  # computed with the query embedding: no second text-tower pass
-                extra["text_tokens"] = query.text_tokens.to(device)
-            elif hasattr(model, "text_tokens"):  # run the text tower once, not once per chunk
-                extra["text_tokens"] = model.text_tokens(q_ids, q_mask)  # (1, L, D_t)
+            return self.score_texts(query.image_tokens, [texts[i] for i in candidate_ids])
+        query = self._with_text_tokens(query)
+        out = []
         for start in range(0, len(candidate_ids), self.chunk):
-            chunk = list(candidate_ids[start : start + self.chunk])
-            if query.ids is not None:  # text query -> candidate images
-                tokens, misses = self.c.item_tokens(chunk)  # (c, N, D_v)
-                self.misses += misses
-                logits = model.itm_logits(tokens.to(device), q_ids, q_mask, **extra)  # (c,)
-            else:
-                ids, mask = b.tokenizer([texts[i] for i in chunk])  # (c, L)
-                logits = model.itm_logits(query.image_tokens.to(device), ids.to(device), mask.to(device))  # (c,)
-            out.append(logits.float().cpu().numpy())
+            tokens, misses = self.c.item_tokens(list(candidate_ids[start : start + self.chunk]))  # (c, N, D_v)
+            self.misses += misses
+            out.append(self.score_tokens(query, tokens))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _check(self) -> None:
+        if not self.c.bundle.has_itm:
+            raise ValueError(f"the model {self.c.config.model} has no trained ITM head; rerank with a model trained by `vtfusion train`")
+
+    def _with_text_tokens(self, query: Query) -> Query:
+        """The query with its text tower output attached (native models), so that scoring
+        chunk after chunk runs the tower once."""
+        model, device = self.c.bundle.model, self.c.bundle.device
+        if query.text_tokens is None and hasattr(model, "text_tokens"):
+            return Query(ids=query.ids, mask=query.mask, text_tokens=model.text_tokens(query.ids.to(device), query.mask.to(device)))
+        return query
+
+    @torch.inference_mode()
+    def score_tokens(self, query: Query, image_tokens: torch.Tensor) -> np.ndarray:
+        """ITM logits of a text query against candidate image tokens (K, N, D_v), ``chunk`` at a
+        time; the query's text tower runs once."""
+        self._check()
+        model, device = self.c.bundle.model, self.c.bundle.device
+        query = self._with_text_tokens(query)
+        q_ids, q_mask = query.ids.to(device), query.mask.to(device)
+        extra = {} if query.text_tokens is None else {"text_tokens": query.text_tokens.to(device)}
+        out = [
+            model.itm_logits(image_tokens[start : start + self.chunk].to(device), q_ids, q_mask, **extra).float().cpu().numpy()
+            for start in range(0, len(image_tokens), self.chunk)
+        ]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    @torch.inference_mode()
+    def score_texts(self, image_tokens: torch.Tensor, texts: Sequence[str]) -> np.ndarray:
+        """ITM logits of a query image's tokens (1, N, D_v) against candidate texts, ``chunk``
+        at a time."""
+        self._check()
+        b = self.c.bundle
+        out = []
+        for start in range(0, len(texts), self.chunk):
+            ids, mask = b.tokenizer(list(texts[start : start + self.chunk]))  # (c, L)
+            out.append(b.model.itm_logits(image_tokens.to(b.device), ids.to(b.device), mask.to(b.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

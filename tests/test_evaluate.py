@@ -9,21 +9,21 @@ import json
 import numpy as np
 import pytest
 
-from search.evaluate import paired_p, rank_direction, recall_at, rerank_ranks
+from search.evaluate import rank_direction, recall_at
 
 
 def test_recall_and_rerank_by_hand():
     assert recall_at([1, 2, 6, np.inf], ks=(1, 5, 10)) == {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}
-    groups = np.array([3, 1, 2, 1])  # candidates' groups in ITC order; target group 1
-    itc = np.array([0.9, 0.8, 0.7, 0.6])
+    # one text query over four images in ITC order 0..3 (scores 0.9..0.6); image 1 is relevant
+    q = np.array([[1.0, 0.0]], np.float32)
+    db = np.array([[0.9, 0], [0.8, 0], [0.7, 0], [0.6, 0]], np.float32)
     itm = np.array([0.0, -5.0, 5.0, 9.0])
-    assert rerank_ranks(groups, itc, itm, 1, 0, "itm+itc")[0] == 2  # ITC: second
-    # depth 4, fused: [0.9, -4.2, 5.7, 9.6] -> order 3, 2, 0, 1 -> group 1 first at rank 1
-    rank, order = rerank_ranks(groups, itc, itm, 1, 4, "itm+itc")
-    assert rank == 1 and order.tolist() == [3, 2, 0, 1]
-    # depth 2: only the first two are reordered ([0.9, -4.2] keeps 0 first), the tail stays
-    assert rerank_ranks(groups, itc, itm, 1, 2, "itm")[1].tolist() == [0, 1, 2, 3]
-    assert rerank_ranks(groups, itc, itm, 7, 4, "itm")[0] == np.inf
+    first, _, _ = rank_direction(q, db, np.arange(4), np.array([1]), [0, 2, 4], "itm+itc", lambda qi, cand: itm[cand])
+    # ITC: second. Depth 4, fused [0.9, -4.2, 5.7, 9.6]: order 3, 2, 0, 1 -> fourth. Depth 2:
+    # only the first two are reordered ([0.9, -4.2] keeps 0 first): still second
+    assert first == {0: [2], 2: [2], 4: [4]}
+    first, _, _ = rank_direction(q, db, np.arange(4), np.array([1]), [4], "itm", lambda qi, cand: -itm[cand])
+    assert first[4] == [1]  # -itm: [0, 5, -5, -9] puts image 1 first
 
 
 def test_exact_ranks_mrr_and_ndcg_by_hand():
@@ -41,8 +41,6 @@ def test_exact_ranks_mrr_and_ndcg_by_hand():
     # the tie at 0.3 (positions 6, 7, 8): position 6 is ranked first of the three, at 7
     first, _, _ = rank_direction(q, db, groups, np.array([1]), [0], "itm", None)
     assert first[0] == [7]
-    assert paired_p({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}) == 1.0
-    assert paired_p({str(i): 1.0 for i in range(30)}, {str(i): 0.0 for i in range(30)}) < 1e-3
 
 
 def _blip_itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
@@ -159,33 +157,81 @@ def test_metrics_equal_an_oracle_and_ir_measures_on_the_full_ranking(seed):
         assert max(first_all[0]) > 16  # some positives lie past every depth
 
 
-def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
+def _cli(*args, ok=True):
     from typer.testing import CliRunner
 
     from ui.cli import app
 
-    runner = CliRunner()
-    col = str(tmp_path / "col")
-    assert runner.invoke(app, ["init", col, "--model", str(model_dir)]).exit_code == 0
-    # a pairs CSV with two captions for some images
-    rows = list(csv.DictReader(open(small_catalog / "test.csv")))
-    pairs = tmp_path / "pairs.csv"  # absolute image paths: the pairs file lives elsewhere
-    with open(pairs, "w", newline="") as f:
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output
+    return r
+
+
+def _write_pairs(path, rows, base, text="caption"):
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
         for r in rows:
-            w.writerow([small_catalog / r["image"], r["caption"]])
-        for r in rows[:3]:
-            w.writerow([small_catalog / r["image"], r["title"]])
+            w.writerow([base / r["image"] if not str(r["image"]).startswith("/") else r["image"], r[text]])
+    return path
+
+
+def _snapshot(col):
+    """What an evaluation could change: every table's rows, every file of the collection but
+    the database's own (which SQLite may rewrite without a change), and search results."""
+    import hashlib
+    import sqlite3
+
+    con = sqlite3.connect(col / "catalog.db")
+    tables = [t for (t,) in con.execute("select name from sqlite_master where type = 'table' order by name")]
+    rows = {t: con.execute(f"select * from {t} order by 1").fetchall() for t in tables}
+    con.close()
+    files = {str(p.relative_to(col)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(col.rglob("*")) if p.is_file() and "catalog.db" not in p.name and not p.name.endswith(".lock")}
+    hits = [json.loads(_cli("search", col, q, "--json", "--rerank-depth", "8").stdout) for q in ("a red mug", "a blue hat")]
+    return rows, files, [[(h["item_id"], h["fused"]) for h in res["hits"]] for res in hits]
+
+
+@pytest.fixture(scope="module")
+def catalog_col(tmp_path_factory, model_dir, small_catalog):
+    """A collection holding the small catalog's training split (the test split is not in it)."""
+    col = tmp_path_factory.mktemp("evalcol") / "col"
+    _cli("init", col, "--model", model_dir)
+    _cli("ingest", col, small_catalog / "train.csv", "--workers", "0")
+    return col
+
+
+def test_eval_command_writes_the_report(tmp_path, catalog_col, small_catalog):
+    """Report, markdown, plots, latency of searches on the collection, and TREC runs whose
+    re-scoring by ir_measures gives the report's numbers."""
+    import ir_measures
+    from ir_measures import RR, Success, nDCG
+
+    rows = list(csv.DictReader(open(small_catalog / "test.csv")))
+    pairs = _write_pairs(tmp_path / "pairs.csv", rows + [{**r, "caption": r["title"]} for r in rows[:3]], small_catalog)
     out = tmp_path / "report"
-    r = runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4,8", "--out", str(out), "--latency-queries", "5"])
-    assert r.exit_code == 0, r.output
+    r = _cli("eval", catalog_col, pairs, "--depths", "0,4,8", "--out", out, "--latency-queries", "5", "--run-depth", "1000")
     rep = json.loads((out / "report.json").read_text())
-    assert rep["images"] == len(rows) and rep["texts"] == len(rows) + 3
+    assert rep["images"] == len(rows) and rep["texts"] == len(rows) + 3 and rep["skipped"] == []
+    assert rep["evaluated"] == {"t2i": len(rows) + 3, "i2t": len(rows)}
     for d in ("t2i", "i2t"):
         assert set(rep[d]) == {"itc", "rerank@4", "rerank@8"}
         assert {"R@1", "R@5", "R@10", "MRR", "nDCG@10"} <= set(rep[d]["itc"])
-        assert "p_value_vs_itc" in rep[d]["rerank@4"]
+        m = rep[d]["rerank@4"]
+        assert 0 <= m["p_value_vs_itc"] <= 1 and m["wins"] + m["ties"] + m["losses"] == rep["evaluated"][d]
+        assert [(c["a"], c["b"]) for c in rep["comparisons"][d]] == [("rerank@4", "itc"), ("rerank@8", "itc"), ("rerank@8", "rerank@4")]
+        for c in rep["comparisons"][d]:
+            assert c["p_randomization_holm"] >= c["p_randomization"] and c["p_t_holm"] >= c["p_t"]
+        # the TREC files re-scored by ir_measures: every stage, every number
+        qrels = list(ir_measures.read_trec_qrels(str(out / "trec" / f"{d}.qrels")))
+        for key in rep[d]:
+            run = list(ir_measures.read_trec_run(str(out / "trec" / f"{d}.{key.replace('@', '')}.run")))
+            agg = ir_measures.calc_aggregate([Success @ 1, Success @ 5, Success @ 10, RR, nDCG @ 10], qrels, run)
+            assert [100 * agg[Success @ k] for k in (1, 5, 10)] == pytest.approx([rep[d][key][f"R@{k}"] for k in (1, 5, 10)], abs=1e-9)
+            assert agg[RR] == pytest.approx(rep[d][key]["MRR"], abs=1e-12)
+            assert agg[nDCG @ 10] == pytest.approx(rep[d][key]["nDCG@10"], abs=1e-12)
+        assert rep["trec"]["first_relevant_beyond_run"][d] == {"itc": 0, "rerank@4": 0, "rerank@8": 0}
     for key in ("latency_ms", "latency_ms_i2t"):  # text -> image and image -> text searches, each timed per depth
         assert set(rep[key]) == {"itc", "rerank@4", "rerank@8"}
         assert {"encode", "retrieve", "rerank", "total"} <= set(rep[key]["rerank@8"])
@@ -193,21 +239,138 @@ def test_eval_command_writes_the_report(tmp_path, model_dir, small_catalog):
     md = (out / "report.md").read_text()
     i2t_rows = md.split("## image → text")[1].splitlines()
     row8 = next(line for line in i2t_rows if line.startswith("| rerank@8 "))
-    assert row8.split("|")[-3].strip() == f"{rep['latency_ms_i2t']['rerank@8']['total']['mean']:.1f}"
-    assert (out / "report.md").read_text().startswith("# Reranking evaluation")
+    assert row8.split("|")[-2].strip() == f"{rep['latency_ms_i2t']['rerank@8']['total']['p95']:.1f}"
+    assert md.startswith("# Reranking evaluation") and "randomization p" in md
     assert (out / "recall_vs_depth.png").stat().st_size > 1000 and (out / "latency_vs_depth.png").exists()
-    assert "R@1" in r.output
-    # evaluating again ingests nothing new
-    r = runner.invoke(app, ["stats", col, "--json"])
-    n = json.loads(r.stdout)["items_active"]
-    runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(out), "--latency-queries", "2"])
-    assert json.loads(runner.invoke(app, ["stats", col, "--json"]).stdout)["items_active"] == n
+    assert "R@1" in r.output and "w/t/l" in r.output
     # recall only: no latency measured, no latency plot, no crash
-    r = runner.invoke(app, ["eval", col, str(pairs), "--depths", "0,4", "--out", str(tmp_path / "quick"), "--latency-queries", "0"])
-    assert r.exit_code == 0, r.output
+    _cli("eval", catalog_col, pairs, "--depths", "0,4", "--out", tmp_path / "quick", "--latency-queries", "0")
     quick = json.loads((tmp_path / "quick" / "report.json").read_text())
     assert quick["latency_ms"] == quick["latency_ms_i2t"] == {}
     assert not (tmp_path / "quick" / "latency_vs_depth.png").exists()
+
+
+def test_eval_evaluates_exactly_the_rows_and_never_writes_to_the_collection(tmp_path, catalog_col, small_catalog):
+    """Pairs already stored under another source (with other texts), an identical copy under
+    another name, a shrunk file, repeated captions, a Karpathy JSON after a CSV of the same
+    images, bad rows and a file with nothing usable: the counts are the file's rows, and the
+    collection's rows, files and search results are the same before and after."""
+    before = _snapshot(catalog_col)
+    train = list(csv.DictReader(open(small_catalog / "train.csv")))
+    test = list(csv.DictReader(open(small_catalog / "test.csv")))
+
+    def run(pairs, *extra, ok=True):
+        out = tmp_path / f"out-{pairs.name}"
+        r = _cli("eval", catalog_col, pairs, "--depths", "0,4", "--out", out, "--latency-queries", "0", *extra, ok=ok)
+        return (json.loads((out / "report.json").read_text()) if ok else None), r
+
+    stored, _ = run(_write_pairs(tmp_path / "stored.csv", train, small_catalog))  # ingested as "title | caption" from train.csv
+    assert (stored["texts"], stored["images"], stored["reused_images"]) == (len(train), len(train), len(train))
+    copy = tmp_path / "copy-under-another-name.csv"
+    copy.write_bytes((tmp_path / "stored.csv").read_bytes())
+    again, _ = run(copy)
+    assert (again["t2i"], again["i2t"]) == (stored["t2i"], stored["i2t"])
+    shrunk, _ = run(_write_pairs(tmp_path / "shrunk.csv", train[:10], small_catalog))
+    assert (shrunk["texts"], shrunk["images"], shrunk["evaluated"]) == (10, 10, {"t2i": 10, "i2t": 10})
+    dup, _ = run(_write_pairs(tmp_path / "dup.csv", train[:10] + train[:1], small_catalog))
+    assert (dup["texts"], dup["images"], dup["evaluated"]["t2i"]) == (11, 10, 11)
+    fresh, _ = run(_write_pairs(tmp_path / "fresh.csv", test, small_catalog))  # not in the collection: encoded for the run
+    assert (fresh["texts"], fresh["reused_images"]) == (len(test), 0)
+    # Karpathy JSON, two sentences per image, after the CSV of the same images
+    kj = {"images": [{"filename": r["image"], "filepath": str(small_catalog), "split": "test",
+                      "sentences": [{"raw": r["caption"]}, {"raw": r["title"]}]} for r in train[:32]]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(kj))
+    karpathy, _ = run(tmp_path / "dataset_coco.json")
+    assert (karpathy["images"], karpathy["texts"]) == (32, 64)
+    # bad rows are listed with their line and reason; the rest is evaluated
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    bad_rows = [*train[:5], {"image": str(tmp_path / "gone.png"), "caption": "x"}, {"image": train[5]["image"], "caption": ""},
+                {"image": str(tmp_path / "corrupt.png"), "caption": "a corrupt one"}]
+    bad, r = run(_write_pairs(tmp_path / "bad.csv", bad_rows, small_catalog))
+    assert bad["texts"] == 5 and [(x["line"], x["reason"].split(":")[0]) for x in bad["skipped"]] == [
+        (7, "image file not found"), (8, "empty caption"), (9, bad["skipped"][2]["reason"].split(":")[0])]
+    assert "corrupt.png" in bad["skipped"][2]["reason"] or "image" in bad["skipped"][2]["reason"]
+    assert "skipped:" in r.output and ":7: image file not found" in r.output
+    # nothing usable: an error, never NaN with success
+    _, r = run(_write_pairs(tmp_path / "none.csv", bad_rows[5:], small_catalog), ok=False)
+    assert r.exit_code != 0 and "none of its 3 rows can be evaluated" in r.output
+    assert _snapshot(catalog_col) == before
+
+
+def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model_dir, small_catalog):
+    """--gallery collection: the training split as distractors plus the test split's items;
+    ITC R@K and MRR in both directions equal a brute-force ranking of every active item
+    (ties by id), deleted items never appear in a run, a deleted pair is listed as unmatched,
+    --where restricts the gallery, and the collection is unchanged."""
+    import hashlib
+
+    import ir_measures
+
+    from indexer.collection import Collection
+    from search.evaluate import recall_at
+
+    col = tmp_path / "col"
+    _cli("init", col, "--model", model_dir)
+    _cli("ingest", col, small_catalog / "train.csv", "--workers", "0")
+    _cli("ingest", col, small_catalog / "test.csv", "--workers", "0")
+    train = list(csv.DictReader(open(small_catalog / "train.csv")))
+    test = list(csv.DictReader(open(small_catalog / "test.csv")))
+    _cli("delete", col, "--ids", test[0]["id"], "--ids", train[0]["id"], "--ids", train[1]["id"], "--yes")
+    pairs = _write_pairs(tmp_path / "pairs.csv", test, small_catalog)
+    before = _snapshot(col)
+    out = tmp_path / "out"
+    r = _cli("eval", col, pairs, "--gallery", "collection", "--depths", "0,4", "--out", out, "--latency-queries", "2", "--run-depth", "1000")
+    rep = json.loads((out / "report.json").read_text())
+    assert [x["line"] for x in rep["skipped"]] == [2] and "ingest the pairs first" in rep["skipped"][0]["reason"]
+    assert rep["texts"] == len(test) - 1 and rep["gallery_size"]["t2i"] == len(train) + len(test) - 3
+    assert ":2: no active item" in r.output
+
+    c = Collection.open(col)
+    with c.Session() as s:
+        from indexer.schema import Item
+
+        items = s.query(Item.id, Item.image_path, Item.status, Item.external_id).order_by(Item.id).all()
+        img_ids, img_vecs = c.stored_vectors(s, "image")
+        txt_ids, txt_vecs = c.stored_vectors(s, "text")
+    deleted = {i.id for i in items if i.status != "active"}
+    sha = {i.id: hashlib.sha256(open(i.image_path, "rb").read()).hexdigest() for i in items}
+    b = c.bundle
+    import torch
+
+    with torch.inference_mode():
+        ids, mask = b.tokenizer([t["caption"] for t in test[1:]])
+        q_txt = b.model.encode_text(ids, mask).float().numpy()
+
+    def first_rank(scores, gallery_ids, rel):
+        best = None
+        for j in np.flatnonzero(np.isin(gallery_ids, rel)):
+            rank = int((scores > scores[j]).sum() + (scores[:j] == scores[j]).sum()) + 1  # ties: lower id first
+            best = rank if best is None else min(best, rank)
+        return best
+
+    t2i, i2t = [], []
+    for n, t in enumerate(test[1:]):
+        h = hashlib.sha256((small_catalog / t["image"]).read_bytes()).hexdigest()
+        rel = [i for i in sha if sha[i] == h and i not in deleted]
+        t2i.append(first_rank(img_vecs @ q_txt[n], img_ids, rel))
+        qv = img_vecs[list(img_ids).index(rel[0])]
+        i2t.append(first_rank(txt_vecs @ qv, txt_ids, rel))
+    assert {k: v for k, v in rep["t2i"]["itc"].items() if k.startswith("R@")} == pytest.approx(recall_at(t2i), abs=1e-9)
+    assert rep["t2i"]["itc"]["MRR"] == pytest.approx(np.mean(1 / np.array(t2i)), abs=1e-12)
+    assert {k: v for k, v in rep["i2t"]["itc"].items() if k.startswith("R@")} == pytest.approx(recall_at(i2t), abs=1e-9)
+    assert rep["i2t"]["itc"]["MRR"] == pytest.approx(np.mean(1 / np.array(i2t)), abs=1e-12)
+    for run in (out / "trec").glob("*.run"):
+        docs = {int(d.doc_id[4:]) for d in ir_measures.read_trec_run(str(run))}
+        assert docs and not docs & deleted
+    assert _snapshot(col) == before
+    # --where: only the matching items form the gallery
+    cat = test[1]["category"]
+    rep = json.loads((_cli("eval", col, pairs, "--gallery", "collection", "--where", f"category = '{cat}'", "--depths", "0",
+                           "--out", tmp_path / "w", "--latency-queries", "0") and (tmp_path / "w" / "report.json")).read_text())
+    n_cat = sum(1 for r in train[2:] + test[1:] if r["category"] == cat)
+    assert rep["gallery_size"]["t2i"] == n_cat and rep["texts"] == sum(1 for r in test[1:] if r["category"] == cat)
+    _, r = None, _cli("eval", col, pairs, "--where", "category = 'mug'", ok=False)
+    assert r.exit_code != 0 and "--gallery collection" in r.output
 
 
 def test_blip_annotation_json_and_wrong_formats(tmp_path):
@@ -223,3 +386,95 @@ def test_blip_annotation_json_and_wrong_formats(tmp_path):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ValueError, match="BLIP/ALBEF annotation JSON"):
             read_pairs(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("block,chunk", [(7, 5), (1, 3), (1000, 64)])
+def test_streamed_blocks_with_ties_across_blocks_equal_the_oracle(block, chunk):
+    """The gallery streamed in blocks (keys ascending but not contiguous, as item ids are),
+    integer vectors so that many scores tie exactly, within and across blocks: first ranks,
+    nDCG@10 and each stage's run equal the from-the-definitions oracle, whatever the block and
+    query-chunk sizes; relevant items far past the candidate list are counted exactly."""
+    from search.evaluate import rank_queries
+
+    rng = np.random.default_rng(block)
+    n_q, n_db, dim = 23, 61, 4
+    db = rng.integers(-1, 2, size=(n_db, dim)).astype(np.float32)  # 81 distinct vectors at most: heavy ties
+    q = rng.integers(-1, 2, size=(n_q, dim)).astype(np.float32)
+    keys = np.sort(rng.choice(10_000, size=n_db, replace=False)).astype(np.int64)
+    groups = rng.integers(0, 25, size=n_db)  # relevant: the gallery items of the query's group
+    targets = rng.integers(0, 25, size=n_q)
+    targets = np.array([t if (groups == t).any() else groups[0] for t in targets])
+    itm = np.round(rng.normal(size=(n_q, n_db)), 1).astype(np.float32)
+    sim = q @ db.T
+    pos_of_key = {int(k): j for j, k in enumerate(keys)}
+    relevant = [(keys[groups == t], db[groups == t]) for t in targets]
+
+    def blocks():
+        for s in range(0, n_db, block):
+            yield keys[s : s + block], db[s : s + block]
+
+    r = rank_queries(q, blocks(), relevant, [0, 4, 16], "itm+itc",
+                     lambda qi, cand: itm[qi, [pos_of_key[int(k)] for k in cand]], chunk=chunk, keep=12)
+    for depth in (0, 4, 16):
+        for qi in range(n_q):
+            f, _, n, ranking = _oracle(sim[qi : qi + 1], itm[qi : qi + 1], groups, targets[qi : qi + 1], depth)
+            assert r.first[depth][qi] == f[0], (depth, qi)
+            assert abs(r.ndcg[depth][qi] - n[0]) < 1e-12
+            assert r.runs[depth][qi].tolist() == [int(keys[j]) for j in ranking[:12]]
+    assert r.first[0].max() > 16  # some relevant items lie past every list kept (k = max(16, 10, 12))
+
+
+def test_float_scores_rank_past_the_lists_exactly():
+    """Unit float vectors (a real model's), duplicated so that equal vectors sit in different
+    blocks: the counted rank of a relevant item past the top list is its position in a full
+    sort of the very scores the pass computed (ties: lower key)."""
+    from search.evaluate import array_blocks, rank_queries
+
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    db = np.concatenate([base, base[::-1], base[:13]])  # every vector 2-3 times, in other blocks
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = rng.normal(size=(9, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    rel_pos = [np.array([j]) for j in rng.choice(len(db), size=len(q))]
+    r = rank_queries(q, array_blocks(db, block=11), [(p, db[p]) for p in rel_pos], [0], "itc", None, chunk=4)
+    for qi, p in enumerate(rel_pos):
+        c0 = qi // 4 * 4  # the pass's own products: the same query chunk against the same blocks
+        s = np.concatenate([q[c0 : c0 + 4] @ db[a : a + 11].T for a in range(0, len(db), 11)], axis=1)[qi - c0]
+        want = int((s > s[p[0]]).sum() + (s[: p[0]] == s[p[0]]).sum()) + 1
+        assert r.first[0][qi] == want
+
+
+def test_items_are_matched_by_image_bytes_and_older_rows_by_path_and_content(tmp_path, model_dir, small_catalog):
+    """``items_with_images`` finds active items by the sha256 of their image bytes, whatever
+    their text; a row from before migration 0003 (no image hash) is matched by its path only
+    while the file still holds the bytes it was ingested from; a deleted item never matches."""
+    import hashlib
+    import shutil
+
+    from sqlalchemy import update
+
+    from indexer.collection import Collection
+    from indexer.schema import Item
+
+    cat = tmp_path / "cat"
+    shutil.copytree(small_catalog, cat)
+    col = tmp_path / "col"
+    _cli("init", col, "--model", model_dir)
+    _cli("ingest", col, cat / "train.csv", "--workers", "0")
+    rows = list(csv.DictReader(open(cat / "train.csv")))[:4]
+    files = [cat / r["image"] for r in rows]
+    sha = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    c = Collection.open(col)
+    found = c.items_with_images({h: tmp_path / "elsewhere.png" for h in sha})  # by bytes: the path does not matter
+    assert sorted(found) == sorted(sha) and all(len(v) == 1 for v in found.values())
+    ids = {h: v[0] for h, v in found.items()}
+    with c.Session.begin() as s:  # rows as an older version wrote them
+        s.execute(update(Item).values(image_hash=None))
+    assert c.items_with_images({h: tmp_path / "elsewhere.png" for h in sha}) == {}
+    assert c.items_with_images({h: f.resolve() for h, f in zip(sha, files)}) == {h: [ids[h]] for h in sha}
+    files[0].write_bytes(files[1].read_bytes())  # a stale path: the file changed since its ingest
+    got = c.items_with_images({h: f.resolve() for h, f in zip(sha, files)})
+    assert sha[0] not in got and got[sha[1]] == [ids[sha[1]]]
+    _cli("delete", col, "--ids", rows[1]["id"], "--yes")
+    assert sha[1] not in Collection.open(col).items_with_images({h: f.resolve() for h, f in zip(sha, files)})

@@ -147,7 +147,8 @@ def report_tables(report: dict) -> dict[str, list[dict]]:
             lat = report.get(LATENCY_KEYS[direction], {}).get(key, {}).get("total", {})
             rows.append({
                 "stage": key, **{k: m.get(k) for k in ("R@1", "R@5", "R@10", "MRR", "nDCG@10")},
-                "p vs ITC": m.get("p_value_vs_itc"), "mean ms": lat.get("mean"), "p95 ms": lat.get("p95"),
+                "win/tie/loss": f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else None,
+                "p vs ITC (Holm)": m.get("p_value_vs_itc"), "mean ms": lat.get("mean"), "p95 ms": lat.get("p95"),
             })
         out[direction] = rows
     return out
@@ -392,7 +393,11 @@ def collection_page(engine: SearchEngine) -> None:
 
 
 def render_report(report: dict) -> None:
-    st.caption(f"{report.get('images', '?')} images, {report.get('texts', '?')} captions · fusion {report.get('fusion', '?')}")
+    st.caption(f"{report.get('images', '?')} images, {report.get('texts', '?')} captions · gallery {report.get('gallery', 'pairs')} · "
+               f"fusion {report.get('fusion', '?')}")
+    if report.get("skipped"):
+        st.warning(f"{len(report['skipped'])} rows of the pairs file were not evaluated; first: "
+                   + "; ".join(f"line {x['line']}: {x['reason']}" for x in report["skipped"][:3]))
     tables = report_tables(report)
     recall, latency = {}, {}
     for direction, title in (("t2i", "text → image"), ("i2t", "image → text")):
@@ -438,13 +443,16 @@ def evaluation_page(engine: SearchEngine) -> None:
         elif path.strip():
             report = json.loads(Path(path.strip()).expanduser().read_text())
     else:
-        pairs = st.text_input("Pairs file on the server (CSV of image,caption or Karpathy JSON)", key="eval_pairs")
+        pairs = st.text_input("Pairs file on the server (CSV of image,caption, Karpathy or BLIP annotation JSON)", key="eval_pairs")
         depths = st.text_input("Rerank depths", "0,16,32,64,128", key="eval_depths")
+        gallery = st.radio("Gallery", ["pairs", "collection"], horizontal=True, key="eval_gallery",
+                           help="pairs: rank the pairs' own images and captions; collection: rank every item of this collection")
         out = st.text_input("Write the report to (optional folder)", key="eval_out")
         if st.button("Run evaluation", key="eval_go") and pairs.strip():
             ds = [int(d) for d in depths.replace(" ", "").split(",") if d]
-            with st.spinner("Ingesting the pairs (if new), ranking both directions, timing searches…"):
-                report = evaluate(engine.c, Path(pairs.strip()).expanduser(), depths=ds, progress=False, workers=0)  # no fork in the server
+            with st.spinner("Encoding the pairs, ranking both directions, timing searches…"):
+                report = evaluate(engine.c, Path(pairs.strip()).expanduser(), depths=ds, progress=False, gallery=gallery,
+                                  trec_dir=Path(out.strip()).expanduser() / "trec" if out.strip() else None)
             st.session_state["eval_report"] = report
             if out.strip():
                 written = write_report(report, Path(out.strip()).expanduser())

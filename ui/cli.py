@@ -162,7 +162,7 @@ def demo(
     typer.echo("\n== index the training catalog")
     init_cmd(col, model=out / "model")
     ingest_cmd(col, catalog / "train.csv")
-    typer.echo("\n== evaluate reranking on the held-out split (its pairs are ingested first)")
+    typer.echo("\n== evaluate reranking on the held-out split (its images are encoded for the run; the collection is not changed)")
     eval_cmd(col, catalog / "test.csv", out=out / "eval", latency_queries=20)
     held_out = list(csv.DictReader(open(catalog / "test.csv", encoding="utf-8")))[:2]
     for row in held_out:
@@ -520,17 +520,20 @@ def search_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
-    pairs: Annotated[Path, typer.Argument(help="CSV of (image, caption) rows, or a Karpathy-style JSON.")],
+    collection: Annotated[Path, typer.Argument(help="Collection folder (only read: evaluation never writes to it).")],
+    pairs: Annotated[Path, typer.Argument(help="CSV of (image, caption) rows, a Karpathy JSON (dataset_coco.json, dataset_flickr30k.json) or a BLIP/ALBEF annotation JSON.")],
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated rerank depths (0 = ITC only).")] = "0,16,32,64,128",
-    out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md and the plots.")] = Path("eval-report"),
-    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm.")] = "itm+itc",
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md, the plots and trec/ (run files, qrels).")] = Path("eval-report"),
+    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm | itc.")] = "itm+itc",
+    gallery: Annotated[str, typer.Option("--gallery", help="pairs: rank the pairs' own images and captions (BLIP's protocol); collection: rank every active item of the collection.")] = "pairs",
+    where: Annotated[str | None, typer.Option("--where", help="With --gallery collection: only items matching this filter form the gallery.")] = None,
     image_col: Annotated[str, typer.Option("--image-col")] = "image",
     text_col: Annotated[str, typer.Option("--text-col")] = "caption",
     split: Annotated[str, typer.Option("--split", help="Karpathy JSON split to use.")] = "test",
     latency_queries: Annotated[int, typer.Option("--latency-queries", help="Searches timed per depth.")] = 50,
+    run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
 ) -> None:
-    """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10 and latency, ITC only vs each depth."""
+    """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
     from search.evaluate import LATENCY_KEYS, evaluate, write_report
 
     try:
@@ -538,18 +541,28 @@ def eval_cmd(
     except ValueError:
         _fail(f"--depths must be comma-separated integers; got {depths!r}")
     try:
-        rep = evaluate(_open(collection), pairs, ds, fusion, latency_queries, image_col=image_col, text_col=text_col, split=split)
+        rep = evaluate(_open(collection), pairs, ds, fusion, latency_queries, gallery=gallery, where=where,
+                       trec_dir=out / "trec", run_depth=run_depth, image_col=image_col, text_col=text_col, split=split)
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     files = write_report(rep, out)
-    typer.echo(f"{rep['images']} images, {rep['texts']} captions")
+    typer.echo(f"{rep['texts']} captions of {rep['images']} images evaluated ({rep['rows']} rows read); "
+               f"gallery: {rep['gallery']} ({rep['gallery_size']['t2i']} images, {rep['gallery_size']['i2t']} texts)")
+    for x in rep["skipped"][:10]:
+        typer.echo(f"skipped: {_safe(str(pairs))}:{x['line']}: {_safe(x['reason'])}")
+    if len(rep["skipped"]) > 10:
+        typer.echo(f"skipped: {len(rep['skipped']) - 10} more rows (report.json lists them all)")
     for direction in ("t2i", "i2t"):
-        typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'ms':>8}")
-        for key, m in rep[direction].items():
+        typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'nDCG@10':>9}{'w/t/l':>14}{'p':>9}{'ms':>8}")
+        for key, m in rep.get(direction, {}).items():
             ms = rep[LATENCY_KEYS[direction]].get(key, {}).get("total", {}).get("mean")  # (--latency-queries 0: not timed)
             ms_s = f"{ms:8.1f}" if ms is not None else f"{'–':>8}"
-            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{ms_s}")
-    typer.echo("wrote " + ", ".join(str(f) for f in files))
+            wtl = f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else "–"
+            p = f"{m['p_value_vs_itc']:9.2g}" if "p_value_vs_itc" in m else f"{'–':>9}"
+            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{m['nDCG@10']:9.3f}{wtl:>14}{p}{ms_s}")
+    for n in rep["notes"]:
+        typer.echo(f"note: {_safe(n)}")
+    typer.echo("wrote " + ", ".join(str(f) for f in files) + f", {out / 'trec'}/")
 
 
 def ui_command(collection: Path, port: int, address: str, max_upload_mb: int) -> tuple[list[str], dict[str, str]]:
