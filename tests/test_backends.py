@@ -5,7 +5,6 @@ pickled weights fail with a clear message; nothing is downloaded (HF_HUB_OFFLINE
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

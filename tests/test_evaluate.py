@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from search.evaluate import rank_direction, recall_at
+from search.evaluate import recall_at
+from search.ranking import rank_direction
 
 
 def test_recall_and_rerank_by_hand():
@@ -374,7 +375,7 @@ def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model
 
 
 def test_blip_annotation_json_and_wrong_formats(tmp_path):
-    from search.evaluate import read_pairs
+    from search.pairs import read_pairs
 
     (tmp_path / "ann.json").write_text(json.dumps([
         {"image": "img/a.png", "caption": ["a red mug", "a mug, red"], "image_id": "a"},
@@ -394,7 +395,7 @@ def test_streamed_blocks_with_ties_across_blocks_equal_the_oracle(block, chunk):
     integer vectors so that many scores tie exactly, within and across blocks: first ranks,
     nDCG@10 and each stage's run equal the from-the-definitions oracle, whatever the block and
     query-chunk sizes; relevant items far past the candidate list are counted exactly."""
-    from search.evaluate import rank_queries
+    from search.ranking import rank_queries
 
     rng = np.random.default_rng(block)
     n_q, n_db, dim = 23, 61, 4
@@ -428,7 +429,7 @@ def test_float_scores_rank_past_the_lists_exactly():
     """Unit float vectors (a real model's), duplicated so that equal vectors sit in different
     blocks: the counted rank of a relevant item past the top list is its position in a full
     sort of the very scores the pass computed (ties: lower key)."""
-    from search.evaluate import array_blocks, rank_queries
+    from search.ranking import array_blocks, rank_queries
 
     rng = np.random.default_rng(7)
     base = rng.normal(size=(40, 16)).astype(np.float32)
