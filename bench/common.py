@@ -60,9 +60,9 @@ def demo_catalog(
     come, instead of the demo's 128-pixel PNGs."""
     from PIL import Image
 
-    from indexer.catalog import read_csv
-    from indexer.demo import generate
-    from models import checkpoint
+    from vtfusion.indexer.catalog import read_csv
+    from vtfusion.indexer.demo import generate
+    from vtfusion.models import checkpoint
 
     generate(tmp / "cat", n=n, seed=0, test_frac=test_frac)
     csv = tmp / "cat" / "train.csv"

@@ -22,9 +22,9 @@ import numpy as np
 from common import demo_catalog, table
 from synthetic import bulk_collection, read_real
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from search.engine import SearchEngine
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.search.engine import SearchEngine
 
 
 def main() -> None:

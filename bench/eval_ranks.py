@@ -19,7 +19,7 @@ import numpy as np
 
 from common import table
 
-from search.ranking import array_blocks, rank_queries
+from vtfusion.search.ranking import array_blocks, rank_queries
 
 
 def data(n: int, q: int, dim: int, seed: int = 0):

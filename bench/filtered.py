@@ -22,8 +22,8 @@ import numpy as np
 from common import clustered, table
 from synthetic import bulk_collection
 
-from models import checkpoint
-from search.engine import EXACT_FILTER_MAX, SearchEngine
+from vtfusion.models import checkpoint
+from vtfusion.search.engine import EXACT_FILTER_MAX, SearchEngine
 
 
 def main() -> None:

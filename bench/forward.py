@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import checkpoint  # noqa: E402
+from vtfusion.models import checkpoint  # noqa: E402
 
 
 def timed(fn, steps: int, device: torch.device) -> float:

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import demo_catalog  # also puts the repository on sys.path
 
-from indexer.collection import Collection
-from indexer.ingest import default_workers, embeds_in_workers, ingest, item_text
-from models import checkpoint
-from models.preprocess import DEFAULT_MAX_PIXELS, load_image
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import default_workers, embeds_in_workers, ingest, item_text
+from vtfusion.models import checkpoint
+from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, load_image
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--full-decode", action="store_true", help="baseline: ingest decodes every JPEG in full, as before reduced-scale decoding")
     args = ap.parse_args()
     if args.full_decode:
-        from models.preprocess import ImageTransform
+        from vtfusion.models.preprocess import ImageTransform
 
         ImageTransform.load = lambda self, path, max_pixels=DEFAULT_MAX_PIXELS, name=None: load_image(path, max_pixels, name)
 

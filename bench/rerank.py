@@ -22,10 +22,10 @@ from scipy.stats import spearmanr
 
 from common import demo_catalog, table
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from search.engine import SearchEngine
-from search.rerank import ITMScorer
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.search.engine import SearchEngine
+from vtfusion.search.rerank import ITMScorer
 
 
 def main() -> None:

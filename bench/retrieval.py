@@ -19,7 +19,7 @@ import numpy as np
 
 from common import Timer, clustered, recall_at, table
 
-from indexer.vectors import VectorIndex, auto_factory
+from vtfusion.indexer.vectors import VectorIndex, auto_factory
 
 
 def single_qps(search, xq: np.ndarray, n: int = 200) -> float:

@@ -17,8 +17,8 @@ from sqlalchemy import insert
 
 from common import clustered
 
-from indexer.collection import Collection
-from indexer.schema import Change, Embedding, Item, MetaColumn, utcnow
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.schema import Change, Embedding, Item, MetaColumn, utcnow
 
 
 def bulk_collection(folder: Path, model: Path, n: int, seed: int = 0, real: list[dict] | None = None, token_dtype: str = "auto") -> tuple[Collection, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import table
 
-from indexer.tokens import TokenCache
+from vtfusion.indexer.tokens import TokenCache
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import checkpoint
-from models.preprocess import ImageError
+from vtfusion.models import checkpoint
+from vtfusion.models.preprocess import ImageError
 
 from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item

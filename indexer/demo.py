@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from models.progress import progress as progress_bar
+from vtfusion.models.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from torch.utils.data import DataLoader, Dataset
 
-from models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, read_image_bytes
-from models.progress import progress as progress_bar
+from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, read_image_bytes
+from vtfusion.models.progress import progress as progress_bar
 
 from .catalog import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
 from .collection import Collection, first_line, make_engine

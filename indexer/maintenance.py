@@ -21,9 +21,9 @@ import torch
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import bindparam, func, select, update
 
-from models import checkpoint
-from models.preprocess import ImageError
-from models.progress import progress as progress_bar
+from vtfusion.models import checkpoint
+from vtfusion.models.preprocess import ImageError
+from vtfusion.models.progress import progress as progress_bar
 
 from .collection import MAINTENANCE_LOCK, Collection, CollectionError
 from .locks import file_lock

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from models import checkpoint
-from models.config import VisionConfig
-from models.data import Pair, PairDataset
-from models.train import TrainConfig, TrainResult, latest_checkpoint, train
-from models.validate import Validation, text_to_image_r1
+from vtfusion.models import checkpoint
+from vtfusion.models.config import VisionConfig
+from vtfusion.models.data import Pair, PairDataset
+from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
+from vtfusion.models.validate import Validation, text_to_image_r1
 
 from .catalog import CatalogRow, Columns, read_source
 

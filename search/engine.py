@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from indexer import filters
-from indexer.collection import Collection
-from indexer.schema import Embedding, Item
-from models.preprocess import ImageError
+from vtfusion.indexer import filters
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.schema import Embedding, Item
+from vtfusion.models.preprocess import ImageError
 
 from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
 from .results import Hit, SearchResult

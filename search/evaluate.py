@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer import filters
-from indexer.collection import Collection
-from models.preprocess import ImageError, read_image_bytes
-from models.progress import progress as progress_bar
+from vtfusion.indexer import filters
+from vtfusion.indexer.collection import Collection
+from vtfusion.models.preprocess import ImageError, read_image_bytes
+from vtfusion.models.progress import progress as progress_bar
 
 from . import stats
 from .engine import SearchEngine
@@ -475,7 +475,7 @@ def _write_ids(folder: Path, pairs: list[EvalPair], ps: PairSet, c: Collection) 
     external id and image path)."""
     from sqlalchemy import select
 
-    from indexer.schema import Item
+    from vtfusion.indexer.schema import Item
 
     items = sorted(_item_ids(folder))
     path = folder / "ids.tsv"

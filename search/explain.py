@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from indexer.collection import Collection
-from indexer.schema import Item
-from models.preprocess import fit, load_image
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.schema import Item
+from vtfusion.models.preprocess import fit, load_image
 
 
 @dataclass

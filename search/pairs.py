@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.preprocess import ImageError, read_image_bytes
+from vtfusion.models.preprocess import ImageError, read_image_bytes
 
 @dataclass(frozen=True)
 class EvalPair:

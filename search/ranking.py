@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.progress import progress as progress_bar
+from vtfusion.models.progress import progress as progress_bar
 
 from .rerank import fuse
 

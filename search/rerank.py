@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from indexer.collection import Collection
-from indexer.schema import Item
-from models.fusion import fused_score
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.schema import Item
+from vtfusion.models.fusion import fused_score
 
 FUSIONS = ("itm+itc", "itm", "itc")
 

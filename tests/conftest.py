@@ -10,9 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 torch.set_num_threads(2)
 
-from indexer.demo import generate  # noqa: E402
-from models import checkpoint  # noqa: E402
-from models.config import VisionConfig  # noqa: E402
+from vtfusion.indexer.demo import generate  # noqa: E402
+from vtfusion.models import checkpoint  # noqa: E402
+from vtfusion.models.config import VisionConfig  # noqa: E402
 
 TINY_VISION = VisionConfig(
     image_size=37, stem_width=6, stage_widths=(6, 10), stage_depths=(1, 1), width=18, num_heads=3, num_layers=1
@@ -55,9 +55,9 @@ PG_ADMIN_URL = os.environ.get("VTFUSION_PG_URL", "postgresql+psycopg://postgres@
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, small_catalog):
     """A tiny model, briefly trained on the small catalog, saved as a model folder."""
-    from indexer.catalog import read_csv
-    from models.data import Pair, PairDataset
-    from models.train import TrainConfig, train
+    from vtfusion.indexer.catalog import read_csv
+    from vtfusion.models.data import Pair, PairDataset
+    from vtfusion.models.train import TrainConfig, train
 
     rows, _ = read_csv(small_catalog / "train.csv")
     torch.manual_seed(0)

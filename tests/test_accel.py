@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import checkpoint
-from models.accel import CompiledOrEager
+from vtfusion.models import checkpoint
+from vtfusion.models.accel import CompiledOrEager
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from indexer.catalog import read_csv
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from indexer.lifecycle import verify
-from models import checkpoint
-from models.preprocess import fit, load_image, train_wordpiece
-from search.engine import ItemQuery, SearchEngine
-from search.evaluate import evaluate
-from ui.cli import app
+from vtfusion.indexer.catalog import read_csv
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import verify
+from vtfusion.models import checkpoint
+from vtfusion.models.preprocess import fit, load_image, train_wordpiece
+from vtfusion.search.engine import ItemQuery, SearchEngine
+from vtfusion.search.evaluate import evaluate
+from vtfusion.ui.cli import app
 
 QUERY = "a large red checkered hat"
 

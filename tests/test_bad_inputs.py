@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from indexer.catalog import CatalogError, read_csv
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from indexer.lifecycle import errors, verify
-from indexer.schema import Item
-from models.preprocess import load_image
+from vtfusion.indexer.catalog import CatalogError, read_csv
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import errors, verify
+from vtfusion.indexer.schema import Item
+from vtfusion.models.preprocess import load_image
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
 
 pytestmark = pytest.mark.browser
 
@@ -63,7 +63,7 @@ def server(tmp_path_factory, model_dir, small_catalog):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("uilog") / "ui.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ui.cli", "ui", str(folder), "--port", str(port)],
+        [sys.executable, "-m", "vtfusion.ui.cli", "ui", str(folder), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
     )
     url = f"http://127.0.0.1:{port}"

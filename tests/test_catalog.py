@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.catalog import CatalogError, read_csv
+from vtfusion.indexer.catalog import CatalogError, read_csv
 
 
 def test_bad_rows_are_reported_not_fatal(tmp_path):
@@ -45,9 +45,9 @@ def test_non_utf8_rows_are_reported(tmp_path):
 
 
 def test_a_symlink_loop_fails_its_row_not_the_read(tmp_path):
-    from indexer.ingest import DecodeStage
-    from models.config import VisionConfig
-    from models.preprocess import ImageTransform
+    from vtfusion.indexer.ingest import DecodeStage
+    from vtfusion.models.config import VisionConfig
+    from vtfusion.models.preprocess import ImageTransform
 
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "loop1").symlink_to("loop2")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from indexer.lifecycle import errors, select_items, stats, verify
-from ui.cli import app
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import errors, select_items, stats, verify
+from vtfusion.ui.cli import app
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def _imgs(cat: Path) -> list[str]:
 def _exts(c, where: str) -> list[str]:
     from sqlalchemy import select
 
-    from indexer.schema import Item
+    from vtfusion.indexer.schema import Item
 
     ids = select_items(c, where=where)
     with c.Session() as s:
@@ -126,7 +126,7 @@ def test_one_bad_row_never_stops_the_read(tmp_path, model_dir, cat, db_url):
 
 
 def test_a_row_that_fails_to_store_or_embed_is_isolated_from_its_batch(tmp_path, model_dir, cat, monkeypatch, db_url):
-    from indexer import ingest as ingest_mod
+    from vtfusion.indexer import ingest as ingest_mod
 
     im = _imgs(cat)
     (cat / "x.csv").write_text("id,image,caption\n" + "".join(f"x{i},{im[i]},caption {i}\n" for i in range(6)))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY_VISION, tiny_bundle
-from models import checkpoint
-from models.config import ModelConfig
+from vtfusion.models import checkpoint
+from vtfusion.models.config import ModelConfig
 
 
 def _outputs(b):
@@ -93,7 +93,7 @@ def test_newer_format_is_refused(tmp_path):
 
 
 def test_minilm_text_tower_loads_offline_and_round_trips(tmp_path, no_unpickling):
-    from models.text import minilm_folder
+    from vtfusion.models.text import minilm_folder
 
     folder = minilm_folder()
     b = checkpoint.build_pretrained_text(folder, vision=TINY_VISION)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from ui.cli import app
+from vtfusion.ui.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -100,11 +100,11 @@ def test_collection_commands(tmp_path, model_dir, small_catalog):
     r = runner.invoke(app, ["reindex", col, "--index", "Flat"])
     assert r.exit_code == 0 and "image: Flat" in r.output
     # a tampered index: verify fails and names the mismatch
-    from indexer.collection import Collection
+    from vtfusion.indexer.collection import Collection
 
     c = Collection.open(col)
     c.indexes["image"].remove(c.indexes["image"].ids()[:2])
-    from indexer.vectors import read_meta
+    from vtfusion.indexer.vectors import read_meta
 
     c.indexes["image"].save(tmp_path / "col" / "index", read_meta(tmp_path / "col" / "index")["image"])
     r = runner.invoke(app, ["verify", col])

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from indexer.collection import Collection, CollectionError
-from indexer.ingest import ingest
-from indexer.lifecycle import delete, reindex, select_items, stats, verify
-from indexer.schema import Embedding, IngestError, Item
-from indexer.vectors import read_meta
+from vtfusion.indexer.collection import Collection, CollectionError
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import delete, reindex, select_items, stats, verify
+from vtfusion.indexer.schema import Embedding, IngestError, Item
+from vtfusion.indexer.vectors import read_meta
 
 
 def _state(c: Collection) -> dict:
@@ -268,7 +268,7 @@ def test_database_url_takes_secrets_from_the_environment(tmp_path, model_dir, sm
 def test_resolve_url_quotes_each_part_and_reads_the_query_and_port(monkeypatch):
     from sqlalchemy.engine import make_url
 
-    from indexer.collection import literal_password, resolve_url
+    from vtfusion.indexer.collection import literal_password, resolve_url
 
     monkeypatch.setenv("VTF_PW", "p@ss/w:rd")
     monkeypatch.setenv("VTF_KEY", "/keys/a b.pem")
@@ -282,7 +282,7 @@ def test_resolve_url_quotes_each_part_and_reads_the_query_and_port(monkeypatch):
 
 
 def test_filter_errors_are_clean(tmp_path, model_dir, small_catalog):
-    from indexer.filters import FilterError
+    from vtfusion.indexer.filters import FilterError
 
     c = Collection.init(tmp_path / "col", model_dir)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
@@ -375,7 +375,7 @@ def test_migrations_build_exactly_the_models_schema(tmp_path, model_dir, db_url)
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from indexer.schema import Base
+    from vtfusion.indexer.schema import Base
 
     c = Collection.init(tmp_path / "col", model_dir, db_url=db_url)
     with c.engine.connect() as conn:

@@ -15,11 +15,11 @@ import time
 
 from sqlalchemy import func, select
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from indexer.lifecycle import delete, select_items, verify
-from indexer.schema import Item
-from search.engine import ItemQuery, SearchEngine
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import delete, select_items, verify
+from vtfusion.indexer.schema import Item
+from vtfusion.search.engine import ItemQuery, SearchEngine
 
 QUERIES = ["a large red checkered hat", "a small blue plain mug", "two bottles", "a green dotted bag on the left"]
 
@@ -84,8 +84,8 @@ def test_searches_during_ingest_and_delete(tmp_path, model_dir, small_catalog, d
 
 SEARCHER = textwrap.dedent("""
     import json, sys, time
-    from indexer.collection import Collection
-    from search.engine import SearchEngine
+    from vtfusion.indexer.collection import Collection
+    from vtfusion.search.engine import SearchEngine
     c = Collection.open(sys.argv[1]); e = SearchEngine(c)
     end = time.monotonic() + float(sys.argv[2])
     qs = ["a large red checkered hat", "a small blue plain mug", "two bottles"]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from indexer.collection import Collection
-from indexer.demo import generate
-from indexer.lifecycle import select_items, verify
-from indexer.schema import Item
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.demo import generate
+from vtfusion.indexer.lifecycle import select_items, verify
+from vtfusion.indexer.schema import Item
 
 
 def _ingest_cmd(col, catalog, workers: int = 0):
-    return [sys.executable, "-m", "ui.cli", "-q", "ingest", str(col), str(catalog), "--workers", str(workers), "--batch-size", "2"]
+    return [sys.executable, "-m", "vtfusion.ui.cli", "-q", "ingest", str(col), str(catalog), "--workers", str(workers), "--batch-size", "2"]
 
 
 def _processes_of(col) -> list[int]:
@@ -117,7 +117,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, model_dir):
 
 
 def _search_ids(col, queries) -> list[list[str]]:
-    from search.engine import SearchEngine
+    from vtfusion.search.engine import SearchEngine
 
     e = SearchEngine(Collection.open(col))
     return [[h.external_id for h in e.search(q, k=10, rerank_depth=16).hits] for q in queries]
@@ -172,7 +172,7 @@ def test_soak_twenty_kills_then_delete_and_reindex_killed(tmp_path, model_dir):
     where = "color IN ('red', 'blue')"
     to_delete = len(select_items(c, where=where))
     c.close()
-    cmd = [sys.executable, "-m", "ui.cli", "-q", "delete", str(col), "--where", where]
+    cmd = [sys.executable, "-m", "vtfusion.ui.cli", "-q", "delete", str(col), "--where", where]
     for delay in (0.5, 1.5, 2.5, 3.5):
         _kill_after(cmd, delay)
         c = Collection.open(col)
@@ -189,7 +189,7 @@ def test_soak_twenty_kills_then_delete_and_reindex_killed(tmp_path, model_dir):
     c.close()
 
     # reindex killed mid-way: the old index or the new one, never a broken one
-    cmd = [sys.executable, "-m", "ui.cli", "-q", "reindex", str(col), "--index", "IVF4,Flat"]
+    cmd = [sys.executable, "-m", "vtfusion.ui.cli", "-q", "reindex", str(col), "--index", "IVF4,Flat"]
     for delay in (1.0, 2.0, 3.0, 4.0):
         _kill_after(cmd, delay)
         c = Collection.open(col)
@@ -209,8 +209,8 @@ def test_full_disk_during_token_write_and_index_save(tmp_path, model_dir, small_
 
     import faiss
 
-    from indexer import tokens as tokens_mod
-    from indexer.ingest import ingest
+    from vtfusion.indexer import tokens as tokens_mod
+    from vtfusion.indexer.ingest import ingest
 
     c = Collection.init(tmp_path / "c", model_dir)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
@@ -248,7 +248,7 @@ def test_full_disk_during_token_write_and_index_save(tmp_path, model_dir, small_
     # and the CLI says it clearly, with what to do
     from typer.testing import CliRunner
 
-    from ui.cli import app
+    from vtfusion.ui.cli import app
 
     Collection.init(tmp_path / "c2", model_dir)
     monkeypatch.setattr(tokens_mod.TokenCache, "_append", lambda self, recs: (_ for _ in ()).throw(

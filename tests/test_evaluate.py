@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from search.evaluate import recall_at
-from search.ranking import rank_direction
+from vtfusion.search.evaluate import recall_at
+from vtfusion.search.ranking import rank_direction
 
 
 def test_recall_and_rerank_by_hand():
@@ -98,7 +98,7 @@ def _oracle(sim, itm, groups, targets, depth, fusion="itm+itc"):
     """From the definitions, on full matrices: each query's full ranking (ITC order, ties by
     gallery position; the top ``depth`` reordered by the fused score, ties by ITC order), then
     R@K from the first relevant item, MRR, and nDCG@10 over every relevant item."""
-    from search.rerank import fuse
+    from vtfusion.search.rerank import fuse
 
     first, rr, ndcg = [], [], []
     for qi in range(sim.shape[0]):
@@ -161,7 +161,7 @@ def test_metrics_equal_an_oracle_and_ir_measures_on_the_full_ranking(seed):
 def _cli(*args, ok=True):
     from typer.testing import CliRunner
 
-    from ui.cli import app
+    from vtfusion.ui.cli import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     if ok:
@@ -307,8 +307,8 @@ def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model
 
     import ir_measures
 
-    from indexer.collection import Collection
-    from search.evaluate import recall_at
+    from vtfusion.indexer.collection import Collection
+    from vtfusion.search.evaluate import recall_at
 
     col = tmp_path / "col"
     _cli("init", col, "--model", model_dir)
@@ -328,7 +328,7 @@ def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model
 
     c = Collection.open(col)
     with c.Session() as s:
-        from indexer.schema import Item
+        from vtfusion.indexer.schema import Item
 
         items = s.query(Item.id, Item.image_path, Item.status, Item.external_id).order_by(Item.id).all()
         img_ids, img_vecs = c.stored_vectors(s, "image")
@@ -375,7 +375,7 @@ def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model
 
 
 def test_blip_annotation_json_and_wrong_formats(tmp_path):
-    from search.pairs import read_pairs
+    from vtfusion.search.pairs import read_pairs
 
     (tmp_path / "ann.json").write_text(json.dumps([
         {"image": "img/a.png", "caption": ["a red mug", "a mug, red"], "image_id": "a"},
@@ -395,7 +395,7 @@ def test_streamed_blocks_with_ties_across_blocks_equal_the_oracle(block, chunk):
     integer vectors so that many scores tie exactly, within and across blocks: first ranks,
     nDCG@10 and each stage's run equal the from-the-definitions oracle, whatever the block and
     query-chunk sizes; relevant items far past the candidate list are counted exactly."""
-    from search.ranking import rank_queries
+    from vtfusion.search.ranking import rank_queries
 
     rng = np.random.default_rng(block)
     n_q, n_db, dim = 23, 61, 4
@@ -429,7 +429,7 @@ def test_float_scores_rank_past_the_lists_exactly():
     """Unit float vectors (a real model's), duplicated so that equal vectors sit in different
     blocks: the counted rank of a relevant item past the top list is its position in a full
     sort of the very scores the pass computed (ties: lower key)."""
-    from search.ranking import array_blocks, rank_queries
+    from vtfusion.search.ranking import array_blocks, rank_queries
 
     rng = np.random.default_rng(7)
     base = rng.normal(size=(40, 16)).astype(np.float32)
@@ -455,8 +455,8 @@ def test_items_are_matched_by_image_bytes_and_older_rows_by_path_and_content(tmp
 
     from sqlalchemy import update
 
-    from indexer.collection import Collection
-    from indexer.schema import Item
+    from vtfusion.indexer.collection import Collection
+    from vtfusion.indexer.schema import Item
 
     cat = tmp_path / "cat"
     shutil.copytree(small_catalog, cat)

@@ -25,13 +25,13 @@ import torch
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from indexer.collection import Collection, CollectionError, StaleIndexError
-from indexer.ingest import ingest
-from indexer.lifecycle import delete, select_items, stats, verify
-from indexer.maintenance import bad_token_items, compact, reembed, repair, restore
-from indexer.schema import Embedding, Item
-from models import checkpoint
-from ui.cli import app
+from vtfusion.indexer.collection import Collection, CollectionError, StaleIndexError
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import delete, select_items, stats, verify
+from vtfusion.indexer.maintenance import bad_token_items, compact, reembed, repair, restore
+from vtfusion.indexer.schema import Embedding, Item
+from vtfusion.models import checkpoint
+from vtfusion.ui.cli import app
 
 
 def _tokens_of_every_item(c: Collection) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ def test_enospc_mid_record_then_a_retry_in_the_same_process(tmp_path, model_dir,
     """The web UI case: a write fails half-way (disk full), the same long-lived process ingests
     again. Offsets used to come from the file size while bytes went after the torn half: every
     later record was shifted (199 of 231 wrong) and verify said ok."""
-    from indexer import tokens as tokens_mod
+    from vtfusion.indexer import tokens as tokens_mod
 
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
@@ -95,7 +95,7 @@ def test_a_second_writer_killed_mid_record(tmp_path, model_dir, small_catalog, d
 
 
 def test_verify_names_bad_records_search_never_uses_them_and_repair_reencodes_exactly_those(tmp_path, model_dir, small_catalog, db_url):
-    from search.engine import SearchEngine
+    from vtfusion.search.engine import SearchEngine
 
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
@@ -121,7 +121,7 @@ def test_verify_names_bad_records_search_never_uses_them_and_repair_reencodes_ex
 
 
 def test_truncated_token_shard_is_reported_searched_around_and_repaired(tmp_path, model_dir, small_catalog, db_url):
-    from search.engine import SearchEngine
+    from vtfusion.search.engine import SearchEngine
 
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
@@ -249,8 +249,8 @@ def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path,
     # written to since the restore until it reaches the same change number: still refused
     c = Collection.open(tmp_path / "c", catch_up=False)
     ingest_rows_later = small_catalog / "train.csv"
-    from indexer.catalog import read_source
-    from indexer.ingest import ingest_rows
+    from vtfusion.indexer.catalog import read_source
+    from vtfusion.indexer.ingest import ingest_rows
 
     rows, _ = read_source(ingest_rows_later)
     with pytest.raises(StaleIndexError):
@@ -408,7 +408,7 @@ def test_one_file_named_two_ways_metadata_changes_and_reverts_are_updates(tmp_pa
 
 
 def test_delete_preview_confirmation_unknown_ids_and_restore(tmp_path, model_dir, small_catalog, db_url):
-    from search.engine import SearchEngine
+    from vtfusion.search.engine import SearchEngine
 
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
@@ -441,7 +441,7 @@ def test_delete_preview_confirmation_unknown_ids_and_restore(tmp_path, model_dir
 
 
 def test_compact_reclaims_deleted_records_keeps_the_rest_and_upgrades_the_format(tmp_path, model_dir, small_catalog, db_url):
-    from search.engine import SearchEngine
+    from vtfusion.search.engine import SearchEngine
 
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
     n_all = ingest(c, small_catalog / "train.csv", workers=0, progress=False).added
@@ -482,11 +482,11 @@ def test_ingest_exits_nonzero_when_rows_failed(tmp_path, model_dir, small_catalo
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_ingest_at_a_batch_boundary_with_a_message(tmp_path, model_dir, sig):
-    from indexer.demo import generate
+    from vtfusion.indexer.demo import generate
 
     generate(tmp_path / "cat", n=300, seed=5, image_size=48)
     Collection.init(tmp_path / "c", model_dir)
-    cmd = [sys.executable, "-m", "ui.cli", "ingest", str(tmp_path / "c"), str(tmp_path / "cat" / "train.csv"),
+    cmd = [sys.executable, "-m", "vtfusion.ui.cli", "ingest", str(tmp_path / "c"), str(tmp_path / "cat" / "train.csv"),
            "--workers", "0", "--batch-size", "4"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = tmp_path / "c" / "catalog.db"
@@ -520,7 +520,7 @@ def test_migration_0002_keeps_existing_rows_and_allows_reverts(tmp_path, db_url)
     from alembic import command
     from alembic.config import Config
 
-    from indexer.collection import MIGRATIONS, make_engine, migrate
+    from vtfusion.indexer.collection import MIGRATIONS, make_engine, migrate
 
     eng = make_engine(db_url or f"sqlite:///{tmp_path / 'old.db'}")
     cfg = Config()
@@ -562,7 +562,7 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
     opens, verifies clean and has every item; re-running finishes the job."""
     import random
 
-    from indexer.demo import generate
+    from vtfusion.indexer.demo import generate
 
     generate(tmp_path / "cat", n=240, seed=7, image_size=48)
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
@@ -573,12 +573,12 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
     col = str(tmp_path / "c")
     # the CLI, with every token append 0.3 s slower and compact copying 8 records a step, so that
     # random kills land inside the work and not only in the interpreter's start-up
-    slow = ("import sys, time; import indexer.tokens as t, indexer.maintenance as m; m.COPY_CHUNK = 8; a = t.TokenCache.append; "
+    slow = ("import sys, time; import vtfusion.indexer.tokens as t, vtfusion.indexer.maintenance as m; m.COPY_CHUNK = 8; a = t.TokenCache.append; "
             "t.TokenCache.append = lambda self, *x, **k: (time.sleep(0.3), a(self, *x, **k))[1]; "
-            "from ui.cli import app; sys.argv[0] = 'vtfusion'; app()")
+            "from vtfusion.ui.cli import app; sys.argv[0] = 'vtfusion'; app()")
     cli = [sys.executable, "-c", slow, "-q"]
     rng = random.Random(0)
-    from indexer.schema import Reembedding
+    from vtfusion.indexer.schema import Reembedding
 
     for argv, seconds in ((["compact", col], 2.5), (["reembed", col, "--model", str(m2), "--batch-size", "8"], 2.5)):
         caught_midway = 0
@@ -608,15 +608,15 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
 
 
 def test_sigterm_stops_reembed_at_a_batch_boundary_and_it_resumes(tmp_path, model_dir):
-    from indexer.demo import generate
-    from indexer.schema import Reembedding
+    from vtfusion.indexer.demo import generate
+    from vtfusion.indexer.schema import Reembedding
 
     generate(tmp_path / "cat", n=240, seed=8, image_size=48)
     c = Collection.init(tmp_path / "c", model_dir)
     ingest(c, tmp_path / "cat" / "train.csv", workers=0, progress=False)
     before = _stored(c, "image")
     m2 = _another_model(model_dir, tmp_path / "m2")
-    p = subprocess.Popen([sys.executable, "-m", "ui.cli", "reembed", str(tmp_path / "c"), "--model", str(m2), "--batch-size", "4"],
+    p = subprocess.Popen([sys.executable, "-m", "vtfusion.ui.cli", "reembed", str(tmp_path / "c"), "--model", str(m2), "--batch-size", "4"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from ui.cli import app
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.ui.cli import app
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_unusable_index_factories_are_refused_at_init_and_reindex(tmp_path, mode
     ingest(c, small_catalog / "test.csv", workers=0, progress=False)
     r = CliRunner().invoke(app, ["reindex", str(tmp_path / "ok"), "--index", factory])
     assert r.exit_code == 1 and message in r.output
-    from indexer.lifecycle import verify
+    from vtfusion.indexer.lifecycle import verify
 
     c = Collection.open(tmp_path / "ok")
     assert c.config.index_factory == "auto" and verify(c).ok
@@ -93,7 +93,7 @@ def test_a_collection_stuck_with_hnsw_says_how_to_get_out(tmp_path, model_dir, s
 def test_pq_on_too_few_vectors_falls_back_to_exact_and_nprobe_is_a_setting(tmp_path, model_dir, small_catalog):
     import numpy as np
 
-    from search.engine import SearchEngine, SearchError
+    from vtfusion.search.engine import SearchEngine, SearchError
 
     c = Collection.init(tmp_path / "pq", model_dir, index_factory="IVF4,PQ4")  # 256 codewords: more than the items
     ingest(c, small_catalog / "train.csv", workers=0, progress=False)
@@ -154,7 +154,7 @@ def test_eps_named_jpg_is_a_row_error_even_with_ghostscript(tmp_path, model_dir,
     c = Collection.init(tmp_path / "c", model_dir)
     r = ingest(c, cat / "mixed.csv", workers=0, progress=False)
     assert (r.added, r.failed) == (2, 1)
-    from indexer.lifecycle import errors
+    from vtfusion.indexer.lifecycle import errors
 
     assert "not an image in an allowed format (JPEG, PNG, WebP, GIF, BMP, TIFF)" in errors(c)[0].reason
     res = CliRunner().invoke(app, ["search", str(tmp_path / "c"), "--image", str(cat / "images" / "evil.jpg")])
@@ -164,7 +164,7 @@ def test_eps_named_jpg_is_a_row_error_even_with_ghostscript(tmp_path, model_dir,
 def test_folder_catalogs_do_not_follow_symlinks_out_of_the_folder(tmp_path, model_dir, small_catalog):
     import shutil
 
-    from indexer.catalog import read_folder
+    from vtfusion.indexer.catalog import read_folder
 
     folder = tmp_path / "shop"
     (folder / "sub").mkdir(parents=True)

@@ -94,8 +94,8 @@ def test_bad_shapes_fail_with_a_clear_message(bundle, call):
 
 
 def test_config_validation():
-    from models.config import FusionConfig, VisionConfig
-    from models.vision import VisionTower
+    from vtfusion.models.config import FusionConfig, VisionConfig
+    from vtfusion.models.vision import VisionTower
 
     with pytest.raises(ValueError, match="equal length"):
         VisionTower(VisionConfig(stage_widths=(8, 8), stage_depths=(1,)))
@@ -105,8 +105,8 @@ def test_config_validation():
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_itm_pools_ignore_padding_and_saved_pool_round_trips(pool, tmp_path):
-    from models import checkpoint
-    from models.config import FusionConfig, ModelConfig
+    from vtfusion.models import checkpoint
+    from vtfusion.models.config import FusionConfig, ModelConfig
 
     b = tiny_bundle(fusion=FusionConfig(num_heads=2, itm_pool=pool))
     m, tok = b.model.eval(), b.tokenizer

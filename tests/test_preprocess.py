@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.config import VisionConfig
-from models.preprocess import ImageError, ImageTransform, load_image
+from vtfusion.models.config import VisionConfig
+from vtfusion.models.preprocess import ImageError, ImageTransform, load_image
 
 
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:

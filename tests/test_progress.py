@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import logging
 
-from models import progress as progress_mod
-from models.progress import progress
+from vtfusion.models import progress as progress_mod
+from vtfusion.models.progress import progress
 
 
 class _Terminal(io.StringIO):

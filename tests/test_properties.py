@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from indexer import filters
-from indexer.catalog import CatalogError, Columns, read_csv, read_jsonl
-from indexer.schema import Base, Item
+from vtfusion.indexer import filters
+from vtfusion.indexer.catalog import CatalogError, Columns, read_csv, read_jsonl
+from vtfusion.indexer.schema import Base, Item
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 COLUMNS = {"color": "text", "size": "text", "price": "number", "n_objects": "number"}
@@ -189,7 +189,7 @@ def test_image_paths_resolve_as_path_resolve_does(parts, absolute):
     the row fails later, alone, when its image cannot be opened."""
     import os
 
-    from indexer.catalog import _Resolver
+    from vtfusion.indexer.catalog import _Resolver
 
     with tempfile.TemporaryDirectory() as tmp:
         root = _symlink_tree(Path(tmp).resolve())
@@ -221,7 +221,7 @@ VALUE = st.one_of(NUMBERISH, NUMBERISH, st.just(""), st.text(alphabet=st.charact
 
 @pytest.fixture
 def typed_col(tmp_path, model_dir, small_catalog, db_url):
-    from indexer.collection import Collection
+    from vtfusion.indexer.collection import Collection
 
     return Collection.init(tmp_path / "c", model_dir, db_url=db_url), sorted((small_catalog / "images").iterdir())[0]
 
@@ -237,9 +237,9 @@ def test_filters_on_stored_metadata_equal_python_on_the_typed_catalog(typed_col,
     import io
     import itertools
 
-    from indexer.catalog import read_source
-    from indexer.ingest import column_kinds, ingest
-    from indexer.lifecycle import select_items
+    from vtfusion.indexer.catalog import read_source
+    from vtfusion.indexer.ingest import column_kinds, ingest
+    from vtfusion.indexer.lifecycle import select_items
 
     c, image = typed_col
     n = next(_EXAMPLE)

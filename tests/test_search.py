@@ -8,12 +8,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from indexer.lifecycle import reindex
-from indexer.schema import Change, Embedding, Item, MetaColumn
-from search.engine import ItemQuery, SearchEngine, SearchError
-from search.rerank import ITMScorer, Query
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.indexer.lifecycle import reindex
+from vtfusion.indexer.schema import Change, Embedding, Item, MetaColumn
+from vtfusion.search.engine import ItemQuery, SearchEngine, SearchError
+from vtfusion.search.rerank import ITMScorer, Query
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +203,10 @@ def big(tmp_path_factory, model_dir):
 @pytest.mark.parametrize("path", ["exact-small-sets", "ann-selector"])
 @pytest.mark.parametrize("where,share", [("bucket < 1", 0.01), ("bucket < 10", 0.10), (None, 1.0)])
 def test_filtered_recall_at_10_vs_exact(big, where, share, path, monkeypatch):
-    import search.engine
+    import vtfusion.search.engine as engine_mod
 
     if path == "ann-selector":  # push every filtered search through IVF + id selector + re-probing
-        monkeypatch.setattr(search.engine, "EXACT_FILTER_MAX", 0)
+        monkeypatch.setattr(engine_mod, "EXACT_FILTER_MAX", 0)
     c, xb, bucket = big
     engine = SearchEngine(c)
     xq = _clustered(50, xb.shape[1], 300, seed=3)
@@ -227,7 +227,7 @@ def test_filtered_recall_at_10_vs_exact(big, where, share, path, monkeypatch):
 
 
 def test_filter_id_sets_are_reused_until_the_collection_changes(big):
-    from indexer.lifecycle import delete
+    from vtfusion.indexer.lifecycle import delete
 
     c, xb, bucket = big
     engine = SearchEngine(c)

@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import PG_ADMIN_URL, _pg_available
-from indexer.collection import Collection, CollectionError, mask_url
-from models import checkpoint
-from ui.cli import app
+from vtfusion.indexer.collection import Collection, CollectionError, mask_url
+from vtfusion.models import checkpoint
+from vtfusion.ui.cli import app
 
 SECRET = "s3cret-Pa55word"
 
@@ -59,7 +59,7 @@ def test_a_real_password_never_reaches_logs_or_output(tmp_path, model_dir, small
         text = "\n".join(out) + caplog.text
         assert SECRET not in text
         assert "postgres:***@" in text  # the database is named, masked
-        from indexer import lifecycle
+        from vtfusion.indexer import lifecycle
 
         assert SECRET not in str(lifecycle.stats(Collection.open(tmp_path / "c")))
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search import stats
+from vtfusion.search import stats
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

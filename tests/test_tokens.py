@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.tokens import HEADER, CorruptRecordError, TokenCache
+from vtfusion.indexer.tokens import HEADER, CorruptRecordError, TokenCache
 
 
 def test_fp16_round_trip_and_shards(tmp_path):
@@ -80,7 +80,7 @@ def test_a_failed_write_leaves_no_partial_record_and_the_retry_lands_where_it_sa
     import errno
     import os
 
-    from indexer import tokens as tokens_mod
+    from vtfusion.indexer import tokens as tokens_mod
 
     rng = np.random.default_rng(4)
     t = rng.normal(size=(6, 5, 7)).astype(np.float32)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import TINY_VISION, tiny_bundle
-from indexer.catalog import Columns, read_csv
-from models import checkpoint
-from models.data import Pair, PairDataset
-from models.losses import itc_loss, sample_hard_negatives
-from models.train import (
+from vtfusion.indexer.catalog import Columns, read_csv
+from vtfusion.models import checkpoint
+from vtfusion.models.data import Pair, PairDataset
+from vtfusion.models.losses import itc_loss, sample_hard_negatives
+from vtfusion.models.train import (
     TrainConfig,
     _batches,
     _sample_from_pool,
@@ -23,7 +23,7 @@ from models.train import (
     lr_factor,
     train,
 )
-from models.validate import text_to_image_r1
+from vtfusion.models.validate import text_to_image_r1
 
 
 def _dataset(catalog, b, cols=("title", "caption")):
@@ -75,7 +75,7 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
     # a run that crashes during step 6 (its newest checkpoint is from step 4), then resumed
-    import models.train as train_mod
+    import vtfusion.models.train as train_mod
 
     real_step, calls = train_mod.train_step, []
 
@@ -105,7 +105,7 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
 def test_a_seed_gives_one_model_through_train_catalog(small_catalog, tmp_path):
     """The product path (``vtfusion train``/``demo``) builds the model itself: its initial
     weights must come from the seed, not from the process's random state before the call."""
-    from indexer.train_catalog import train_catalog
+    from vtfusion.indexer.train_catalog import train_catalog
 
     cfg = TrainConfig(epochs=1, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False)
     weights = []
@@ -250,7 +250,7 @@ def test_several_hard_negatives_per_pair():
 
 
 def test_itm_loss_weights_positives_as_one_third():
-    from models.losses import itm_loss
+    from vtfusion.models.losses import itm_loss
 
     pos, neg = torch.zeros(4), torch.zeros(16)  # p = 0.5 everywhere: every pair costs log 2
     assert float(itm_loss(pos, neg)) == pytest.approx(math.log(2), rel=1e-6)
@@ -260,7 +260,7 @@ def test_itm_loss_weights_positives_as_one_third():
 
 
 def test_itm_rank_loss_is_cross_entropy_over_each_querys_candidates():
-    from models.losses import itm_rank_loss
+    from vtfusion.models.losses import itm_rank_loss
 
     pos, neg = torch.tensor([2.0, 0.0]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     by_hand = (
@@ -277,7 +277,7 @@ def test_listwise_itm_loss_in_a_train_step_by_hand(rank_weight):
     """Two pairs, one negative each way (more are asked for; a pair of two has one): the negatives are forced, so with a silenced ITM head
     (every logit 0) the ITM loss is BCE's log 2 plus the listwise term, which ranks ITM + ITC
     logits and is then exactly the batch's ITC InfoNCE."""
-    from models.train import train_step
+    from vtfusion.models.train import train_step
 
     b = tiny_bundle()
     torch.nn.init.zeros_(b.model.itm_head.weight)
@@ -298,7 +298,7 @@ def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
 
 
 def test_mask_tokens_hides_only_ordinary_tokens_bert_style():
-    from models.losses import IGNORE, mask_tokens
+    from vtfusion.models.losses import IGNORE, mask_tokens
 
     ids = torch.randint(10, 100, (400, 50))
     special = torch.zeros_like(ids, dtype=torch.bool)
@@ -321,7 +321,7 @@ def test_mlm_loss_in_a_train_step_by_hand(monkeypatch):
     each text fused with ITS OWN image (recomputed here from the masked ids train_step drew)."""
     import torch.nn.functional as F
 
-    import models.train as train_mod
+    import vtfusion.models.train as train_mod
 
     b = tiny_bundle()
     b.model.eval()  # no dropout: the recomputation must see the same network

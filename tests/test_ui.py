@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import lifecycle
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from search.engine import SearchEngine
+from vtfusion.indexer import lifecycle
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.search.engine import SearchEngine
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
 QUERY = "a large red checkered hat"
@@ -261,7 +261,7 @@ def test_evaluation_page_runs_and_opens_reports(app, ui_col, small_catalog, tmp_
 
 
 def test_media_path_only_serves_registered_roots(ui_col, small_catalog, tmp_path):
-    from ui.app import thumbnail
+    from vtfusion.ui.app import thumbnail
 
     c = Collection.open(ui_col)
     roots = lifecycle.source_roots(c)
@@ -283,7 +283,7 @@ def test_media_path_only_serves_registered_roots(ui_col, small_catalog, tmp_path
 
 
 def test_upload_caps_and_validation(tmp_path, monkeypatch):
-    import ui.app as ui
+    import vtfusion.ui.app as ui
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 5), "red").save(buf, "PNG")
@@ -312,7 +312,7 @@ def test_upload_caps_and_validation(tmp_path, monkeypatch):
 
 
 def test_ui_command_is_headless_and_quiet(tmp_path):
-    from ui.cli import ui_command
+    from vtfusion.ui.cli import ui_command
 
     argv, env = ui_command(tmp_path, 8765, "127.0.0.1", 100)
     assert argv[1:4] == ["-m", "streamlit", "run"] and Path(argv[4]).name == "app.py"
@@ -324,14 +324,14 @@ def test_ui_command_is_headless_and_quiet(tmp_path):
 
 @pytest.mark.parametrize("value", ["it's", 'say "hi"', "back\\slash", "a OR 1=1 --", "", "ünï", 3, -2.5])
 def test_filter_literals_round_trip(value):
-    from indexer import filters
+    from vtfusion.indexer import filters
 
     assert filters._Parser(filters.quote(value), {}).value() == value
     assert filters._Parser(f"color = {filters.quote(value)}", {}).toks[-1].kind == "end"
 
 
 def test_filter_build():
-    from indexer import filters
+    from vtfusion.indexer import filters
 
     assert filters.build() == ""
     assert filters.build({"color": ["red", "it's"], "size": []}, {"price": (1.5, 20)}, " n_objects > 1 ") == (
@@ -344,7 +344,7 @@ def test_filter_build():
 def test_attention_map_hand_computed():
     import torch
 
-    from search.explain import attention_map, blend
+    from vtfusion.search.explain import attention_map, blend
 
     # L = 5 text positions ([CLS], w1, w2, [SEP], pad), N = 1 pooled + 2x2 grid, 2 heads, 2 layers
     w = torch.zeros(1, 2, 5, 5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.vectors import IndexMeta, VectorIndex, auto_factory, read_meta
+from vtfusion.indexer.vectors import IndexMeta, VectorIndex, auto_factory, read_meta
 
 
 def _unit(x):
@@ -109,7 +109,7 @@ def test_gpu_search_path_maps_positions_to_ids(monkeypatch):
     Exercised here with a CPU clone standing in for the GPU copy."""
     import faiss
 
-    import indexer.vectors as v
+    import vtfusion.indexer.vectors as v
 
     rng = np.random.default_rng(6)
     xb, xq = _unit(rng.normal(size=(200, 16))), _unit(rng.normal(size=(10, 16)))

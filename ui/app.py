@@ -20,15 +20,15 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from indexer import filters, lifecycle
-from indexer.catalog import SOURCE_SUFFIXES
-from indexer.collection import Collection
-from indexer.ingest import ingest
-from models.preprocess import ImageError, load_image
-from search.engine import ItemQuery, SearchEngine
-from search.evaluate import LATENCY_KEYS, key_depth
-from search.explain import explain
-from search.results import SearchResult
+from vtfusion.indexer import filters, lifecycle
+from vtfusion.indexer.catalog import SOURCE_SUFFIXES
+from vtfusion.indexer.collection import Collection
+from vtfusion.indexer.ingest import ingest
+from vtfusion.models.preprocess import ImageError, load_image
+from vtfusion.search.engine import ItemQuery, SearchEngine
+from vtfusion.search.evaluate import LATENCY_KEYS, key_depth
+from vtfusion.search.explain import explain
+from vtfusion.search.results import SearchResult
 
 log = logging.getLogger("vtfusion.ui")
 
@@ -430,7 +430,7 @@ def _frame(by_depth: dict[int, dict]):
 def evaluation_page(engine: SearchEngine) -> None:
     import json
 
-    from search.evaluate import evaluate, write_report
+    from vtfusion.search.evaluate import evaluate, write_report
 
     st.title("Evaluation")
     mode = st.radio("Source", ["Open a saved report", "Run an evaluation"], horizontal=True, key="eval_mode", label_visibility="collapsed")

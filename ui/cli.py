@@ -55,7 +55,7 @@ def demo_catalog(
     test_frac: Annotated[float, typer.Option("--test-frac", help="Share of item groups held out in test.csv.")] = 0.2,
 ) -> None:
     """Generate the synthetic product catalog (attribute-bound captions, attribute-swapped twins)."""
-    from indexer.demo import generate
+    from vtfusion.indexer.demo import generate
 
     try:
         counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac)
@@ -104,10 +104,10 @@ def train_cmd(
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
-    from indexer.catalog import CatalogError
-    from indexer.train_catalog import train_catalog
-    from models.config import VisionConfig
-    from models.train import TrainConfig
+    from vtfusion.indexer.catalog import CatalogError
+    from vtfusion.indexer.train_catalog import train_catalog
+    from vtfusion.models.config import VisionConfig
+    from vtfusion.models.train import TrainConfig
 
     if epochs is None and minutes is None:
         epochs = 10
@@ -176,8 +176,8 @@ def demo(
 
 
 def _open(collection: Path):
-    from indexer.collection import Collection, CollectionError
-    from indexer.vectors import IndexMismatchError
+    from vtfusion.indexer.collection import Collection, CollectionError
+    from vtfusion.indexer.vectors import IndexMismatchError
 
     try:
         return Collection.open(collection)
@@ -196,7 +196,7 @@ def init_cmd(
     schema: Annotated[str, typer.Option("--schema", help="Metadata column types, e.g. 'zip:text,price:number' (others are inferred per column at the first ingest).")] = "",
 ) -> None:
     """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
-    from indexer.collection import Collection, CollectionError, mask_url
+    from vtfusion.indexer.collection import Collection, CollectionError, mask_url
 
     try:
         c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe, schema=schema)
@@ -227,9 +227,9 @@ def ingest_cmd(
 
     Exits 1 when any row failed (see `vtfusion errors`), 130/143 when stopped by SIGINT/SIGTERM
     (at a batch boundary: what was committed stays, re-running resumes)."""
-    from indexer.catalog import CatalogError, Columns
-    from indexer.collection import CollectionError
-    from indexer.ingest import ingest
+    from vtfusion.indexer.catalog import CatalogError, Columns
+    from vtfusion.indexer.collection import CollectionError
+    from vtfusion.indexer.ingest import ingest
 
     c = _open(collection)
     try:
@@ -260,7 +260,7 @@ def errors_cmd(
     limit: Annotated[int, typer.Option("--limit", help="Newest N errors.")] = 100,
 ) -> None:
     """List ingest errors: file, line and reason of every item that was skipped."""
-    from indexer.lifecycle import errors
+    from vtfusion.indexer.lifecycle import errors
 
     rows = errors(_open(collection), limit)
     if not rows:
@@ -277,7 +277,7 @@ def stats_cmd(
     """Items, embeddings, index types and sizes, token cache, model and database."""
     import json
 
-    from indexer.lifecycle import stats
+    from vtfusion.indexer.lifecycle import stats
 
     st = stats(_open(collection))
     if as_json:
@@ -289,8 +289,8 @@ def stats_cmd(
 
 def _chosen(c, ids, where, status: str):
     """Items selected by --ids / --where (with ``status``), and the --ids that named none."""
-    from indexer.filters import FilterError
-    from indexer.lifecycle import select_items, unknown_ids
+    from vtfusion.indexer.filters import FilterError
+    from vtfusion.indexer.lifecycle import select_items, unknown_ids
 
     try:
         chosen = select_items(c, ids, where, status=status)
@@ -303,7 +303,7 @@ def _chosen(c, ids, where, status: str):
 
 
 def _preview(c, verb: str, chosen: list[int]) -> None:
-    from indexer.lifecycle import describe
+    from vtfusion.indexer.lifecycle import describe
 
     typer.echo(f"{verb} {len(chosen)} items" + (":" if chosen else ""))
     for item_id, ext, text in describe(c, chosen):
@@ -326,7 +326,7 @@ def delete_cmd(
     Unknown ids are reported (exit 1 when any --ids matched nothing)."""
     import sys
 
-    from indexer.lifecycle import delete
+    from vtfusion.indexer.lifecycle import delete
 
     c = _open(collection)
     chosen, unknown = _chosen(c, ids, where, "active")
@@ -353,7 +353,7 @@ def restore_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be restored; change nothing.")] = False,
 ) -> None:
     """Bring deleted items back, with their stored embeddings and token records."""
-    from indexer.maintenance import restore
+    from vtfusion.indexer.maintenance import restore
 
     c = _open(collection)
     chosen, unknown = _chosen(c, ids, where, "deleted")
@@ -374,8 +374,8 @@ def restore_cmd(
 @app.command("repair")
 def repair_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
     """Re-encode exactly the token records that fail their check; rebuild indexes that disagree with SQL."""
-    from indexer.collection import Collection, CollectionError
-    from indexer.maintenance import repair
+    from vtfusion.indexer.collection import Collection, CollectionError
+    from vtfusion.indexer.maintenance import repair
 
     try:
         c = Collection.open(collection, catch_up=False)
@@ -392,8 +392,8 @@ def repair_cmd(collection: Annotated[Path, typer.Argument(help="Collection folde
 @app.command("compact")
 def compact_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
     """Rewrite the token cache without deleted items' records (crash-safe) and vacuum the database."""
-    from indexer.collection import CollectionError
-    from indexer.maintenance import compact
+    from vtfusion.indexer.collection import CollectionError
+    from vtfusion.indexer.maintenance import compact
 
     try:
         r = compact(_open(collection))
@@ -410,8 +410,8 @@ def reembed_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
 ) -> None:
     """Recompute every item's embeddings and token records with a model, then switch to it atomically (resumable)."""
-    from indexer.collection import Collection, CollectionError
-    from indexer.maintenance import reembed
+    from vtfusion.indexer.collection import Collection, CollectionError
+    from vtfusion.indexer.maintenance import reembed
 
     try:
         c = Collection.open(collection, catch_up=False)
@@ -434,8 +434,8 @@ def reembed_cmd(
 @app.command("verify")
 def verify_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
     """Reconcile SQL with the FAISS indexes and the token cache; exit 1 on any mismatch."""
-    from indexer.collection import Collection, StaleIndexError
-    from indexer.lifecycle import verify
+    from vtfusion.indexer.collection import Collection, StaleIndexError
+    from vtfusion.indexer.lifecycle import verify
 
     try:
         c = Collection.open(collection)  # opening applies pending changes: verify checks what a search sees
@@ -460,8 +460,8 @@ def reindex_cmd(
     index: Annotated[str | None, typer.Option("--index", help="New FAISS factory string (default: keep).")] = None,
 ) -> None:
     """Rebuild the FAISS indexes from the embeddings stored in SQL."""
-    from indexer.collection import Collection
-    from indexer.lifecycle import reindex
+    from vtfusion.indexer.collection import Collection
+    from vtfusion.indexer.lifecycle import reindex
 
     try:
         c = Collection.open(collection, catch_up=False)
@@ -491,7 +491,7 @@ def search_cmd(
     """Search a collection by text, image or item; rerank with cross-attention ITM."""
     import json
 
-    from search.engine import ItemQuery, SearchEngine, SearchError
+    from vtfusion.search.engine import ItemQuery, SearchEngine, SearchError
 
     given = [q for q in (text, image, item) if q is not None]
     if len(given) != 1:
@@ -499,7 +499,7 @@ def search_cmd(
     query = ItemQuery(item) if item is not None else image if image is not None else text
     if image is not None and not image.is_file():
         _fail(f"image not found: {image}")
-    from indexer.collection import CollectionError
+    from vtfusion.indexer.collection import CollectionError
 
     try:
         res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion, nprobe=nprobe)
@@ -534,7 +534,7 @@ def eval_cmd(
     run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
-    from search.evaluate import LATENCY_KEYS, evaluate, write_report
+    from vtfusion.search.evaluate import LATENCY_KEYS, evaluate, write_report
 
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
@@ -572,7 +572,7 @@ def ui_command(collection: Path, port: int, address: str, max_upload_mb: int) ->
 
     app_py = Path(__file__).with_name("app.py")
     argv = [
-        sys.executable, "-m", "streamlit", "run", str(app_py),
+        sys.executable, "-P", "-m", "streamlit", "run", str(app_py),  # -P: the working folder is not put on sys.path
         "--server.headless=true", "--browser.gatherUsageStats=false", "--global.developmentMode=false",
         f"--server.port={port}", f"--server.address={address}", f"--server.maxUploadSize={max_upload_mb}",
         "--client.showErrorDetails=none", "--client.toolbarMode=minimal", "--server.fileWatcherType=none",

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from indexer.schema import Base
+from vtfusion.indexer.schema import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
