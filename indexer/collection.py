@@ -243,6 +243,7 @@ class Collection:
         self._token_locs: dict[int, tuple[int | None, int | None, str, str]] = {}
         self.bad_token_records = 0  # records that failed their check and were re-encoded instead
         self._token_locs_lock = threading.Lock()
+        self._store = None
 
     def _token_cache(self) -> TokenCache:
         c = self.config
@@ -459,6 +460,16 @@ class Collection:
                 f"{self.config.model_fingerprint} -> {cfg.get('model_fingerprint')}, tokens {self.config.tokens_dir} -> "
                 f"{cfg.get('tokens_dir')}): nothing of this batch was committed. Run the command again"
             )
+
+    @property
+    def store(self):
+        """The narrow read side of this collection's SQL (``indexer.store.MetadataStore``): what
+        search and front ends read items through."""
+        from .store import MetadataStore
+
+        if self._store is None:
+            self._store = MetadataStore(self)
+        return self._store
 
     @torch.no_grad()
     def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from . import filters
 from .collection import Collection, StaleIndexError, mask_url
-from .schema import ACTIVE, DELETED, MODALITIES, Change, Embedding, IngestError, IngestRun, Item
+from .schema import ACTIVE, DELETED, MODALITIES, REPLACED, Change, Embedding, IngestError, IngestRun, Item
 from .vectors import UnreadableIndexError, VectorIndex, check_factory, read_meta
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def stats(c: Collection) -> dict:
         "db": mask_url(c.engine.url.render_as_string(hide_password=False)),
         "items_active": by_status.get(ACTIVE, 0),
         "items_deleted": by_status.get(DELETED, 0),
-        "items_replaced": by_status.get("replaced", 0),
+        "items_replaced": by_status.get(REPLACED, 0),
         "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
         "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
         "token_cache": {

@@ -9,13 +9,22 @@ catch-up can always tell an index what to drop.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MODALITIES = ("image", "text")
-ACTIVE, DELETED, REPLACED = "active", "deleted", "replaced"  # items.status
+class ItemStatus(StrEnum):
+    """``items.status``: stored as its string value (an enum member compares equal to it)."""
+
+    ACTIVE = "active"  # searchable, in the indexes
+    DELETED = "deleted"  # a tombstone: `vtfusion restore` brings it back
+    REPLACED = "replaced"  # an older version of an item ingested again with other content
+
+
+ACTIVE, DELETED, REPLACED = ItemStatus.ACTIVE, ItemStatus.DELETED, ItemStatus.REPLACED
 
 
 def utcnow() -> datetime:
@@ -130,5 +139,5 @@ class Reembedding(Base):
 Index("ix_items_source_external", Item.source, Item.external_id)
 Index(
     "uq_items_active_hash", Item.content_hash, unique=True,
-    sqlite_where=Item.status == "active", postgresql_where=Item.status == "active",
+    sqlite_where=Item.status == ItemStatus.ACTIVE.value, postgresql_where=Item.status == ItemStatus.ACTIVE.value,
 )

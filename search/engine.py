@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import select
 
 from vtfusion.indexer import filters
 from vtfusion.indexer.collection import Collection
-from vtfusion.indexer.schema import Embedding, Item
+from vtfusion.indexer.store import ItemStatus
 from vtfusion.models.preprocess import ImageError
 
 from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
@@ -61,17 +60,11 @@ class SearchEngine:
         if isinstance(query, ItemQuery):
             if not 0 < int(query.item_id) < 2**63:
                 raise SearchError(f"no active item with id {query.item_id}")
-            with self.c.Session() as s:
-                row = s.execute(
-                    select(Item.id, Item.status, Embedding.vector)
-                    .join(Embedding, (Embedding.item_id == Item.id) & (Embedding.modality == "image"))
-                    .where(Item.id == query.item_id)
-                ).first()
-            if row is None or row.status != "active":
+            vec = self.c.store.active_vector(query.item_id, "image")
+            if vec is None:
                 raise SearchError(f"no active item with id {query.item_id}")
-            xq = np.frombuffer(row.vector, np.float32)[None, :]
-            tokens, _ = self.c.item_tokens([row.id])  # (1, N, D_v), re-encoded when not cached
-            return "item", "image", xq, Query(image_tokens=tokens), row.id
+            tokens, _ = self.c.item_tokens([int(query.item_id)])  # (1, N, D_v), re-encoded when not cached
+            return "item", "image", vec[None, :], Query(image_tokens=tokens), int(query.item_id)
         if isinstance(query, (Image.Image, Path)):
             try:
                 img = b.transform.load(query)
@@ -98,15 +91,12 @@ class SearchEngine:
         kept until the next change to the collection (facet filters repeat across queries)."""
         if not where:
             return None
-        with self.c.Session() as s:
-            key = (where.strip(), self.c.last_change(s))
-            with self._cache_lock:
-                hit = self._allowed_cache.get(key)
-            if hit is not None:
-                return hit
-            expr = filters.parse(where, filters.known_columns(s))
-            ids = np.array(s.scalars(select(Item.id).where(Item.status == "active", expr)).all(), dtype=np.int64)
-        ids.sort()
+        key = (where.strip(), self.c.store.last_change())
+        with self._cache_lock:
+            hit = self._allowed_cache.get(key)
+        if hit is not None:
+            return hit
+        ids = self.c.store.active_ids(where)
         ids.flags.writeable = False
         with self._cache_lock:  # searches run in threads (one engine serves the web app)
             if len(self._allowed_cache) >= ALLOWED_CACHE:
@@ -130,8 +120,7 @@ class SearchEngine:
                 # distance work for ids outside the allowed set
                 D, I = index.search(xq, n, allowed, nprobe=nlist)
                 return D[0], I[0]
-            with self.c.Session() as s:  # other factories (lossy codes): exact over the stored vectors
-                ids, xb = self.c.stored_vectors(s, target, ids=allowed.tolist())
+            ids, xb = self.c.store.vectors(target, allowed)  # other factories (lossy codes): exact over the stored vectors
             sims = xb @ xq[0]
             order = np.argsort(-sims, kind="stable")[:n]
             return sims[order], ids[order]
@@ -223,9 +212,8 @@ class SearchEngine:
 
         t = time.perf_counter()
         final = order[:k]
-        with self.c.Session() as s:
-            items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids[final].tolist())))}
-        gone = [int(ids[j]) for j in final if int(ids[j]) not in items or items[int(ids[j])].status != "active"]
+        items = self.c.store.items(ids[final].tolist())
+        gone = [int(ids[j]) for j in final if int(ids[j]) not in items or items[int(ids[j])].status != ItemStatus.ACTIVE]
         if gone:  # deleted or replaced after the index was read (a concurrent writer): never shown
             final = [j for j in final if int(ids[j]) not in gone]
             res.notes.append(f"{len(gone)} hits were deleted or replaced while this search ran and are left out")
@@ -238,7 +226,7 @@ class SearchEngine:
                     external_id=it.external_id,
                     image_path=it.image_path,
                     text=it.text,
-                    meta=dict(it.meta or {}),
+                    meta=dict(it.meta),
                     itc=float(scores[j]),
                     itm=float(sigmoid(logits[j])) if reranked else None,
                     itm_logit=float(logits[j]) if reranked else None,

@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vtfusion.indexer import filters
 from vtfusion.indexer.collection import Collection
 from vtfusion.models.preprocess import ImageError, read_image_bytes
 from vtfusion.models.progress import progress as progress_bar
@@ -115,18 +114,14 @@ class _Images:
     def __init__(self, c: Collection, groups: list[tuple[str, Path]], scratch: Path, encode: bool, progress: bool):
         self.c = c
         b = c.bundle
-        matches = c.items_with_images(dict(groups), modality="image")
+        matches = c.store.items_with_images(dict(groups), modality="image")
         self.item: list[int | None] = [matches[h][0] if h in matches else None for h, _ in groups]
         self.failed: dict[int, str] = {}
         self.emb = np.zeros((len(groups), c.config.embed_dim), np.float32)
         stored = [(g, i) for g, i in enumerate(self.item) if i is not None]
-        for start in range(0, len(stored), 500):
-            part = stored[start : start + 500]
-            with c.Session() as s:
-                found, xb = c.stored_vectors(s, "image", ids=[i for _, i in part])
-            row = {int(i): n for n, i in enumerate(found)}
-            for g, i in part:
-                self.emb[g] = xb[row[i]]
+        vec = c.store.vectors_by_id("image", [i for _, i in stored])
+        for g, i in stored:
+            self.emb[g] = vec[i]
         todo = [g for g, i in enumerate(self.item) if i is None]
         self.scratch_row: dict[int, int] = {}
         self.scratch = None
@@ -175,15 +170,6 @@ def _encode_texts(b, texts: list[str], progress: bool, batch: int = 64) -> np.nd
         with torch.inference_mode():
             out.append(b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, b.model.embed_dim if hasattr(b.model, "embed_dim") else 0), np.float32)
-
-
-def _stored_by_id(c: Collection, ids: list[int], modality: str) -> dict[int, np.ndarray]:
-    out = {}
-    for start in range(0, len(ids), 500):
-        with c.Session() as s:
-            found, xb = c.stored_vectors(s, modality, ids=ids[start : start + 500])
-        out.update({int(i): xb[n] for n, i in enumerate(found)})
-    return out
 
 
 @dataclass
@@ -241,13 +227,8 @@ def evaluate(
         depths = [0]
     itc_scale = float(b.model.logit_scale_value().detach())
     scorer = ITMScorer(c, chunk=64)
-    expr = None
-    if where:
-        with c.Session() as s:
-            expr = filters.parse(where, filters.known_columns(s))
-
-    with c.Session() as s:
-        mark = c.last_change(s)
+    c.store.where(where)  # a filter that does not parse fails here, before any work
+    mark = c.store.last_change()
     with tempfile.TemporaryDirectory(prefix="vtfusion-eval-") as scratch:
         images = _Images(c, ps.groups, Path(scratch), encode=gallery == "pairs", progress=progress)
         if gallery == "pairs":
@@ -266,7 +247,7 @@ def evaluate(
         if gallery == "pairs":
             dirs = _pairs_directions(c, ps, images, txt_emb, row_pos, scorer, text_query)
         else:
-            dirs, unmatched = _collection_directions(c, ps, images, txt_emb, row_pos, scorer, text_query, expr, where)
+            dirs, unmatched = _collection_directions(c, ps, images, txt_emb, row_pos, scorer, text_query, where)
             ps.skipped += unmatched
         report: dict = {
             "pairs": str(pairs_path), "gallery": gallery, "where": where or None,
@@ -309,8 +290,7 @@ def evaluate(
         if trec_dir:
             trec["files"].append(str(_write_ids(Path(trec_dir), pairs, ps, c)))
             report["trec"] = trec
-    with c.Session() as s:
-        now = c.last_change(s)
+    now = c.store.last_change()
     if now != mark:  # the reads above are not one snapshot: say so rather than report a mix as exact
         notes.append(f"the collection changed while it was evaluated (changes {mark + 1}..{now}): "
                      "the ranks may mix its states; evaluate again when no ingest or delete is running")
@@ -358,11 +338,12 @@ def _pairs_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer:
     return [t2i, i2t]
 
 
-def _collection_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer: ITMScorer, text_query, expr, where):
-    """The whole collection (``expr``) as the gallery; relevant items: those with the image's bytes."""
+def _collection_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer: ITMScorer, text_query, where):
+    """The whole collection (active items matching ``where``) as the gallery; relevant items:
+    those with the image's bytes."""
     hashes = {h: p for h, p in ps.groups}
-    in_img = c.items_with_images(hashes, where=expr, modality="image")
-    in_txt = c.items_with_images(hashes, where=expr, modality="text")
+    in_img = c.store.items_with_images(hashes, where, modality="image")
+    in_txt = c.store.items_with_images(hashes, where, modality="text")
     why_not = ("no active item in the collection has this image (ingest the pairs first: vtfusion ingest COLLECTION PAIRS)"
                if not where else f"no active item with this image matches --where {where!r}")
     unmatched = {g: why_not for g, (h, _) in enumerate(ps.groups) if h not in in_img}
@@ -371,8 +352,8 @@ def _collection_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, sc
     skipped, ps.skipped = ps.skipped[before:], ps.skipped[:before]
     rows = ps.rows
     g_rows = ps.group_rows()
-    img_vec = _stored_by_id(c, sorted({i for h in in_img.values() for i in h}), "image")
-    txt_vec = _stored_by_id(c, sorted({i for h in in_txt.values() for i in h}), "text")
+    img_vec = c.store.vectors_by_id("image", sorted({i for h in in_img.values() for i in h}))
+    txt_vec = c.store.vectors_by_id("text", sorted({i for h in in_txt.values() for i in h}))
     hash_of = [h for h, _ in ps.groups]
     i2t_groups = [g for g in sorted(g_rows) if hash_of[g] in in_txt]
 
@@ -386,9 +367,9 @@ def _collection_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, sc
         return np.array(ids, np.int64), np.stack([vec[i] for i in ids])
 
     def blocks(modality):
-        return lambda: c.iter_vectors(modality, where=expr, batch=BLOCK)
+        return lambda: c.store.iter_vectors(modality, where, batch=BLOCK)
 
-    n_img, n_txt = c.count_vectors("image", expr), c.count_vectors("text", expr)
+    n_img, n_txt = c.store.count_vectors("image", where), c.store.count_vectors("text", where)
     t2i = _Direction(
         "t2i", [f"r{j}" for j in rows], txt_emb[[row_pos[j] for j in rows]], blocks("image"), -(-n_img // BLOCK),
         [rel(in_img[hash_of[ps.row_group[j]]], img_vec) for j in rows], t2i_itm, lambda i: f"item{i}", n_img,
@@ -407,7 +388,7 @@ def latency(c: Collection, queries: list, target: str, depths: Sequence[int], fu
     (decoded and encoded as an upload is) against ``target="text"``."""
     if n <= 0 or not queries:
         return {}
-    if not c.count_vectors(target, None):
+    if not c.store.count_vectors(target):
         if notes is not None and "latency not measured: the collection has no items" not in notes:
             notes.append("latency not measured: the collection has no items")
         return {}
@@ -473,10 +454,6 @@ def _write_ids(folder: Path, pairs: list[EvalPair], ps: PairSet, c: Collection) 
     """What the run files' ids name: ``r<j>`` the j-th row read (its line and caption),
     ``img<g>`` an image (a file holding its bytes), ``item<id>`` a collection item (its
     external id and image path)."""
-    from sqlalchemy import select
-
-    from vtfusion.indexer.schema import Item
-
     items = sorted(_item_ids(folder))
     path = folder / "ids.tsv"
     with open(path, "w", newline="") as f:
@@ -486,10 +463,8 @@ def _write_ids(folder: Path, pairs: list[EvalPair], ps: PairSet, c: Collection) 
             w.writerow([f"r{j}", pairs[j].line, pairs[j].caption, str(pairs[j].image), ""])
         for g in sorted(ps.group_rows()):
             w.writerow([f"img{g}", "", "", str(ps.groups[g][1]), ""])
-        for start in range(0, len(items), 500):
-            with c.Session() as s:
-                for it in s.execute(select(Item.id, Item.external_id, Item.image_path).where(Item.id.in_(items[start : start + 500])).order_by(Item.id)):
-                    w.writerow([f"item{it.id}", "", "", it.image_path, it.external_id])
+        for it in sorted(c.store.items(items).values(), key=lambda x: x.id):
+            w.writerow([f"item{it.id}", "", "", it.image_path, it.external_id])
     return path
 
 # ---- output --------------------------------------------------------------------------------------

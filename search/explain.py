@@ -16,10 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import select
 
 from vtfusion.indexer.collection import Collection
-from vtfusion.indexer.schema import Item
 from vtfusion.models.preprocess import fit, load_image
 
 
@@ -65,8 +63,7 @@ def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Im
 def explain(c: Collection, text: str, item_id: int, size: int = 320) -> Explanation:
     if not text or not text.strip():
         raise ValueError("explaining a hit needs the query text")
-    with c.Session() as s:
-        path = s.scalar(select(Item.image_path).where(Item.id == item_id))
+    path = c.store.image_path(item_id)
     if path is None:
         raise ValueError(f"no item with id {item_id}")
     b = c.bundle

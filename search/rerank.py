@@ -18,10 +18,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from sqlalchemy import select
 
 from vtfusion.indexer.collection import Collection
-from vtfusion.indexer.schema import Item
 from vtfusion.models.fusion import fused_score
 
 FUSIONS = ("itm+itc", "itm", "itc")
@@ -53,9 +51,7 @@ class ITMScorer:
         (token cache) for a text query, their texts for an image query."""
         self._check()
         if query.ids is None:  # image query -> candidate texts
-            with self.c.Session() as s:
-                texts = dict(s.execute(select(Item.id, Item.text).where(Item.id.in_(list(candidate_ids)))).all())
-            return self.score_texts(query.image_tokens, [texts[i] for i in candidate_ids])
+            return self.score_texts(query.image_tokens, self.c.store.texts(candidate_ids))
         query = self._with_text_tokens(query)
         out = []
         for start in range(0, len(candidate_ids), self.chunk):

@@ -315,7 +315,7 @@ def test_ui_command_is_headless_and_quiet(tmp_path):
     from vtfusion.ui.cli import ui_command
 
     argv, env = ui_command(tmp_path, 8765, "127.0.0.1", 100)
-    assert argv[1:4] == ["-m", "streamlit", "run"] and Path(argv[4]).name == "app.py"
+    assert argv[1:5] == ["-P", "-m", "streamlit", "run"] and Path(argv[5]).name == "app.py"  # -P: no working folder on the path
     for flag in ("--server.headless=true", "--browser.gatherUsageStats=false", "--server.port=8765",
                  "--server.address=127.0.0.1", "--server.maxUploadSize=100", "--client.showErrorDetails=none"):
         assert flag in argv

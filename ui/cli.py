@@ -287,7 +287,7 @@ def stats_cmd(
         typer.echo(f"{k:<18}{v}")
 
 
-def _chosen(c, ids, where, status: str):
+def _chosen(c, ids, where, status):
     """Items selected by --ids / --where (with ``status``), and the --ids that named none."""
     from vtfusion.indexer.filters import FilterError
     from vtfusion.indexer.lifecycle import select_items, unknown_ids
@@ -327,9 +327,10 @@ def delete_cmd(
     import sys
 
     from vtfusion.indexer.lifecycle import delete
+    from vtfusion.indexer.store import ItemStatus
 
     c = _open(collection)
-    chosen, unknown = _chosen(c, ids, where, "active")
+    chosen, unknown = _chosen(c, ids, where, ItemStatus.ACTIVE)
     if dry_run:
         _preview(c, "would delete", chosen)
         raise typer.Exit(1 if unknown else 0)
@@ -354,9 +355,10 @@ def restore_cmd(
 ) -> None:
     """Bring deleted items back, with their stored embeddings and token records."""
     from vtfusion.indexer.maintenance import restore
+    from vtfusion.indexer.store import ItemStatus
 
     c = _open(collection)
-    chosen, unknown = _chosen(c, ids, where, "deleted")
+    chosen, unknown = _chosen(c, ids, where, ItemStatus.DELETED)
     if dry_run:
         _preview(c, "would restore", chosen)
         raise typer.Exit(1 if unknown else 0)
