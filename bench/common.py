@@ -62,7 +62,7 @@ def demo_catalog(
 
     from vtfusion.indexer.catalog import read_csv
     from vtfusion.indexer.demo import generate
-    from vtfusion.models import checkpoint
+    from vtfusion.models import factory
 
     generate(tmp / "cat", n=n, seed=0, test_frac=test_frac)
     csv = tmp / "cat" / "train.csv"
@@ -77,7 +77,7 @@ def demo_catalog(
     rows, _ = read_csv(csv)
     if model is None:
         model = tmp / "model"
-        checkpoint.save(checkpoint.build_scratch([t for r in rows for t in r.texts]), model)
+        factory.save(factory.build_scratch([t for r in rows for t in r.texts]), model)
     return rows, csv, model
 
 

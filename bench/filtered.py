@@ -22,7 +22,7 @@ import numpy as np
 from common import clustered, table
 from synthetic import bulk_collection
 
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.search.engine import EXACT_FILTER_MAX, SearchEngine
 
 
@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bundle = checkpoint.build_scratch(["a red mug", "a blue hat"], vocab_size=60)
-        checkpoint.save(bundle, tmp / "model")
+        bundle = factory.build_scratch(["a red mug", "a blue hat"], vocab_size=60)
+        factory.save(bundle, tmp / "model")
         t = time.perf_counter()
         c, xb = bulk_collection(tmp / "col", tmp / "model", args.n)
         print(f"built a {args.n:,}-item collection in {time.perf_counter() - t:.1f} s; image index {c.indexes['image'].factory}")

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vtfusion.models import checkpoint  # noqa: E402
+from vtfusion.models import factory  # noqa: E402
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -53,11 +53,11 @@ def main() -> None:
     ap.add_argument("--ceiling-tflops", type=float, default=790.0, help="bf16 dense matmul ceiling of the device")
     ap.add_argument("--model", type=Path, help="model folder (default: an untrained default-size model)")
     args = ap.parse_args()
-    device = checkpoint.resolve_device("auto")
+    device = factory.resolve_device("auto")
     texts = [f"a {c} {p} {o} to the left of a small {c2} plain bag" for c, p, o, c2 in
              zip(["red", "blue", "green", "black"] * 64, ["striped", "dotted", "plain", "checkered"] * 64,
                  ["mug", "hat", "sneaker", "lamp"] * 64, ["yellow", "white", "pink", "grey"] * 64)]
-    b = checkpoint.load(args.model, device) if args.model else checkpoint.build_scratch(texts)
+    b = factory.load(args.model, device) if args.model else factory.build_scratch(texts)
     model = b.model.to(device).eval()
     if device.type == "cuda":
         model.vision.to(memory_format=torch.channels_last)

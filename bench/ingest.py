@@ -35,7 +35,7 @@ from common import demo_catalog  # also puts the repository on sys.path
 
 from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import default_workers, embeds_in_workers, ingest, item_text
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, load_image
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows, catalog, args.model = demo_catalog(tmp, args.n, args.model, jpeg_side=args.jpeg)
-        bundle = checkpoint.load(args.model, device=checkpoint.resolve_device("auto"))
+        bundle = factory.load(args.model, device=factory.resolve_device("auto"))
         decodes = []
         if args.jpeg and not args.full_decode:
             sample = rows[: min(len(rows), 300)]

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.preprocess import ImageError
 
 from .locks import file_lock, try_file_lock
@@ -231,7 +231,7 @@ class Collection:
         url = resolve_url(config.db_url) if config.db_url else f"sqlite:///{folder / 'catalog.db'}"
         self.engine = make_engine(url)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
-        self._bundle: checkpoint.Bundle | None = None
+        self._bundle: factory.Bundle | None = None
         self.indexes: dict[str, VectorIndex] = {}
         self._synced = -1  # last SQL change the in-memory indexes have applied
         self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
@@ -266,10 +266,10 @@ class Collection:
         folder = Path(folder)
         if (folder / CONFIG_NAME).exists():
             raise CollectionError(f"{folder} already holds a collection; open it, or pick another folder")
-        ref = str(model) if checkpoint.is_pretrained_ref(model) else str(Path(model).resolve())
+        ref = str(model) if factory.is_pretrained_ref(model) else str(Path(model).resolve())
         try:
-            bundle = checkpoint.load(ref)
-        except checkpoint.ModelLoadError as e:
+            bundle = factory.load(ref)
+        except factory.ModelLoadError as e:
             raise CollectionError(str(e)) from e
         m = bundle.model
         if token_dtype == "auto":
@@ -431,9 +431,9 @@ class Collection:
     # ---- the model -------------------------------------------------------------------
 
     @property
-    def bundle(self) -> checkpoint.Bundle:
+    def bundle(self) -> factory.Bundle:
         if self._bundle is None:
-            bundle = checkpoint.load(self.config.model, device=checkpoint.resolve_device("auto"))
+            bundle = factory.load(self.config.model, device=factory.resolve_device("auto"))
             if bundle.fingerprint != self.config.model_fingerprint:
                 raise CollectionError(
                     f"the model at {self.config.model} has changed since this collection was built "

@@ -487,12 +487,11 @@ def _embed(bundle, rows: list[CatalogRow], fresh, encode: Callable | None, p: _P
     model, device = bundle.model, bundle.device
     if not fresh:
         return p
-    pixels = bundle.transform.normalize(torch.stack([px for _, px, _ in fresh]).to(device, non_blocking=True))
     texts = [item_text(rows[i]) for i, _, _ in fresh]
     p.has_text = [bool(x) for x in texts]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        tok = model.image_tokens(pixels)  # (b, N, D_v)
-        p.image_emb = model.image_emb(tok).float().cpu()  # (b, E)
+        emb, tok = bundle.embed_pixels(torch.stack([px for _, px, _ in fresh]))  # (b, E), (b, N, D_v)
+        p.image_emb = emb.float().cpu()
         if any(p.has_text):
             ids, mask = bundle.tokenizer([x for x in texts if x])
             p.text_emb = model.encode_text(ids.to(device), mask.to(device)).float().cpu()  # (t, E)

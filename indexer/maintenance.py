@@ -21,7 +21,7 @@ import torch
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import bindparam, func, select, update
 
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.preprocess import ImageError
 from vtfusion.models.progress import progress as progress_bar
 
@@ -340,10 +340,10 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
     stop it after the current batch (what is staged stays; re-running resumes)."""
     from .ingest import StopOnSignal, content_hash
 
-    ref = str(model) if checkpoint.is_pretrained_ref(model) else str(Path(model).resolve())
+    ref = str(model) if factory.is_pretrained_ref(model) else str(Path(model).resolve())
     try:
-        bundle = checkpoint.load(ref, device=checkpoint.resolve_device("auto"))
-    except checkpoint.ModelLoadError as e:
+        bundle = factory.load(ref, device=factory.resolve_device("auto"))
+    except factory.ModelLoadError as e:
         raise CollectionError(str(e)) from e
     m, fp = bundle.model, bundle.fingerprint
     rep = ReembedReport(ref, fp)

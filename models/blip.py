@@ -60,15 +60,32 @@ class BlipAdapter(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_emb(self.image_tokens(pixels))
 
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_text(
+        self, ids: torch.Tensor, mask: torch.Tensor, return_tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, None]:
+        """(B, E) unit vectors; ``return_tokens``: (emb, None): BLIP's ITM runs its text encoder
+        again with cross-attention, so there are no text tokens to reuse."""
         h = self.hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D_t)
-        return F.normalize(self.hf.text_proj(h[:, 0]), dim=-1)  # (B, E)
+        emb = F.normalize(self.hf.text_proj(h[:, 0]), dim=-1)  # (B, E)
+        return (emb, None) if return_tokens else emb
+
+    def text_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """None: nothing of the text tower's output is reusable by ``itm_logits`` (see ``encode_text``)."""
+        return None
 
     def itm_logits(
-        self, image_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, return_attention: bool = False
+        self,
+        image_tokens: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        return_attention: bool = False,
+        text_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, N, D_v), (B, L) -> (B,); either side may have batch 1 (broadcast). With
-        ``return_attention`` also the cross-attention weights per layer, each (B, H, L, N)."""
+        ``return_attention`` also the cross-attention weights per layer, each (B, H, L, N).
+        ``text_tokens`` is accepted for the protocol and must be None (there are none)."""
+        if text_tokens is not None:
+            raise ValueError("BLIP's ITM takes no precomputed text tokens")
         b_img, b_txt = image_tokens.shape[0], ids.shape[0]
         if b_img != b_txt and 1 not in (b_img, b_txt):
             raise ValueError(f"batch sizes differ: {b_img} image token sets vs {b_txt} texts")

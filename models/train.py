@@ -46,8 +46,8 @@ from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import checkpoint
-from .checkpoint import Bundle
+from . import factory
+from .factory import Bundle
 from .data import PairCollator, PairDataset
 from .fusion import fused_score
 from .layers import gather_rows
@@ -298,7 +298,7 @@ def _write_checkpoint(out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep:
     tmp = root / f".tmp-{meta['step']:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    checkpoint.save(bundle, tmp)
+    factory.save(bundle, tmp)
     _save_state(tmp, opt, gen, meta, mlm)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # a checkpoint folder is complete or absent
@@ -513,7 +513,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     """Train ``bundle.model`` in place on ``dataset``; writes the final model folder to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = checkpoint.resolve_device(cfg.device)
+    device = factory.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = bundle.model.to(device)
     if device.type == "cuda":
@@ -543,7 +543,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
         if ckpt is None:
             log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir / CHECKPOINTS)
         else:
-            load_model(model, str(ckpt / checkpoint.WEIGHTS_NAME), device=str(device))
+            load_model(model, str(ckpt / factory.WEIGHTS_NAME), device=str(device))
             state = _load_state(ckpt, opt, gen, mlm)
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             elapsed_before = state.get("elapsed", 0.0)
@@ -640,5 +640,5 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
             result.rerank_steps, result.rerank_losses = tune_reranker(bundle, dataset, cfg, device, seconds=left)
             result.rerank_seconds = time.perf_counter() - t_tune
             log.info("then %d reranker steps in %.0f s", result.rerank_steps, result.rerank_seconds)
-    checkpoint.save(bundle, out_dir)
+    factory.save(bundle, out_dir)
     return result

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Bundle
+from .factory import Bundle
 from .fusion import fused_score
 from .progress import progress as progress_bar
 

@@ -70,18 +70,15 @@ class SearchEngine:
                 img = b.transform.load(query)
             except ImageError as e:  # not an image, a format outside the allowlist, a bomb
                 raise SearchError(str(e)) from e
-            tokens = b.image_tokens([img])  # (1, N, D_v)
-            xq = b.model.image_emb(tokens).float().cpu().numpy()
-            return "image", "image", xq, Query(image_tokens=tokens.float().cpu()), None
+            emb, tokens = b.embed_images([img])  # (1, E), (1, N, D_v)
+            return "image", "image", emb.float().cpu().numpy(), Query(image_tokens=tokens.float().cpu()), None
         if isinstance(query, str):
             if not query.strip():
                 raise SearchError("empty text query")
             ids, mask = b.tokenizer([query])
-            if hasattr(b.model, "text_tokens"):  # native model: keep the text tokens for reranking
-                emb, tokens = b.model.encode_text(ids.to(b.device), mask.to(b.device), return_tokens=True)
-                return "text", "text", emb.float().cpu().numpy(), Query(ids=ids, mask=mask, text_tokens=tokens), None
-            xq = b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy()
-            return "text", "text", xq, Query(ids=ids, mask=mask), None
+            # the text tokens (None where the backend has none to reuse) go to the reranker
+            emb, tokens = b.model.encode_text(ids.to(b.device), mask.to(b.device), return_tokens=True)
+            return "text", "text", emb.float().cpu().numpy(), Query(ids=ids, mask=mask, text_tokens=tokens), None
         raise SearchError(f"a query is a text, an image, a path to one, or ItemQuery(id); got {type(query).__name__}")
 
     # ---- stage 1: filter + retrieve ----------------------------------------------------
@@ -190,7 +187,7 @@ class SearchEngine:
 
         t = time.perf_counter()
         cross = modality != target
-        has_itm = self.c.bundle.has_itm or not isinstance(self.scorer, ITMScorer)
+        has_itm = getattr(self.scorer, "ready", True)  # ITMScorer: False for a model without a trained ITM head
         depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" and has_itm else 0
         logits = np.full(len(ids), np.nan, dtype=np.float32)
         order = np.arange(len(ids))

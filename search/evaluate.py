@@ -145,8 +145,8 @@ class _Images:
             if not batch:
                 continue
             with torch.inference_mode():
-                tok = b.image_tokens(imgs)  # (B, N, D_v)
-                self.emb[batch] = b.model.image_emb(tok).float().cpu().numpy()
+                emb, tok = b.embed_images(imgs)  # (B, E), (B, N, D_v)
+                self.emb[batch] = emb.float().cpu().numpy()
             for g, t in zip(batch, tok.float().cpu().numpy()):
                 self.scratch_row[g] = len(self.scratch_row)
                 self.scratch[self.scratch_row[g]] = t
@@ -169,7 +169,7 @@ def _encode_texts(b, texts: list[str], progress: bool, batch: int = 64) -> np.nd
         ids, mask = b.tokenizer(texts[start : start + batch])
         with torch.inference_mode():
             out.append(b.model.encode_text(ids.to(b.device), mask.to(b.device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, b.model.embed_dim if hasattr(b.model, "embed_dim") else 0), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, b.model.embed_dim), np.float32)
 
 
 @dataclass

@@ -26,6 +26,10 @@ FUSIONS = ("itm+itc", "itm", "itc")
 
 
 class Scorer(Protocol):
+    """Scores candidates for a query. Optional attributes the engine reads: ``ready`` (False
+    when it cannot score, e.g. a model without a trained ITM head; taken as True when absent)
+    and ``misses`` (image tokens re-encoded so far)."""
+
     def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray: ...
 
 
@@ -44,6 +48,11 @@ class ITMScorer:
         self.c = collection
         self.chunk = chunk
         self.misses = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether this collection's model can rerank (it has a trained ITM head)."""
+        return self.c.bundle.has_itm
 
     @torch.inference_mode()
     def score(self, query: Query, candidate_ids: Sequence[int]) -> np.ndarray:
@@ -68,8 +77,10 @@ class ITMScorer:
         """The query with its text tower output attached (native models), so that scoring
         chunk after chunk runs the tower once."""
         model, device = self.c.bundle.model, self.c.bundle.device
-        if query.text_tokens is None and hasattr(model, "text_tokens"):
-            return Query(ids=query.ids, mask=query.mask, text_tokens=model.text_tokens(query.ids.to(device), query.mask.to(device)))
+        if query.text_tokens is None:
+            tokens = model.text_tokens(query.ids.to(device), query.mask.to(device))  # None where the backend has none
+            if tokens is not None:
+                return Query(ids=query.ids, mask=query.mask, text_tokens=tokens)
         return query
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 torch.set_num_threads(2)
 
 from vtfusion.indexer.demo import generate  # noqa: E402
-from vtfusion.models import checkpoint  # noqa: E402
+from vtfusion.models import factory  # noqa: E402
 from vtfusion.models.config import VisionConfig  # noqa: E402
 
 TINY_VISION = VisionConfig(
@@ -25,16 +25,16 @@ TEXTS = [
 ]
 
 
-def tiny_bundle(texts=TEXTS, **kw) -> checkpoint.Bundle:
+def tiny_bundle(texts=TEXTS, **kw) -> factory.Bundle:
     torch.manual_seed(0)
-    return checkpoint.build_scratch(
+    return factory.build_scratch(
         texts, vision=TINY_VISION, vocab_size=120, hidden_size=20, num_layers=1, num_heads=2, max_length=24,
         embed_dim=14, **kw,
     )
 
 
 @pytest.fixture
-def bundle() -> checkpoint.Bundle:
+def bundle() -> factory.Bundle:
     b = tiny_bundle()
     b.model.eval()
     return b
@@ -61,7 +61,7 @@ def model_dir(tmp_path_factory, small_catalog):
 
     rows, _ = read_csv(small_catalog / "train.csv")
     torch.manual_seed(0)
-    b = checkpoint.build_scratch(
+    b = factory.build_scratch(
         [t for r in rows for t in r.texts], vision=TINY_VISION, vocab_size=200, hidden_size=32, num_layers=1,
         num_heads=2, embed_dim=24,
     )

@@ -5,24 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.accel import CompiledOrEager
 
 
 @pytest.fixture
 def saved(tmp_path, bundle):
-    checkpoint.save(bundle, tmp_path / "m")
+    factory.save(bundle, tmp_path / "m")
     return tmp_path / "m"
 
 
 def test_not_compiled_unless_asked(saved, monkeypatch):
     monkeypatch.delenv("VTFUSION_COMPILE", raising=False)
-    assert not isinstance(checkpoint.load(saved).model.vision, CompiledOrEager)
+    assert not isinstance(factory.load(saved).model.vision, CompiledOrEager)
 
 
 def test_compile_failure_falls_back_to_eager_once(saved, monkeypatch, caplog):
     monkeypatch.setenv("VTFUSION_COMPILE", "1")
-    b = checkpoint.load(saved)
+    b = factory.load(saved)
     assert isinstance(b.model.vision, CompiledOrEager)
     calls = []
 
@@ -46,7 +46,7 @@ def test_compile_failure_falls_back_to_eager_once(saved, monkeypatch, caplog):
 @pytest.mark.slow
 def test_compiled_equals_eager(saved, monkeypatch):
     monkeypatch.setenv("VTFUSION_COMPILE", "1")
-    b = checkpoint.load(saved)
+    b = factory.load(saved)
     s = b.config.vision.image_size
     px = torch.randn(3, 3, s, s)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from vtfusion.indexer.catalog import read_csv
 from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.indexer.lifecycle import verify
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.preprocess import fit, load_image, train_wordpiece
 from vtfusion.search.engine import ItemQuery, SearchEngine
 from vtfusion.search.evaluate import evaluate
@@ -84,7 +84,7 @@ def test_blip_adapter_matches_hf(blip_dir):
     from transformers import BlipForImageTextRetrieval
 
     ref = BlipForImageTextRetrieval.from_pretrained(str(blip_dir), use_safetensors=True).eval()
-    b = checkpoint.load(f"hf:{blip_dir}")
+    b = factory.load(f"hf:{blip_dir}")
     assert (b.model.num_tokens, b.model.token_width, b.model.embed_dim) == (17, 20, 12)
     assert (b.transform.size, b.transform.mode, b.transform.resample) == (32, "squash", "bicubic")
     torch.manual_seed(2)
@@ -110,7 +110,7 @@ def test_clip_adapter_matches_hf(clip_dir):
     from transformers import CLIPModel
 
     ref = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True).eval()
-    b = checkpoint.load(f"clip:{clip_dir}")
+    b = factory.load(f"clip:{clip_dir}")
     assert not b.has_itm
     assert (b.model.num_tokens, b.model.token_width, b.model.embed_dim) == (17, 18, 10)
     assert (b.transform.size, b.transform.mode) == (32, "crop")
@@ -200,9 +200,9 @@ def test_clip_index_only_then_trained_fusion(clip_dir, small_catalog, tmp_path):
         "--freeze-towers", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--checkpoint-every", "0",
     ])
     assert r.exit_code == 0, r.output
-    trained = checkpoint.load(tmp_path / "m")
+    trained = factory.load(tmp_path / "m")
     assert trained.has_itm and trained.config.vision.kind == "clip"
-    index_only = checkpoint.load(f"clip:{clip_dir}")
+    index_only = factory.load(f"clip:{clip_dir}")
     for name, p in index_only.model.state_dict().items():  # frozen: towers, projections, temperature unchanged
         if not name.startswith(("fusion", "itm_head")):
             torch.testing.assert_close(trained.model.state_dict()[name], p, msg=name)
@@ -219,14 +219,14 @@ def test_clip_index_only_then_trained_fusion(clip_dir, small_catalog, tmp_path):
 
 def test_missing_weights_error_names_the_reference(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(checkpoint.ModelLoadError) as e:
-        checkpoint.load("hf:vtfusion-tests/no-such-blip")
+    with pytest.raises(factory.ModelLoadError) as e:
+        factory.load("hf:vtfusion-tests/no-such-blip")
     msg = str(e.value)
     for part in ("hf:vtfusion-tests/no-such-blip", "could not be found locally", "HF_HUB_OFFLINE",
                  "huggingface-cli download vtfusion-tests/no-such-blip", "hf:DIR"):
         assert part in msg
-    with pytest.raises(checkpoint.ModelLoadError, match="no folder at"):
-        checkpoint.load("clip:./no/such/folder")
+    with pytest.raises(factory.ModelLoadError, match="no folder at"):
+        factory.load("clip:./no/such/folder")
     r = CliRunner().invoke(app, ["init", "/tmp/vtf-never-created", "--model", "clip:vtfusion-tests/no-such-clip"])
     assert r.exit_code == 1 and "clip:vtfusion-tests/no-such-clip" in r.output and "could not be found locally" in r.output
 
@@ -236,10 +236,38 @@ def test_pickled_weights_are_refused(tmp_path, blip_dir):
     folder.mkdir()
     (folder / "config.json").write_text((blip_dir / "config.json").read_text())
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
-    with pytest.raises(checkpoint.ModelLoadError, match="never loads pickled"):
-        checkpoint.load(f"hf:{folder}")
+    with pytest.raises(factory.ModelLoadError, match="never loads pickled"):
+        factory.load(f"hf:{folder}")
 
 
 def test_train_refuses_blip_init(blip_dir, small_catalog, tmp_path):
     r = CliRunner().invoke(app, ["train", str(small_catalog / "train.csv"), "--out", str(tmp_path / "m"), "--init-from", f"hf:{blip_dir}", "--epochs", "1"])
     assert r.exit_code == 1 and "BLIP checkpoints are used as they are" in r.output
+
+
+def test_every_backend_implements_the_protocol(blip_dir, clip_dir, model_dir):
+    """Native, CLIP-towered and BLIP models all carry every verb of ``Backend``; the one
+    optional part, reusable text tokens, is None on BLIP and accepted back as None; one path
+    from pixels gives the same (embedding, tokens) as the verbs one by one."""
+    from PIL import Image
+
+    from vtfusion.models import factory
+    from vtfusion.models.backend import Backend
+
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    for ref in (str(model_dir), f"clip:{clip_dir}", f"hf:{blip_dir}"):
+        b = factory.load(ref)
+        m = b.model
+        assert isinstance(m, Backend), ref
+        ids, mask = b.tokenizer(["a red mug"])
+        with torch.no_grad():
+            emb, tokens = b.embed_images([img])
+            assert emb.shape == (1, m.embed_dim) and tokens.shape == (1, m.num_tokens, m.token_width)
+            want = m.image_emb(m.image_tokens(b.transform.normalize(b.transform.batch([img]).to(b.device))))
+            torch.testing.assert_close(emb, want)
+            t_emb, t_tok = m.encode_text(ids, mask, return_tokens=True)
+            assert t_emb.shape == (1, m.embed_dim)
+            assert (t_tok is None) == (m.text_tokens(ids, mask) is None) == ref.startswith("hf:")
+            a = m.itm_logits(tokens, ids, mask, text_tokens=t_tok)
+            torch.testing.assert_close(a, m.itm_logits(tokens, ids, mask))
+            assert float(m.logit_scale_value()) > 0

@@ -30,7 +30,7 @@ from vtfusion.indexer.ingest import ingest
 from vtfusion.indexer.lifecycle import delete, select_items, stats, verify
 from vtfusion.indexer.maintenance import bad_token_items, compact, reembed, repair, restore
 from vtfusion.indexer.schema import Embedding, Item
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.ui.cli import app
 
 
@@ -287,12 +287,12 @@ def test_corrupt_meta_json_truncated_index_and_leftover_temp_files(tmp_path, mod
 
 
 def _another_model(model_dir: Path, out: Path) -> Path:
-    b = checkpoint.load(model_dir)
+    b = factory.load(model_dir)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in b.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    checkpoint.save(b, out)
+    factory.save(b, out)
     return out
 
 
@@ -314,7 +314,7 @@ def test_reembed_switches_embeddings_tokens_and_model_together(tmp_path, model_d
     rep = reembed(c, new_dir, progress=False, batch_size=16)
     assert rep.switched and rep.embedded == stats(c)["items_active"] and not rep.failed
     c2 = Collection.open(tmp_path / "c")
-    nb = checkpoint.load(new_dir)
+    nb = factory.load(new_dir)
     assert c2.config.model_fingerprint == nb.fingerprint == json.loads((tmp_path / "c" / "index" / "meta.json").read_text())["image"]["model_fingerprint"]
     with c2.Session() as s:
         rows = s.execute(select(Item.id, Item.image_path, Item.text).where(Item.status == "active").order_by(Item.id)).all()
@@ -602,7 +602,7 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
         assert _run_and_kill_at(cli + argv, 300) == 0, argv
     c = Collection.open(tmp_path / "c")
     assert verify(c).ok and stats(c)["items_active"] == n
-    assert c.config.model_fingerprint == checkpoint.load(m2).fingerprint
+    assert c.config.model_fingerprint == factory.load(m2).fingerprint
     _assert_tokens_right(c)
     assert len(list((tmp_path / "c").glob("tokens*"))) == 1
 

@@ -105,7 +105,7 @@ def test_config_validation():
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_itm_pools_ignore_padding_and_saved_pool_round_trips(pool, tmp_path):
-    from vtfusion.models import checkpoint
+    from vtfusion.models import factory
     from vtfusion.models.config import FusionConfig, ModelConfig
 
     b = tiny_bundle(fusion=FusionConfig(num_heads=2, itm_pool=pool))
@@ -116,8 +116,8 @@ def test_itm_pools_ignore_padding_and_saved_pool_round_trips(pool, tmp_path):
         both = m.itm_logits(tokens, ids, mask)
         alone = m.itm_logits(tokens[:1], *tok(["a red mug"]))
     torch.testing.assert_close(both[:1], alone)
-    checkpoint.save(b, tmp_path)
-    assert checkpoint.load(tmp_path).model.cfg.fusion.itm_pool == pool
+    factory.save(b, tmp_path)
+    assert factory.load(tmp_path).model.cfg.fusion.itm_pool == pool
     # a config written before the field existed reads as the [CLS] head it was trained with
     d = b.model.cfg.to_dict()
     assert d["format_version"] == 2

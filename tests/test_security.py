@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import PG_ADMIN_URL, _pg_available
 from vtfusion.indexer.collection import Collection, CollectionError, mask_url
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.ui.cli import app
 
 SECRET = "s3cret-Pa55word"
@@ -72,12 +72,12 @@ def test_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path, bundle, mon
     import pickle
 
     folder = tmp_path / "m"
-    checkpoint.save(bundle, folder)
+    factory.save(bundle, folder)
     (folder / "model.safetensors").unlink()
     torch.save(bundle.model.state_dict(), folder / "pytorch_model.bin")  # a pickle where the weights should be
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
-    with pytest.raises(checkpoint.ModelLoadError, match="missing model.safetensors"):
-        checkpoint.load(folder)
+    with pytest.raises(factory.ModelLoadError, match="missing model.safetensors"):
+        factory.load(folder)
     with pytest.raises(CollectionError, match="missing model.safetensors"):
         Collection.init(tmp_path / "c", folder)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_VISION, tiny_bundle
 from vtfusion.indexer.catalog import Columns, read_csv
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.losses import itc_loss, sample_hard_negatives
 from vtfusion.models.train import (
@@ -37,7 +37,7 @@ def _dataset(catalog, b, cols=("title", "caption")):
 def _fresh(catalog):
     rows, _ = read_csv(catalog / "train.csv", Columns(text=("title", "caption")))
     torch.manual_seed(0)
-    return checkpoint.build_scratch(
+    return factory.build_scratch(
         [t for r in rows for t in r.texts], vision=TINY_VISION, vocab_size=200, hidden_size=32, num_layers=1,
         num_heads=2, embed_dim=24,
     )
@@ -58,7 +58,7 @@ def test_training_lowers_loss_and_retrieves_far_above_chance(small_catalog, tmp_
     chance = 1 / len(ds)
     assert v.itc_r1 > 10 * chance, v  # chance is ~2 %
     assert (tmp_path / "m" / "model.safetensors").exists()
-    loaded = checkpoint.load(tmp_path / "m")
+    loaded = factory.load(tmp_path / "m")
     v2 = text_to_image_r1(loaded, ds.pixels_all(), [p.texts[0] for p in ds.pairs], rerank_k=8)
     assert v2 == v  # the saved model is the trained one
 
@@ -94,7 +94,7 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
         train_mod.train_step = real_step
     ckpt = latest_checkpoint(tmp_path / "c")
     assert ckpt is not None and ckpt.name == "step-0000004"
-    b = checkpoint.load(ckpt)
+    b = factory.load(ckpt)
     res = train(b, _dataset(small_catalog, b), tmp_path / "c", cfg, resume=True)
     assert res.steps == len(runs[0][0])
     assert res.losses == runs[0][0][4:]
@@ -115,7 +115,7 @@ def test_a_seed_gives_one_model_through_train_catalog(small_catalog, tmp_path):
         report = train_catalog(small_catalog / "train.csv", tmp_path / name, dataclasses.replace(cfg, seed=seed),
                                text_tower="scratch", vision=TINY_VISION)
         assert report.result.steps == 3
-        weights.append(_weights(checkpoint.load(tmp_path / name)))
+        weights.append(_weights(factory.load(tmp_path / name)))
     a, b, c = weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # another seed, another model
@@ -160,17 +160,17 @@ def test_reranker_stage_trains_fusion_alone_reproducibly_and_survives_resume(sma
         ds = _dataset(small_catalog, b)
         res = train(b, ds, tmp_path / name, cfg)
         assert res.rerank_steps == 3 * (len(ds) // 16) and len(res.rerank_losses) == res.rerank_steps
-        runs.append(_weights(checkpoint.load(tmp_path / name)))
+        runs.append(_weights(factory.load(tmp_path / name)))
     a, b_, j = runs[0], runs[1], _weights(joint)
     assert all(torch.equal(a[k], b_[k]) for k in a)  # a seed gives one model, second stage included
     for k in a:
         fusion = k.startswith(("fusion.", "fusion_norm.", "itm_head."))
         assert torch.equal(a[k], j[k]) != fusion, k  # towers exactly as the joint run left them; fusion moved
     # resumed from the joint run's final checkpoint, the second stage is redone bit for bit
-    b = checkpoint.load(latest_checkpoint(tmp_path / "a"))
+    b = factory.load(latest_checkpoint(tmp_path / "a"))
     res = train(b, _dataset(small_catalog, b), tmp_path / "a", cfg, resume=True)
     assert res.rerank_steps > 0
-    w = _weights(checkpoint.load(tmp_path / "a"))
+    w = _weights(factory.load(tmp_path / "a"))
     assert all(torch.equal(w[k], a[k]) for k in a)
 
 

@@ -28,7 +28,7 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 if TYPE_CHECKING:
     from vtfusion.indexer.collection import Collection
     from vtfusion.indexer.ingest import IngestReport
-    from vtfusion.models.checkpoint import Bundle
+    from vtfusion.models.factory import Bundle
     from vtfusion.search.engine import SearchEngine
     from vtfusion.search.results import SearchResult
 
@@ -97,7 +97,7 @@ def evaluate(collection: Collection, pairs: str | Path, **options: Any) -> dict:
 def load_model(ref: str | Path, device: str = "cpu") -> Bundle:
     """A model with its tokenizer and image transform: a folder written by ``vtfusion train``,
     ``hf:<BLIP id or folder>`` or ``clip:<CLIP id or folder>``."""
-    from vtfusion.models.checkpoint import load
+    from vtfusion.models.factory import load
 
     return load(ref, device)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_VISION, tiny_bundle
-from vtfusion.models import checkpoint
+from vtfusion.models import factory
 from vtfusion.models.config import ModelConfig
 
 
@@ -44,11 +44,11 @@ def test_save_load_is_bit_identical(tmp_path, no_unpickling):
             mod.running_mean.uniform_(-0.5, 0.5)
             mod.running_var.uniform_(0.5, 1.5)
     before = _outputs(b)
-    fp = checkpoint.save(b, tmp_path / "m")
+    fp = factory.save(b, tmp_path / "m")
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert "config.json" in names and "model.safetensors" in names and "tokenizer.json" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pth"))]
-    loaded = checkpoint.load(tmp_path / "m")
+    loaded = factory.load(tmp_path / "m")
     assert loaded.fingerprint == fp and len(fp) == 16
     for x, y in zip(before, _outputs(loaded)):
         assert torch.equal(x, y)
@@ -65,22 +65,22 @@ def test_config_json_round_trip(tmp_path):
 
 def test_fingerprint_changes_with_weights(tmp_path):
     b = tiny_bundle()
-    fp1 = checkpoint.save(b, tmp_path / "a")
+    fp1 = factory.save(b, tmp_path / "a")
     with torch.no_grad():
         b.model.itm_head.bias.add_(1.0)
-    assert checkpoint.save(b, tmp_path / "b") != fp1
+    assert factory.save(b, tmp_path / "b") != fp1
 
 
 def test_missing_or_mismatched_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(checkpoint.ModelLoadError, match="not a vtfusion model folder"):
-        checkpoint.load(tmp_path)
+    with pytest.raises(factory.ModelLoadError, match="not a vtfusion model folder"):
+        factory.load(tmp_path)
     b = tiny_bundle()
-    checkpoint.save(b, tmp_path / "m")
+    factory.save(b, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["fusion"]["num_layers"] = 3
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(checkpoint.ModelLoadError, match="does not match"):
-        checkpoint.load(tmp_path / "m")
+    with pytest.raises(factory.ModelLoadError, match="does not match"):
+        factory.load(tmp_path / "m")
 
 
 def test_newer_format_is_refused(tmp_path):
@@ -96,7 +96,7 @@ def test_minilm_text_tower_loads_offline_and_round_trips(tmp_path, no_unpickling
     from vtfusion.models.text import minilm_folder
 
     folder = minilm_folder()
-    b = checkpoint.build_pretrained_text(folder, vision=TINY_VISION)
+    b = factory.build_pretrained_text(folder, vision=TINY_VISION)
     assert b.config.text.source == "pretrained" and b.model.text.width == 384
     ids, mask = b.tokenizer(["a red mug"])
     assert ids[0, 0].item() == 101  # BERT's [CLS]: the package's own vocabulary
@@ -108,8 +108,8 @@ def test_minilm_text_tower_loads_offline_and_round_trips(tmp_path, no_unpickling
     with torch.no_grad():
         torch.testing.assert_close(b.model.text(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state)
     before = _outputs_minilm(b)
-    checkpoint.save(b, tmp_path / "m")
-    loaded = checkpoint.load(tmp_path / "m")  # rebuilt from config.json alone
+    factory.save(b, tmp_path / "m")
+    loaded = factory.load(tmp_path / "m")  # rebuilt from config.json alone
     for x, y in zip(before, _outputs_minilm(loaded)):
         assert torch.equal(x, y)
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .accel import for_inference
+from .backend import Backend
 from .blip import BlipAdapter
 from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .config import CONFIG_NAME, FusionConfig, ModelConfig, TextConfig, VisionConfig
@@ -43,7 +44,7 @@ class ModelLoadError(RuntimeError):
 class Bundle:
     """A model with the preprocessing that belongs to it."""
 
-    model: FusionModel | BlipAdapter
+    model: Backend  # FusionModel (native, pretrained text, CLIP towers) or BlipAdapter
     tokenizer: TextTokenizer
     transform: ImageTransform
     fingerprint: str = ""  # sha256 of config + weights of the folder it was loaded from ("" if unsaved)
@@ -60,10 +61,19 @@ class Bundle:
         return next(self.model.parameters()).device
 
     def image_tokens(self, images: Iterable) -> torch.Tensor:
-        """PIL images -> their image tokens (B, N, D_v) on the bundle's device: transform,
-        normalise, tower. The one path from decoded images to tokens outside the batched ingest."""
-        px = self.transform.normalize(self.transform.batch(images).to(self.device))  # (B, 3, S, S)
-        return self.model.image_tokens(px)
+        """PIL images -> their image tokens (B, N, D_v) on the bundle's device."""
+        return self.embed_images(images)[1]
+
+    def embed_images(self, images: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+        """PIL images -> (unit embeddings (B, E), image tokens (B, N, D_v)) on the bundle's
+        device: transform, then :meth:`embed_pixels`."""
+        return self.embed_pixels(self.transform.batch(images))
+
+    def embed_pixels(self, pixels_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels (B, 3, S, S) -> (unit embeddings (B, E), image tokens (B, N, D_v)): the
+        one path from pixels to what indexing and reranking store (normalise, tower, pool)."""
+        tokens = self.model.image_tokens(self.transform.normalize(pixels_u8.to(self.device, non_blocking=True)))
+        return self.model.image_emb(tokens), tokens
 
 
 def resolve_device(device: str = "auto") -> torch.device:
