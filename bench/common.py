@@ -60,8 +60,8 @@ def demo_catalog(
     come, instead of the demo's 128-pixel PNGs."""
     from PIL import Image
 
-    from vtfusion.indexer.catalog import read_csv
-    from vtfusion.indexer.demo import generate
+    from vtfusion.catalogs.sources import read_csv
+    from vtfusion.catalogs.demo import generate
     from vtfusion.models import factory
 
     generate(tmp / "cat", n=n, seed=0, test_frac=test_frac)

@@ -280,7 +280,7 @@ class Collection:
             raise CollectionError(str(e)) from None
         if nprobe < 1:
             raise CollectionError(f"nprobe must be at least 1; got {nprobe}")
-        from .catalog import CatalogError, parse_schema
+        from vtfusion.catalogs.sources import CatalogError, parse_schema
 
         try:
             schema = ",".join(f"{k}:{v}" for k, v in sorted(parse_schema(schema).items()))

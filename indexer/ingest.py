@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, read_image_bytes
 from vtfusion.models.progress import progress as progress_bar
 
-from .catalog import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
+from vtfusion.catalogs.sources import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
 from .collection import Collection, first_line, make_engine
 from .schema import ACTIVE, REPLACED, Change, Embedding, IngestError, IngestRun, Item, MetaColumn, utcnow
 

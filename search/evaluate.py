@@ -54,7 +54,7 @@ from vtfusion.models.progress import progress as progress_bar
 
 from . import stats
 from .engine import SearchEngine
-from .pairs import EvalPair, PairSet, load_pairs, read_pairs
+from vtfusion.catalogs.pairs import EvalPair, PairSet, load_pairs, read_pairs
 from .ranking import BLOCK, Rankings, array_blocks, rank_queries
 from .rerank import FUSIONS, ITMScorer, Query
 

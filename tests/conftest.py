@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 torch.set_num_threads(2)
 
-from vtfusion.indexer.demo import generate  # noqa: E402
+from vtfusion.catalogs.demo import generate  # noqa: E402
 from vtfusion.models import factory  # noqa: E402
 from vtfusion.models.config import VisionConfig  # noqa: E402
 
@@ -55,7 +55,7 @@ PG_ADMIN_URL = os.environ.get("VTFUSION_PG_URL", "postgresql+psycopg://postgres@
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, small_catalog):
     """A tiny model, briefly trained on the small catalog, saved as a model folder."""
-    from vtfusion.indexer.catalog import read_csv
+    from vtfusion.catalogs.sources import read_csv
     from vtfusion.models.data import Pair, PairDataset
     from vtfusion.models.train import TrainConfig, train
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from vtfusion.indexer.catalog import read_csv
+from vtfusion.catalogs.sources import read_csv
 from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.indexer.lifecycle import verify

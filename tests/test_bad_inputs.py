@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from vtfusion.indexer.catalog import CatalogError, read_csv
+from vtfusion.catalogs.sources import CatalogError, read_csv
 from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.indexer.lifecycle import errors, verify

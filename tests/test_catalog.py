@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vtfusion.indexer.catalog import CatalogError, read_csv
+from vtfusion.catalogs.sources import CatalogError, read_csv
 
 
 def test_bad_rows_are_reported_not_fatal(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from vtfusion.indexer.collection import Collection
-from vtfusion.indexer.demo import generate
+from vtfusion.catalogs.demo import generate
 from vtfusion.indexer.lifecycle import select_items, verify
 from vtfusion.indexer.schema import Item
 

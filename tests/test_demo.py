@@ -7,7 +7,7 @@ import hashlib
 import re
 from collections import Counter
 
-from vtfusion.indexer.demo import CATEGORIES, COLORS, generate
+from vtfusion.catalogs.demo import CATEGORIES, COLORS, generate
 
 
 def _digest(folder):
@@ -74,7 +74,7 @@ def test_swapped_twin_images_differ_where_the_attribute_moved(tmp_path):
     """Pixels agree with the words: in a colour-swapped twin the left object's colour changes."""
     from PIL import Image
 
-    from vtfusion.indexer.demo import COLORS as RGB
+    from vtfusion.catalogs.demo import COLORS as RGB
 
     generate(tmp_path, n=200, seed=11, image_size=64)
     rows = {r["id"]: r for r in _rows(tmp_path)}

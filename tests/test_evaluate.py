@@ -375,7 +375,7 @@ def test_collection_gallery_equals_brute_force_over_active_items(tmp_path, model
 
 
 def test_blip_annotation_json_and_wrong_formats(tmp_path):
-    from vtfusion.search.pairs import read_pairs
+    from vtfusion.catalogs.pairs import read_pairs
 
     (tmp_path / "ann.json").write_text(json.dumps([
         {"image": "img/a.png", "caption": ["a red mug", "a mug, red"], "image_id": "a"},

@@ -249,7 +249,7 @@ def test_a_database_older_than_its_indexes_is_refused_with_the_rebuild(tmp_path,
     # written to since the restore until it reaches the same change number: still refused
     c = Collection.open(tmp_path / "c", catch_up=False)
     ingest_rows_later = small_catalog / "train.csv"
-    from vtfusion.indexer.catalog import read_source
+    from vtfusion.catalogs.sources import read_source
     from vtfusion.indexer.ingest import ingest_rows
 
     rows, _ = read_source(ingest_rows_later)
@@ -482,7 +482,7 @@ def test_ingest_exits_nonzero_when_rows_failed(tmp_path, model_dir, small_catalo
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_ingest_at_a_batch_boundary_with_a_message(tmp_path, model_dir, sig):
-    from vtfusion.indexer.demo import generate
+    from vtfusion.catalogs.demo import generate
 
     generate(tmp_path / "cat", n=300, seed=5, image_size=48)
     Collection.init(tmp_path / "c", model_dir)
@@ -562,7 +562,7 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
     opens, verifies clean and has every item; re-running finishes the job."""
     import random
 
-    from vtfusion.indexer.demo import generate
+    from vtfusion.catalogs.demo import generate
 
     generate(tmp_path / "cat", n=240, seed=7, image_size=48)
     c = Collection.init(tmp_path / "c", model_dir, db_url=db_url)
@@ -608,7 +608,7 @@ def test_compact_and_reembed_killed_at_random_points_lose_nothing(tmp_path, mode
 
 
 def test_sigterm_stops_reembed_at_a_batch_boundary_and_it_resumes(tmp_path, model_dir):
-    from vtfusion.indexer.demo import generate
+    from vtfusion.catalogs.demo import generate
     from vtfusion.indexer.schema import Reembedding
 
     generate(tmp_path / "cat", n=240, seed=8, image_size=48)

@@ -164,7 +164,7 @@ def test_eps_named_jpg_is_a_row_error_even_with_ghostscript(tmp_path, model_dir,
 def test_folder_catalogs_do_not_follow_symlinks_out_of_the_folder(tmp_path, model_dir, small_catalog):
     import shutil
 
-    from vtfusion.indexer.catalog import read_folder
+    from vtfusion.catalogs.sources import read_folder
 
     folder = tmp_path / "shop"
     (folder / "sub").mkdir(parents=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHADOWS = ("models", "indexer", "search", "ui")
+SHADOWS = ("models", "catalogs", "indexer", "search", "workflows", "ui")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from vtfusion.indexer import filters
-from vtfusion.indexer.catalog import CatalogError, Columns, read_csv, read_jsonl
+from vtfusion.catalogs.sources import CatalogError, Columns, read_csv, read_jsonl
 from vtfusion.indexer.schema import Base, Item
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -189,7 +189,7 @@ def test_image_paths_resolve_as_path_resolve_does(parts, absolute):
     the row fails later, alone, when its image cannot be opened."""
     import os
 
-    from vtfusion.indexer.catalog import _Resolver
+    from vtfusion.catalogs.sources import _Resolver
 
     with tempfile.TemporaryDirectory() as tmp:
         root = _symlink_tree(Path(tmp).resolve())
@@ -237,7 +237,7 @@ def test_filters_on_stored_metadata_equal_python_on_the_typed_catalog(typed_col,
     import io
     import itertools
 
-    from vtfusion.indexer.catalog import read_source
+    from vtfusion.catalogs.sources import read_source
     from vtfusion.indexer.ingest import column_kinds, ingest
     from vtfusion.indexer.lifecycle import select_items
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_VISION, tiny_bundle
-from vtfusion.indexer.catalog import Columns, read_csv
+from vtfusion.catalogs.sources import Columns, read_csv
 from vtfusion.models import factory
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.losses import itc_loss, sample_hard_negatives
@@ -105,7 +105,7 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
 def test_a_seed_gives_one_model_through_train_catalog(small_catalog, tmp_path):
     """The product path (``vtfusion train``/``demo``) builds the model itself: its initial
     weights must come from the seed, not from the process's random state before the call."""
-    from vtfusion.indexer.train_catalog import train_catalog
+    from vtfusion.workflows.train import train_catalog
 
     cfg = TrainConfig(epochs=1, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False)
     weights = []

@@ -21,7 +21,7 @@ import streamlit as st
 from PIL import Image
 
 from vtfusion.indexer import filters, lifecycle
-from vtfusion.indexer.catalog import SOURCE_SUFFIXES
+from vtfusion.catalogs.sources import SOURCE_SUFFIXES
 from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.models.preprocess import ImageError, load_image

@@ -55,7 +55,7 @@ def demo_catalog(
     test_frac: Annotated[float, typer.Option("--test-frac", help="Share of item groups held out in test.csv.")] = 0.2,
 ) -> None:
     """Generate the synthetic product catalog (attribute-bound captions, attribute-swapped twins)."""
-    from vtfusion.indexer.demo import generate
+    from vtfusion.catalogs.demo import generate
 
     try:
         counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac)
@@ -104,8 +104,8 @@ def train_cmd(
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
-    from vtfusion.indexer.catalog import CatalogError
-    from vtfusion.indexer.train_catalog import train_catalog
+    from vtfusion.catalogs.sources import CatalogError
+    from vtfusion.workflows.train import train_catalog
     from vtfusion.models.config import VisionConfig
     from vtfusion.models.train import TrainConfig
 
@@ -227,7 +227,7 @@ def ingest_cmd(
 
     Exits 1 when any row failed (see `vtfusion errors`), 130/143 when stopped by SIGINT/SIGTERM
     (at a batch boundary: what was committed stays, re-running resumes)."""
-    from vtfusion.indexer.catalog import CatalogError, Columns
+    from vtfusion.catalogs.sources import CatalogError, Columns
     from vtfusion.indexer.collection import CollectionError
     from vtfusion.indexer.ingest import ingest
 

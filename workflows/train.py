@@ -20,7 +20,7 @@ from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
 from vtfusion.models.validate import Validation, text_to_image_r1
 
-from .catalog import CatalogRow, Columns, read_source
+from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
 
 log = logging.getLogger(__name__)
 TEXT_TOWERS = ("minilm", "scratch")
