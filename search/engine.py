@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.store import ItemStatus
 from vtfusion.models.preprocess import ImageError
 
+from .ranking import top_k
 from .rerank import FUSIONS, ITMScorer, Query, Scorer, fuse, rerank_order, sigmoid
-from .results import Hit, SearchResult
+from .results import STAGES, Hit, SearchResult
 
 EXACT_FILTER_MAX = 20_000  # allowed sets up to this size are searched exhaustively (exact)
 ALLOWED_CACHE = 32  # filter expressions whose id sets are kept
@@ -118,9 +120,8 @@ class SearchEngine:
                 D, I = index.search(xq, n, allowed, nprobe=nlist)
                 return D[0], I[0]
             ids, xb = self.c.store.vectors(target, allowed)  # other factories (lossy codes): exact over the stored vectors
-            sims = xb @ xq[0]
-            order = np.argsort(-sims, kind="stable")[:n]
-            return sims[order], ids[order]
+            top_s, top_i = top_k(xq @ xb.T, ids, n)  # ties: the lower id first
+            return top_s[0], top_i[0]
         # large allowed set: ANN with the id selector. Probe lists in inverse proportion to the
         # share of items allowed (so as many allowed vectors are scanned as an unfiltered search
         # scans), then keep probing more until enough survive.
@@ -158,14 +159,33 @@ class SearchEngine:
             raise SearchError("k must be >= 1 and rerank depth >= 0")
         if nprobe is not None and nprobe < 1:
             raise SearchError(f"nprobe must be at least 1; got {nprobe}")
-        t = time.perf_counter()
         if self.refresh:
             self.c.refresh()  # another process may have ingested or deleted since the last search
-        kind, modality, xq, itm_query, exclude = self._encode(query)
+        timings = dict.fromkeys(STAGES, 0.0)
+        with _timed(timings, "encode"):
+            kind, modality, xq, itm_query, exclude = self._encode(query)
         res = SearchResult([], target, kind, k, 0, fusion)
-        res.timings_ms["encode"] = _ms(t)
+        res.timings_ms = timings
+        with _timed(timings, "filter"):
+            allowed = self._filter(where, within, exclude)
+            res.matching = None if allowed is None else int(len(allowed))
+        with _timed(timings, "retrieve"):
+            scores, ids = self._candidates(target, xq, max(k, rerank_depth), allowed, exclude, nprobe)
+        with _timed(timings, "rerank"):
+            order, logits = self._rerank(res, itm_query, modality, scores, ids, rerank_depth)
+        with _timed(timings, "metadata"):
+            self._hydrate(res, scores, ids, order, logits)
+        if len(res.hits) < k:
+            if allowed is not None:
+                res.notes.append(f"only {res.matching} items match the filter; {len(res.hits)} returned")
+            else:
+                res.notes.append(f"the {target} index holds only {len(res.hits)} items")
+        return res
 
-        t = time.perf_counter()
+    # ---- the stages ------------------------------------------------------------------
+
+    def _filter(self, where: str | None, within, exclude: int | None) -> np.ndarray | None:
+        """The item ids a search may return (None: all): the filter, ``within``, not the query item."""
         try:
             allowed = self._allowed(where)
         except filters.FilterError as e:
@@ -175,48 +195,54 @@ class SearchEngine:
             allowed = within if allowed is None else np.intersect1d(allowed, within)
         if allowed is not None and exclude is not None:
             allowed = allowed[allowed != exclude]
-        res.matching = None if allowed is None else int(len(allowed))
-        res.timings_ms["filter"] = _ms(t)
+        return allowed
 
-        t = time.perf_counter()
-        n = max(k, rerank_depth) + (1 if exclude is not None else 0)
-        scores, ids = self._retrieve(target, xq, n, allowed, nprobe)
+    def _candidates(self, target: str, xq: np.ndarray, n: int, allowed, exclude: int | None, nprobe: int | None):
+        """The top ``n`` (ITC scores, ids) by retrieval, the query item and index padding left out."""
+        scores, ids = self._retrieve(target, xq, n + (1 if exclude is not None else 0), allowed, nprobe)
         keep = (ids >= 0) & (ids != (exclude if exclude is not None else -2))
-        scores, ids = scores[keep][: max(k, rerank_depth)], ids[keep][: max(k, rerank_depth)]
-        res.timings_ms["retrieve"] = _ms(t)
+        return scores[keep][:n], ids[keep][:n]
 
-        t = time.perf_counter()
-        cross = modality != target
-        has_itm = getattr(self.scorer, "ready", True)  # ITMScorer: False for a model without a trained ITM head
-        depth = min(rerank_depth, len(ids)) if cross and fusion != "itc" and has_itm else 0
+    def _rerank(self, res: SearchResult, itm_query: Query, modality: str, scores: np.ndarray, ids: np.ndarray,
+                rerank_depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """ITM logits of the top ``rerank_depth`` candidates and the final order (the rest keep
+        ITC order); sets ``res.rerank_depth`` and notes why nothing was reranked."""
+        cross = modality != res.target
+        ready = getattr(self.scorer, "ready", True)  # ITMScorer: False for a model without a trained ITM head
+        depth = min(rerank_depth, len(ids)) if cross and res.fusion != "itc" and ready else 0
         logits = np.full(len(ids), np.nan, dtype=np.float32)
         order = np.arange(len(ids))
-        scale = float(self.c.bundle.model.logit_scale_value().detach())
         if depth:
             misses = getattr(self.scorer, "misses", 0)
             logits[:depth] = self.scorer.score(itm_query, ids[:depth].tolist())
-            order = np.concatenate([rerank_order(scores[:depth], logits[:depth], fusion, scale), np.arange(depth, len(ids))])
+            order[:depth] = rerank_order(scores[:depth], logits[:depth], res.fusion, self._itc_scale())
             res.cache_misses = getattr(self.scorer, "misses", 0) - misses
         elif rerank_depth and not cross:
-            res.notes.append(f"{modality} -> {target} has no image-text pair to rerank: ITC order")
-        elif rerank_depth and fusion != "itc" and not has_itm:
+            res.notes.append(f"{modality} -> {res.target} has no image-text pair to rerank: ITC order")
+        elif rerank_depth and res.fusion != "itc" and not ready:
             res.notes.append(
                 f"the model {self.c.config.model} has no trained ITM head (CLIP towers alone): ITC order; "
                 "train fusion layers with `vtfusion train --init-from clip:…` to rerank"
             )
         res.rerank_depth = depth
-        res.timings_ms["rerank"] = _ms(t)
+        return order, logits
 
-        t = time.perf_counter()
-        final = order[:k]
+    def _itc_scale(self) -> float:
+        return float(self.c.bundle.model.logit_scale_value().detach())
+
+    def _hydrate(self, res: SearchResult, scores: np.ndarray, ids: np.ndarray, order: np.ndarray, logits: np.ndarray) -> None:
+        """The top k of ``order`` as hits with their items' metadata; an item deleted or replaced
+        after the index was read (a concurrent writer) is never shown."""
+        final = order[: res.k]
         items = self.c.store.items(ids[final].tolist())
         gone = [int(ids[j]) for j in final if int(ids[j]) not in items or items[int(ids[j])].status != ItemStatus.ACTIVE]
-        if gone:  # deleted or replaced after the index was read (a concurrent writer): never shown
+        if gone:
             final = [j for j in final if int(ids[j]) not in gone]
             res.notes.append(f"{len(gone)} hits were deleted or replaced while this search ran and are left out")
+        scale = self._itc_scale()
         for rank, j in enumerate(final, 1):
             it = items[int(ids[j])]
-            reranked = j < depth
+            reranked = j < res.rerank_depth
             res.hits.append(
                 Hit(
                     item_id=it.id,
@@ -227,20 +253,18 @@ class SearchEngine:
                     itc=float(scores[j]),
                     itm=float(sigmoid(logits[j])) if reranked else None,
                     itm_logit=float(logits[j]) if reranked else None,
-                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], fusion, scale)[0]) if reranked else float(scores[j]),
+                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], res.fusion, scale)[0]) if reranked else float(scores[j]),
                     retrieval_rank=int(j) + 1,
                     rank=rank,
                 )
             )
-        res.timings_ms["metadata"] = _ms(t)
-        if len(res.hits) < k:
-            if allowed is not None:
-                res.notes.append(f"only {res.matching} items match the filter; {len(res.hits)} returned")
-            else:
-                res.notes.append(f"the {target} index holds only {len(res.hits)} items")
-        return res
 
 
-def _ms(t: float) -> float:
-    return (time.perf_counter() - t) * 1000.0
-
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    """Record the stage's wall time in ms under ``stage``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = (time.perf_counter() - t) * 1000.0

@@ -10,7 +10,7 @@ import numpy as np
 
 from vtfusion.models.progress import progress as progress_bar
 
-from .rerank import fuse
+from .rerank import rerank_order
 
 BLOCK = 8192  # gallery vectors per block of the ITC pass
 
@@ -28,10 +28,10 @@ class Rankings:
         return 1.0 / self.first[depth]
 
 
-def _merge_top(ts: np.ndarray, tk: np.ndarray, sims: np.ndarray, keys: np.ndarray, k: int) -> None:
-    """Merge a block's scores (c, b) with keys (b,) ascending, all above the keys already in
-    the running top (c, k) lists ``ts``/``tk`` (score descending, key ascending among ties),
-    in place."""
+def top_k(sims: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of each row of ``sims`` (c, b) as (scores, keys) (c, min(k, b)), score
+    descending, ties to the lower key (``keys`` (b,) ascending); argpartition, then a full sort
+    only of the rows where a tie straddles the cut and of the k kept."""
     c, nb = sims.shape
     kk = min(k, nb)
     if kk < nb:
@@ -43,8 +43,15 @@ def _merge_top(ts: np.ndarray, tk: np.ndarray, sims: np.ndarray, keys: np.ndarra
         part = np.broadcast_to(np.arange(nb), (c, nb))
     s, kb = np.take_along_axis(sims, part, 1), keys[part]
     o = np.lexsort((kb, -s), axis=-1)
-    ms = np.concatenate([ts, np.take_along_axis(s, o, 1)], axis=1)
-    mk = np.concatenate([tk, np.take_along_axis(kb, o, 1)], axis=1)
+    return np.take_along_axis(s, o, 1), np.take_along_axis(kb, o, 1)
+
+
+def _merge_top(ts: np.ndarray, tk: np.ndarray, sims: np.ndarray, keys: np.ndarray, k: int) -> None:
+    """Merge a block's scores (c, b) with keys (b,) ascending, all above the keys already in
+    the running top (c, k) lists ``ts``/``tk`` (score descending, key ascending among ties),
+    in place."""
+    s, kb = top_k(sims, keys, k)
+    ms, mk = np.concatenate([ts, s], axis=1), np.concatenate([tk, kb], axis=1)
     o = np.argsort(-ms, axis=1, kind="stable")[:, : ts.shape[1]]  # stable: the running top's (lower) keys first among ties
     ts[:] = np.take_along_axis(ms, o, 1)
     tk[:] = np.take_along_axis(mk, o, 1)
@@ -141,7 +148,7 @@ def rank_queries(
             dd = min(d, valid)
             order = np.arange(valid)
             if dd:
-                order[:dd] = np.argsort(-fuse(itc_q[:dd], itm[:dd], fusion, itc_scale), kind="stable")
+                order[:dd] = rerank_order(itc_q[:dd], itm[:dd], fusion, itc_scale)
             rel_pos = np.flatnonzero(is_rel[order]) + 1
             first[d][q] = rel_pos[0] if len(rel_pos) else deep_rank[q]
             ndcg[d][q] = discount[rel_pos[rel_pos <= 10] - 1].sum() / idcg
