@@ -430,7 +430,8 @@ def _frame(by_depth: dict[int, dict]):
 def evaluation_page(engine: SearchEngine) -> None:
     import json
 
-    from vtfusion.search.evaluate import evaluate, write_report
+    from vtfusion.search.evaluate import evaluate
+    from vtfusion.search.report import write_report
 
     st.title("Evaluation")
     mode = st.radio("Source", ["Open a saved report", "Run an evaluation"], horizontal=True, key="eval_mode", label_visibility="collapsed")

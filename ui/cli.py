@@ -536,7 +536,8 @@ def eval_cmd(
     run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
-    from vtfusion.search.evaluate import LATENCY_KEYS, evaluate, write_report
+    from vtfusion.search.evaluate import LATENCY_KEYS, evaluate
+    from vtfusion.search.report import write_report
 
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
