@@ -60,6 +60,18 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, device: str | torch.device = "cpu") -> Bundle:
+        """As Hugging Face users expect: a folder written by :meth:`save_pretrained` (or by
+        ``vtfusion train``), the Hub id of one (``owner/name``: the local cache, downloaded only
+        when HF_HUB_OFFLINE is not set), or ``hf:`` / ``clip:`` references (see :func:`load`)."""
+        return load(ref, device)
+
+    def save_pretrained(self, folder: str | Path) -> str:
+        """Write config.json, model.safetensors and the tokenizer to ``folder`` (what
+        :meth:`from_pretrained` reads); returns the model's fingerprint."""
+        return save(self, folder)
+
     def image_tokens(self, images: Iterable) -> torch.Tensor:
         """PIL images -> their image tokens (B, N, D_v) on the bundle's device."""
         return self.embed_images(images)[1]
@@ -169,7 +181,10 @@ def load(ref: str | Path, device: str | torch.device = "cpu") -> Bundle:
         return load_blip(resolve_pretrained(ref), device, ref)
     if ref.startswith(CLIP_SCHEME):
         return load_clip(resolve_pretrained(ref), device, ref)
-    return load_folder(ref, device)
+    path = Path(ref).expanduser()
+    if not path.exists() and _is_hub_id(ref):  # a vtfusion model folder published on the Hub
+        return load_folder(_snapshot(ref, ref), device)
+    return load_folder(path, device)
 
 
 def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -210,6 +225,27 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _is_hub_id(ref: str) -> bool:
+    return not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and all(ref.split("/"))
+
+
+def _snapshot(repo_id: str, ref: str, use: str = "DIR") -> Path:
+    """The local snapshot of a Hub repository's safetensors and JSON files: from the Hugging
+    Face cache, downloaded first only when HF_HUB_OFFLINE is not set."""
+    offline = _offline()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=offline, allow_patterns=PRETRAINED_FILES))
+    except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
+        why = "HF_HUB_OFFLINE is set, so nothing is downloaded" if offline else f"downloading failed ({type(e).__name__})"
+        raise ModelLoadError(
+            f"{ref}: the weights of {repo_id!r} could not be found locally ({why}). Provide them: on a machine "
+            f"with internet access run `hf download {repo_id} --local-dir DIR` (or save_pretrained(DIR)), "
+            f"copy DIR here and pass {use}, or point HF_HOME at a Hugging Face cache that holds {repo_id}"
+        ) from e
+
+
 def resolve_pretrained(ref: str) -> Path:
     """The local folder holding ``ref``'s files: the folder itself, or the hub id's snapshot in
     the Hugging Face cache (downloaded first only when HF_HUB_OFFLINE is not set)."""
@@ -219,21 +255,10 @@ def resolve_pretrained(ref: str) -> Path:
     path = Path(body).expanduser()
     if path.is_dir():
         folder = path.resolve()
-    elif body.startswith((".", "/", "~")) or body.count("/") > 1:
+    elif not _is_hub_id(body):
         raise ModelLoadError(f"{ref}: no folder at {path}; pass a local checkpoint folder or a hub id (owner/name)")
     else:
-        offline = _offline()
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(body, local_files_only=offline, allow_patterns=PRETRAINED_FILES))
-        except Exception as e:  # noqa: BLE001 - every failure here means the same thing to the user
-            why = "HF_HUB_OFFLINE is set, so nothing is downloaded" if offline else f"downloading failed ({type(e).__name__})"
-            raise ModelLoadError(
-                f"{ref}: the weights of {body!r} could not be found locally ({why}). Provide them: on a machine "
-                f"with internet access run `huggingface-cli download {body} --local-dir DIR` (or save_pretrained(DIR)), "
-                f"copy DIR here and pass {scheme}:DIR, or point HF_HOME at a Hugging Face cache that holds {body}"
-            ) from e
+        folder = _snapshot(body, ref, f"{scheme}:DIR")
     if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
         raise ModelLoadError(
             f"{ref}: {folder} needs config.json and *.safetensors weights (vtfusion never loads pickled "

@@ -223,7 +223,7 @@ def test_missing_weights_error_names_the_reference(monkeypatch):
         factory.load("hf:vtfusion-tests/no-such-blip")
     msg = str(e.value)
     for part in ("hf:vtfusion-tests/no-such-blip", "could not be found locally", "HF_HUB_OFFLINE",
-                 "huggingface-cli download vtfusion-tests/no-such-blip", "hf:DIR"):
+                 "hf download vtfusion-tests/no-such-blip", "hf:DIR"):
         assert part in msg
     with pytest.raises(factory.ModelLoadError, match="no folder at"):
         factory.load("clip:./no/such/folder")

@@ -118,3 +118,22 @@ def _outputs_minilm(b):
     ids, mask = b.tokenizer(["a large red striped mug", "hat"])
     with torch.no_grad():
         return [b.model.encode_text(ids, mask)]
+
+
+def test_from_pretrained_and_save_pretrained(tmp_path, model_dir, monkeypatch):
+    """Bundle.save_pretrained writes what Bundle.from_pretrained reads (today's folder format:
+    config.json + model.safetensors + tokenizer), weights equal; a Hub id of a vtfusion model
+    not in the cache, offline, is a clear error naming `hf download`."""
+    from vtfusion.models.factory import Bundle, ModelLoadError
+
+    b = Bundle.from_pretrained(model_dir)
+    fp = b.save_pretrained(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in model_dir.iterdir() if p.is_file())
+    again = Bundle.from_pretrained(tmp_path / "copy")
+    assert again.fingerprint == fp == b.fingerprint
+    for (n1, p1), (n2, p2) in zip(b.model.state_dict().items(), again.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match="hf download vtfusion-tests/no-such-model"):
+        Bundle.from_pretrained("vtfusion-tests/no-such-model")

@@ -95,8 +95,9 @@ def evaluate(collection: Collection, pairs: str | Path, **options: Any) -> dict:
 
 
 def load_model(ref: str | Path, device: str = "cpu") -> Bundle:
-    """A model with its tokenizer and image transform: a folder written by ``vtfusion train``,
-    ``hf:<BLIP id or folder>`` or ``clip:<CLIP id or folder>``."""
+    """A model with its tokenizer and image transform (``Bundle``; ``save_pretrained(folder)``
+    writes it back): a folder written by ``vtfusion train`` or ``save_pretrained``, the Hub id
+    of one, ``hf:<BLIP id or folder>`` or ``clip:<CLIP id or folder>``."""
     from vtfusion.models.factory import load
 
     return load(ref, device)
