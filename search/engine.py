@@ -159,10 +159,10 @@ class SearchEngine:
             raise SearchError("k must be >= 1 and rerank depth >= 0")
         if nprobe is not None and nprobe < 1:
             raise SearchError(f"nprobe must be at least 1; got {nprobe}")
-        if self.refresh:
-            self.c.refresh()  # another process may have ingested or deleted since the last search
         timings = dict.fromkeys(STAGES, 0.0)
         with _timed(timings, "encode"):
+            if self.refresh:
+                self.c.refresh()  # another process may have ingested or deleted since the last search
             kind, modality, xq, itm_query, exclude = self._encode(query)
         res = SearchResult([], target, kind, k, 0, fusion)
         res.timings_ms = timings
