@@ -55,25 +55,13 @@ from . import stats
 from .engine import SearchEngine
 from vtfusion.catalogs.pairs import EvalPair, PairSet, load_pairs, read_pairs
 from .ranking import BLOCK, Rankings, array_blocks, rank_queries
+from .report import LATENCY_KEYS, EvalReport, depth_key
 from .rerank import FUSIONS, ITMScorer, Query
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
 GALLERIES = ("pairs", "collection")
 RUN_DEPTH = 100  # ranked items per query in the TREC run files
-
-
-LATENCY_KEYS = {"t2i": "latency_ms", "i2t": "latency_ms_i2t"}  # report.json keys of each direction's timings
-
-
-def depth_key(depth: int) -> str:
-    """A report's key for a rerank depth: ``itc`` (0, ITC only) or ``rerank@<depth>``."""
-    return "itc" if depth == 0 else f"rerank@{depth}"
-
-
-def key_depth(key: str) -> int:
-    """The inverse of :func:`depth_key`."""
-    return 0 if key == "itc" else int(key.split("@", 1)[1])
 
 
 def recall_at(ranks: Sequence[float], ks: Sequence[int] = KS) -> dict[str, float]:
@@ -200,7 +188,7 @@ def evaluate(
     run_depth: int = RUN_DEPTH,
     n_perm: int = stats.N_PERM,
     **read_kw,
-) -> dict:
+) -> EvalReport:
     """Evaluate reranking on a pairs file (see the module docstring); the collection is only
     read. ``trec_dir``: write each stage's ranking (top ``run_depth`` per query) as TREC run
     files with their qrels there. ValueError when nothing can be evaluated."""
@@ -300,7 +288,7 @@ def evaluate(
     report[LATENCY_KEYS["t2i"]] = latency(c, captions, "image", depths, fusion, latency_queries, lat_where, notes)
     report[LATENCY_KEYS["i2t"]] = latency(c, [ps.groups[g][1] for g in ps.group_rows()], "text", depths, fusion,
                                           latency_queries, lat_where, notes)
-    return report
+    return EvalReport(**report)
 
 
 def _pairs_directions(c, ps: PairSet, images: _Images, txt_emb, row_pos, scorer: ITMScorer, text_query) -> list[_Direction]:

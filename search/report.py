@@ -1,14 +1,72 @@
-"""The evaluation report as files: report.json, report.md and the recall / latency plots."""
+"""The evaluation report: what ``vtfusion eval`` measured (``EvalReport``), and its files:
+report.json, report.md and the recall / latency plots."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .evaluate import LATENCY_KEYS, depth_key
+LATENCY_KEYS = {"t2i": "latency_ms", "i2t": "latency_ms_i2t"}  # report.json keys of each direction's timings
 
 
-def write_report(report: dict, out: str | Path) -> list[Path]:
+def depth_key(depth: int) -> str:
+    """A report's key for a rerank depth: ``itc`` (0, ITC only) or ``rerank@<depth>``."""
+    return "itc" if depth == 0 else f"rerank@{depth}"
+
+
+def key_depth(key: str) -> int:
+    """The inverse of :func:`depth_key`."""
+    return 0 if key == "itc" else int(key.split("@", 1)[1])
+
+
+@dataclass
+class EvalReport:
+    """One evaluation; ``to_dict()`` is report.json. Per direction (``t2i``, ``i2t``), per
+    stage (``depth_key``): R@1, R@5, R@10, MRR, nDCG@10 and, for reranked stages, the
+    Holm-corrected randomization ``p_value_vs_itc`` with ``wins`` / ``ties`` / ``losses``."""
+
+    pairs: str  # the pairs file
+    gallery: str  # "pairs" | "collection"
+    where: str | None  # the collection gallery's filter
+    rows: int  # rows read from the pairs file
+    images: int  # distinct images (by bytes) evaluated
+    texts: int  # captions evaluated: the text -> image queries
+    reused_images: int  # images whose stored vector and token record were used
+    depths: list[int]
+    fusion: str
+    itc_scale: float
+    notes: list[str]
+    skipped: list[dict]  # {"row", "line", "image", "caption", "reason"} per row not evaluated
+    evaluated: dict[str, int]  # queries per direction
+    gallery_size: dict[str, int]  # gallery items per direction
+    comparisons: dict[str, list[dict]]  # per direction: paired tests between stages (see compare_depths)
+    t2i: dict[str, dict[str, float]] = field(default_factory=dict)
+    i2t: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)  # text -> image searches: stage -> {"mean", "p95"} per depth
+    latency_ms_i2t: dict = field(default_factory=dict)  # image -> text searches
+    trec: dict | None = None  # run files written: {"run_depth", "files", "first_relevant_beyond_run"}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["trec"] is None:
+            del d["trec"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalReport:
+        """A report.json read back; ValueError when it is not one."""
+        if not isinstance(d, dict) or "t2i" not in d:
+            raise ValueError("not a vtfusion report.json (no 't2i' section)")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise ValueError(f"not a vtfusion report.json of this version ({e})") from None
+
+
+def write_report(report: EvalReport | dict, out: str | Path) -> list[Path]:
+    report = report.to_dict() if isinstance(report, EvalReport) else report
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

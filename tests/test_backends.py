@@ -163,7 +163,7 @@ def test_blip_collection_end_to_end(blip_dir, small_catalog, tmp_path):
         tokens = b.model.image_tokens(b.transform.normalize(b.transform.batch([load_image(hit.image_path)])))
         want = float(b.model.itm_logits(tokens, ids, mask)[0])
     assert hit.itm_logit == pytest.approx(want, abs=2e-2)  # fp16 cache
-    assert set(report["t2i"]) == {"itc", "rerank@4"} and set(report["i2t"]) == {"itc", "rerank@4"}
+    assert set(report.t2i) == {"itc", "rerank@4"} and set(report.i2t) == {"itc", "rerank@4"}
     # image -> text lookup by item, reranked with the query image's tokens
     res = SearchEngine(c).search(ItemQuery(1), target="text", k=3, rerank_depth=4)
     assert res.rerank_depth == 4 and len(res.hits) == 3 and all(h.itm is not None and h.item_id != 1 for h in res.hits)
@@ -192,7 +192,7 @@ def test_clip_index_only_then_trained_fusion(clip_dir, small_catalog, tmp_path):
     c, res, report = _run_collection(tmp_path / "c", f"clip:{clip_dir}", small_catalog, tmp_path)
     assert res.rerank_depth == 0 and all(h.itm is None for h in res.hits)
     assert any("no trained ITM head" in n for n in res.notes)
-    assert set(report["t2i"]) == {"itc"} and report["notes"]
+    assert set(report.t2i) == {"itc"} and report.notes
 
     # train the native fusion layers on the frozen CLIP towers
     r = CliRunner().invoke(app, [
@@ -209,9 +209,9 @@ def test_clip_index_only_then_trained_fusion(clip_dir, small_catalog, tmp_path):
     assert any(not torch.equal(trained.model.state_dict()[n], p) for n, p in index_only.model.state_dict().items() if n.startswith("fusion"))
     c2, res2, report2 = _run_collection(tmp_path / "c2", tmp_path / "m", small_catalog, tmp_path)
     assert res2.rerank_depth == 8 and all(h.itm is not None for h in res2.hits)
-    assert set(report2["t2i"]) == {"itc", "rerank@4"}
+    assert set(report2.t2i) == {"itc", "rerank@4"}
     # frozen CLIP towers: the ITC embeddings are CLIP's, so ITC-only results agree
-    assert report2["t2i"]["itc"]["R@1"] == pytest.approx(report["t2i"]["itc"]["R@1"])
+    assert report2.t2i["itc"]["R@1"] == pytest.approx(report.t2i["itc"]["R@1"])
 
 
 # ---- what goes wrong, said clearly ---------------------------------------------------------------

@@ -26,7 +26,7 @@ from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.models.preprocess import ImageError, load_image
 from vtfusion.search.engine import ItemQuery, SearchEngine
-from vtfusion.search.evaluate import LATENCY_KEYS, key_depth
+from vtfusion.search.report import LATENCY_KEYS, key_depth
 from vtfusion.search.explain import explain
 from vtfusion.search.results import SearchResult
 
@@ -453,7 +453,7 @@ def evaluation_page(engine: SearchEngine) -> None:
             ds = [int(d) for d in depths.replace(" ", "").split(",") if d]
             with st.spinner("Encoding the pairs, ranking both directions, timing searches…"):
                 report = evaluate(engine.c, Path(pairs.strip()).expanduser(), depths=ds, progress=False, gallery=gallery,
-                                  trec_dir=Path(out.strip()).expanduser() / "trec" if out.strip() else None)
+                                  trec_dir=Path(out.strip()).expanduser() / "trec" if out.strip() else None).to_dict()
             st.session_state["eval_report"] = report
             if out.strip():
                 written = write_report(report, Path(out.strip()).expanduser())

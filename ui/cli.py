@@ -536,8 +536,8 @@ def eval_cmd(
     run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
-    from vtfusion.search.evaluate import LATENCY_KEYS, evaluate
-    from vtfusion.search.report import write_report
+    from vtfusion.search.evaluate import evaluate
+    from vtfusion.search.report import LATENCY_KEYS, write_report
 
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
@@ -549,21 +549,22 @@ def eval_cmd(
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     files = write_report(rep, out)
-    typer.echo(f"{rep['texts']} captions of {rep['images']} images evaluated ({rep['rows']} rows read); "
-               f"gallery: {rep['gallery']} ({rep['gallery_size']['t2i']} images, {rep['gallery_size']['i2t']} texts)")
-    for x in rep["skipped"][:10]:
+    typer.echo(f"{rep.texts} captions of {rep.images} images evaluated ({rep.rows} rows read); "
+               f"gallery: {rep.gallery} ({rep.gallery_size['t2i']} images, {rep.gallery_size['i2t']} texts)")
+    for x in rep.skipped[:10]:
         typer.echo(f"skipped: {_safe(str(pairs))}:{x['line']}: {_safe(x['reason'])}")
-    if len(rep["skipped"]) > 10:
-        typer.echo(f"skipped: {len(rep['skipped']) - 10} more rows (report.json lists them all)")
+    if len(rep.skipped) > 10:
+        typer.echo(f"skipped: {len(rep.skipped) - 10} more rows (report.json lists them all)")
     for direction in ("t2i", "i2t"):
         typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'nDCG@10':>9}{'w/t/l':>14}{'p':>9}{'ms':>8}")
-        for key, m in rep.get(direction, {}).items():
-            ms = rep[LATENCY_KEYS[direction]].get(key, {}).get("total", {}).get("mean")  # (--latency-queries 0: not timed)
+        timings = getattr(rep, LATENCY_KEYS[direction])
+        for key, m in getattr(rep, direction).items():
+            ms = timings.get(key, {}).get("total", {}).get("mean")  # (--latency-queries 0: not timed)
             ms_s = f"{ms:8.1f}" if ms is not None else f"{'–':>8}"
             wtl = f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else "–"
             p = f"{m['p_value_vs_itc']:9.2g}" if "p_value_vs_itc" in m else f"{'–':>9}"
             typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{m['nDCG@10']:9.3f}{wtl:>14}{p}{ms_s}")
-    for n in rep["notes"]:
+    for n in rep.notes:
         typer.echo(f"note: {_safe(n)}")
     typer.echo("wrote " + ", ".join(str(f) for f in files) + f", {out / 'trec'}/")
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from vtfusion.indexer.ingest import IngestReport
     from vtfusion.models.factory import Bundle
     from vtfusion.search.engine import SearchEngine
+    from vtfusion.search.report import EvalReport
     from vtfusion.search.results import SearchResult
 
 __all__ = [
@@ -85,9 +86,10 @@ def query(collection: Collection, text: str | None = None, *, image: str | Path 
     return engine.search(q, **options)
 
 
-def evaluate(collection: Collection, pairs: str | Path, **options: Any) -> dict:
+def evaluate(collection: Collection, pairs: str | Path, **options: Any) -> EvalReport:
     """Reranking evaluation on a pairs file (see ``vtfusion eval``); the collection is only
-    read. ``options``: ``depths``, ``fusion``, ``gallery`` ("pairs" or "collection"), ``where``,
+    read. The ``EvalReport``'s ``t2i`` / ``i2t`` hold each stage's metrics; ``to_dict()`` is
+    report.json. ``options``: ``depths``, ``fusion``, ``gallery`` ("pairs" or "collection"), ``where``,
     ``latency_queries``, ``trec_dir``, ``progress``, …"""
     from vtfusion.search.evaluate import evaluate as _evaluate
 
