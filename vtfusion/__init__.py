@@ -9,8 +9,8 @@ metadata and ITM reranking. This module is the public Python API:
     vtfusion.ingest(col, "catalog.csv")
     report = vtfusion.evaluate(col, "pairs.csv", depths=[0, 32])
 
-The packages underneath (``vtfusion.models``, ``vtfusion.indexer``, ``vtfusion.search``,
-``vtfusion.ui``) are importable too; what is named here is what stays stable. Everything heavy
+The packages underneath (``vtfusion.models``, ``vtfusion.catalogs``, ``vtfusion.indexer``,
+``vtfusion.search``, ``vtfusion.workflows``, ``vtfusion.ui``) are importable too; what is named here is what stays stable. Everything heavy
 (torch, transformers, faiss) is imported on first use, not by ``import vtfusion``.
 """
 
