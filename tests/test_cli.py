@@ -138,3 +138,13 @@ def test_demo_runs_the_whole_job(tmp_path):
     for marker in ("R@1 ITC only", "== index the training catalog", "== evaluate reranking", "text -> image", "image -> text", "timings ms"):
         assert marker in r.output, marker
     assert (out / "eval" / "report.json").exists() and (out / "collection" / "collection.toml").exists()
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    import vtfusion
+    from vtfusion.ui.cli import app
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"vtfusion {vtfusion.__version__}" and vtfusion.__version__ == "0.1.0"
