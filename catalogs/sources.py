@@ -178,7 +178,7 @@ class _Resolver:
         self._dirs: dict[str, str] = {}
 
     def __call__(self, rel: str) -> Path:
-        joined = os.path.join(self.root, rel)
+        joined = str(Path(self.root, rel))  # as Path.resolve sees it: "a//b/" is "a/b" ("..": kept, symlinks decide)
         d, name = os.path.split(joined)
         if name in ("", ".", ".."):
             return Path(os.path.realpath(joined))

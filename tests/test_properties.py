@@ -179,6 +179,7 @@ PARTS = ["img", "sub", "linkdir", "outdir", "..", ".", "a.png", "b.png", "x.png"
 @SETTINGS
 @given(st.lists(st.sampled_from(PARTS), min_size=1, max_size=5), st.booleans())
 @example(["img", "loop1"], False)
+@example(["img", "loop1", "", ""], False)  # "img/loop1//": realpath of the raw string gave "/"
 @example(["linkdir", "loop1", "a.png"], False)
 @example(["outdir", "x.png"], True)
 @example(["img", "to_out.png"], False)
