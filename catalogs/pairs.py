@@ -4,12 +4,11 @@ grouped by image bytes, every row accounted for (usable, or skipped with its lin
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtfusion.models.preprocess import ImageError, read_image_bytes
+from vtfusion.models.preprocess import ImageError, image_hash, read_image_bytes
 
 @dataclass(frozen=True)
 class EvalPair:
@@ -130,7 +129,7 @@ def load_pairs(pairs: list[EvalPair]) -> PairSet:
 def _hash_file(path: Path) -> tuple[str | None, str]:
     try:
         data = read_image_bytes(path)
-        return hashlib.sha256(data).hexdigest(), ""
+        return image_hash(data), ""
     except ImageError as e:
         return None, str(e)
     except FileNotFoundError:

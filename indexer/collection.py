@@ -7,7 +7,6 @@ brings up to the last change (``changes.seq``) whenever the collection is opened
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vtfusion.models import factory
-from vtfusion.models.preprocess import ImageError
+from vtfusion.models.preprocess import ImageError, image_hash, read_image_bytes
 
 from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
@@ -624,13 +623,12 @@ class Collection:
                 )).all()
                 for it in legacy:
                     try:
-                        data = Path(it.image_path).read_bytes()
-                    except OSError:
+                        data = read_image_bytes(it.image_path)
+                    except ImageError:
                         continue
-                    if it.content_hash in (content_hash(data, it.text, it.meta), content_hash(data, it.text)):
-                        for h in by_path[it.image_path]:
-                            if hashlib.sha256(data).hexdigest() == h:
-                                out.setdefault(h, []).append(int(it.id))
+                    h = image_hash(data)
+                    if h in by_path[it.image_path] and it.content_hash in (content_hash(data, it.text, it.meta), content_hash(data, it.text)):
+                        out.setdefault(h, []).append(int(it.id))
         return {h: sorted(set(ids)) for h, ids in out.items()}
 
     @contextmanager

@@ -47,7 +47,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from torch.utils.data import DataLoader, Dataset
 
-from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, read_image_bytes
+from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, image_hash, read_image_bytes
 from vtfusion.models.progress import progress as progress_bar
 
 from vtfusion.catalogs.sources import CatalogError, CatalogRow, Columns, RowError, parse_schema, read_source
@@ -85,12 +85,6 @@ def content_hash(image_bytes: bytes, text: str, meta: dict | None = None) -> str
         h.update(b"\0")
         h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
     return h.hexdigest()
-
-
-def image_hash(image_bytes: bytes) -> str:
-    """sha256 of the image bytes alone: what evaluation matches a pairs file's images by
-    (``items.image_hash``), whatever text and metadata they were ingested with."""
-    return hashlib.sha256(image_bytes).hexdigest()
 
 
 def item_text(row: CatalogRow) -> str:

@@ -7,6 +7,7 @@ queues and host-to-device copies than float pixels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import string
@@ -49,6 +50,12 @@ def read_image_bytes(path: str | os.PathLike, cap: int = MAX_IMAGE_BYTES) -> byt
     if len(data) > cap:
         raise ImageError(f"image file is over the cap of {cap} bytes: {p}")
     return data
+
+
+def image_hash(image_bytes: bytes) -> str:
+    """sha256 of the image bytes alone: how an image is recognised whatever it is called, and
+    whatever text and metadata it was ingested with (``items.image_hash``, evaluation pairs)."""
+    return hashlib.sha256(image_bytes).hexdigest()
 
 
 # what an image may be, decided by its content, never its name: PIL is never asked to try its

@@ -35,7 +35,6 @@ recompute every number. Per-stage latency comes from ``SearchEngine.search`` on 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from vtfusion.indexer.collection import Collection
-from vtfusion.models.preprocess import ImageError, read_image_bytes
+from vtfusion.models.preprocess import ImageError, image_hash, read_image_bytes
 from vtfusion.models.progress import progress as progress_bar
 
 from . import stats
@@ -123,7 +122,7 @@ class _Images:
                 h, path = groups[g]
                 try:
                     data = read_image_bytes(path)
-                    if hashlib.sha256(data).hexdigest() != h:
+                    if image_hash(data) != h:
                         raise ImageError(f"{path} changed while the evaluation read it")
                     imgs.append(b.transform.load(io.BytesIO(data), name=str(path)))
                     batch.append(g)
