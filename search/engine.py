@@ -172,9 +172,10 @@ class SearchEngine:
         with _timed(timings, "retrieve"):
             scores, ids = self._candidates(target, xq, max(k, rerank_depth), allowed, exclude, nprobe)
         with _timed(timings, "rerank"):
-            order, logits = self._rerank(res, itm_query, modality, scores, ids, rerank_depth)
+            scale = float(self.c.bundle.model.logit_scale_value().detach())  # ITC cosine -> ITM logit units
+            order, logits = self._rerank(res, itm_query, modality, scores, ids, rerank_depth, scale)
         with _timed(timings, "metadata"):
-            self._hydrate(res, scores, ids, order, logits)
+            self._hydrate(res, scores, ids, order, logits, scale)
         if len(res.hits) < k:
             if allowed is not None:
                 res.notes.append(f"only {res.matching} items match the filter; {len(res.hits)} returned")
@@ -204,7 +205,7 @@ class SearchEngine:
         return scores[keep][:n], ids[keep][:n]
 
     def _rerank(self, res: SearchResult, itm_query: Query, modality: str, scores: np.ndarray, ids: np.ndarray,
-                rerank_depth: int) -> tuple[np.ndarray, np.ndarray]:
+                rerank_depth: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
         """ITM logits of the top ``rerank_depth`` candidates and the final order (the rest keep
         ITC order); sets ``res.rerank_depth`` and notes why nothing was reranked."""
         cross = modality != res.target
@@ -215,7 +216,7 @@ class SearchEngine:
         if depth:
             misses = getattr(self.scorer, "misses", 0)
             logits[:depth] = self.scorer.score(itm_query, ids[:depth].tolist())
-            order[:depth] = rerank_order(scores[:depth], logits[:depth], res.fusion, self._itc_scale())
+            order[:depth] = rerank_order(scores[:depth], logits[:depth], res.fusion, scale)
             res.cache_misses = getattr(self.scorer, "misses", 0) - misses
         elif rerank_depth and not cross:
             res.notes.append(f"{modality} -> {res.target} has no image-text pair to rerank: ITC order")
@@ -227,10 +228,8 @@ class SearchEngine:
         res.rerank_depth = depth
         return order, logits
 
-    def _itc_scale(self) -> float:
-        return float(self.c.bundle.model.logit_scale_value().detach())
-
-    def _hydrate(self, res: SearchResult, scores: np.ndarray, ids: np.ndarray, order: np.ndarray, logits: np.ndarray) -> None:
+    def _hydrate(self, res: SearchResult, scores: np.ndarray, ids: np.ndarray, order: np.ndarray, logits: np.ndarray,
+                 scale: float) -> None:
         """The top k of ``order`` as hits with their items' metadata; an item deleted or replaced
         after the index was read (a concurrent writer) is never shown."""
         final = order[: res.k]
@@ -239,7 +238,6 @@ class SearchEngine:
         if gone:
             final = [j for j in final if int(ids[j]) not in gone]
             res.notes.append(f"{len(gone)} hits were deleted or replaced while this search ran and are left out")
-        scale = self._itc_scale()
         for rank, j in enumerate(final, 1):
             it = items[int(ids[j])]
             reranked = j < res.rerank_depth
