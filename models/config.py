@@ -68,8 +68,8 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     # what the ITM head reads: "mean" over the real text tokens (each word's evidence counts
-    # directly: held-out ITM R@1 27 -> 47 after 3 CPU minutes on the demo catalog) or the
-    # [CLS] position as ALBEF/BLIP do ("cls"; models saved before this field existed)
+    # directly; the README's model section has the comparison) or the [CLS] position as
+    # ALBEF/BLIP do ("cls"; models saved before this field existed)
     itm_pool: str = "mean"
 
     def __post_init__(self):

@@ -1,9 +1,14 @@
-"""ITC (symmetric InfoNCE) and ITM with hard negatives mined from in-batch ITC similarity (ALBEF)."""
+"""The training objectives: ITC (symmetric InfoNCE), ITM with hard negatives (ALBEF's binary
+loss plus a listwise loss on the score search ranks by), and image-conditioned masked
+language modelling with its prediction head."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .fusion import fused_score
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,3 +98,36 @@ def mask_tokens(
     out = torch.where(chosen & (how < 0.8), torch.full_like(ids, mask_id), ids)
     out = torch.where(chosen & (how >= 0.8) & (how < 0.9), rand_ids, out)
     return out, labels
+
+
+def itm_objective(logits: torch.Tensor, cos: torch.Tensor | None, scale, B: int, K: int, rank_weight: float) -> torch.Tensor:
+    """The ITM loss both training stages use, over (1 + 2K)B fusion rows laid out as B
+    positives, then each image against its K negative texts, then each text against its K
+    negative images: ALBEF's binary loss, plus (``rank_weight``) the listwise loss ranking each
+    query's positive above its own negatives by what search ranks them by (``fused_score``).
+    ``cos``: each row's ITC cosine, held fixed, so ITM learns what ITC gets wrong rather than
+    relearning it (unused, may be None, when ``rank_weight`` is 0)."""
+    loss = itm_loss(logits[:B], logits[B:])
+    if rank_weight:
+        fused = fused_score(logits.float(), cos, scale)  # ((1+2K)B,)
+        pos, neg_t, neg_i = fused[:B], fused[B : B + B * K].view(B, K), fused[B + B * K :].view(B, K)
+        loss = loss + rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
+    return loss
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head over the fused text tokens: dense, GELU, LayerNorm, vocabulary.
+
+    Owned by the trainer (its weights live in the checkpoints' trainer state, not in the
+    model folder): search never predicts words."""
+
+    def __init__(self, width: int, vocab_size: int, mask_id: int, special_ids: list[int]):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(x))))  # (..., vocab)

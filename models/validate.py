@@ -32,13 +32,11 @@ class Validation:
 @torch.no_grad()
 def embed_images(bundle: Bundle, pixels_u8: torch.Tensor, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, S, S) -> (image_emb (N, E), image_tokens (N, N_tok, D_v)) on the model's device."""
-    model, device = bundle.model, bundle.device
     embs, toks = [], []
     for i in range(0, pixels_u8.shape[0], batch_size):
-        px = bundle.transform.normalize(pixels_u8[i : i + batch_size].to(device))
-        t = model.image_tokens(px)  # (b, N, D_v)
+        e, t = bundle.embed_pixels(pixels_u8[i : i + batch_size])  # (b, E), (b, N, D_v)
+        embs.append(e)
         toks.append(t)
-        embs.append(model.image_emb(t))
     return torch.cat(embs), torch.cat(toks)
 
 

@@ -14,15 +14,10 @@ from vtfusion.catalogs.sources import Columns, read_csv
 from vtfusion.models import factory
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.losses import itc_loss, sample_hard_negatives
-from vtfusion.models.train import (
-    TrainConfig,
-    _batches,
-    _sample_from_pool,
-    itc_candidates,
-    latest_checkpoint,
-    lr_factor,
-    train,
-)
+from vtfusion.models.train import JointConfig, RerankConfig, TrainConfig, latest_checkpoint, lr_factor, train
+from vtfusion.models.train.mining import batch_plan as _batches
+from vtfusion.models.train.mining import itc_candidates
+from vtfusion.models.train.mining import sample_from_pool as _sample_from_pool
 from vtfusion.models.validate import text_to_image_r1
 
 
@@ -65,7 +60,7 @@ def test_training_lowers_loss_and_retrieves_far_above_chance(small_catalog, tmp_
 
 @pytest.mark.parametrize("mlm_weight", [0.0, 1.0])  # with MLM, its head's weights and moments are resumed too
 def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_path, mlm_weight):
-    cfg = TrainConfig(epochs=3, batch_size=16, warmup_steps=2, checkpoint_every=4, progress=False, mlm_weight=mlm_weight)
+    cfg = TrainConfig(epochs=3, batch_size=16, warmup_steps=2, checkpoint_every=4, progress=False, joint=JointConfig(mlm_weight=mlm_weight))
     runs = []
     for name in ("a", "b"):
         b = _fresh(small_catalog)
@@ -75,7 +70,7 @@ def test_cpu_training_is_reproducible_and_resume_is_exact(small_catalog, tmp_pat
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
     # a run that crashes during step 6 (its newest checkpoint is from step 4), then resumed
-    import vtfusion.models.train as train_mod
+    import vtfusion.models.train.joint as train_mod
 
     real_step, calls = train_mod.train_step, []
 
@@ -150,10 +145,9 @@ def test_negatives_from_the_pool_are_distinct_candidates_weighted_by_itc():
 
 
 def test_reranker_stage_trains_fusion_alone_reproducibly_and_survives_resume(small_catalog, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False,
-                      rerank_epochs=3, rerank_pool=6, rerank_negatives=2)
+    cfg = TrainConfig(epochs=2, batch_size=16, warmup_steps=2, checkpoint_every=0, progress=False, rerank=RerankConfig(epochs=3, pool=6, negatives=2))
     joint = _fresh(small_catalog)
-    train(joint, _dataset(small_catalog, joint), tmp_path / "joint", dataclasses.replace(cfg, rerank_epochs=0))
+    train(joint, _dataset(small_catalog, joint), tmp_path / "joint", dataclasses.replace(cfg, rerank=RerankConfig(epochs=0)))
     runs = []
     for name in ("a", "b"):
         b = _fresh(small_catalog)
@@ -174,6 +168,45 @@ def test_reranker_stage_trains_fusion_alone_reproducibly_and_survives_resume(sma
     assert all(torch.equal(w[k], a[k]) for k in a)
 
 
+def test_a_crash_in_the_reranker_stage_resumes_there_bit_for_bit(small_catalog, tmp_path, monkeypatch):
+    """Both stages run through one loop: checkpoints are written in the reranker stage too, and
+    a resumed run continues inside it (the joint stage is not rerun) to the same weights."""
+    from vtfusion.models.train.checkpoints import read_meta
+    from vtfusion.models.train.rerank import RerankStage
+
+    cfg = TrainConfig(epochs=2, batch_size=16, warmup_steps=2, checkpoint_every=2, progress=False,
+                      rerank=RerankConfig(epochs=3, pool=6, negatives=2))
+    b = _fresh(small_catalog)
+    full = train(b, _dataset(small_catalog, b), tmp_path / "a", cfg)
+    want = _weights(factory.load(tmp_path / "a"))
+    joint_steps, rerank_steps = full.steps, full.rerank_steps
+    assert rerank_steps >= 6
+
+    real, calls = RerankStage.step, []
+
+    def crashing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # during reranker step 5: its newest checkpoint is from step 4
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RerankStage, "step", crashing)
+    b = _fresh(small_catalog)
+    with pytest.raises(KeyboardInterrupt):
+        train(b, _dataset(small_catalog, b), tmp_path / "c", cfg)
+    monkeypatch.setattr(RerankStage, "step", real)
+    ckpt = latest_checkpoint(tmp_path / "c")
+    meta = read_meta(ckpt)
+    assert meta["stage"] == "rerank" and meta["step"] == 4
+    assert ckpt.name == f"step-{joint_steps + 4:07d}"  # folders count on from the joint stage's steps
+    b = factory.load(ckpt)
+    res = train(b, _dataset(small_catalog, b), tmp_path / "c", cfg, resume=True)
+    assert res.steps == joint_steps and res.losses == []  # the joint stage was not run again
+    assert res.rerank_steps == rerank_steps and res.rerank_losses == full.rerank_losses[4:]
+    got = _weights(factory.load(tmp_path / "c"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_time_budget_stops_training(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     res = train(b, _dataset(small_catalog, b), tmp_path / "m",
@@ -187,8 +220,7 @@ def test_time_budget_keeps_a_share_for_the_reranker_stage(small_catalog, tmp_pat
     second stage gets the rest (--minutes used to end every run before the second stage)."""
     b = _fresh(small_catalog)
     budget = 60 * 0.2
-    cfg = TrainConfig(epochs=None, minutes=0.2, batch_size=16, checkpoint_every=0, progress=False, rerank_share=0.4,
-                      rerank_epochs=100_000)  # only the clock can end the second stage
+    cfg = TrainConfig(epochs=None, minutes=0.2, batch_size=16, checkpoint_every=0, progress=False, rerank=RerankConfig(epochs=100_000, share=0.4))  # only the clock can end the second stage
     res = train(b, _dataset(small_catalog, b), tmp_path / "m", cfg)
     assert res.stopped_by == "minutes"
     assert 0.6 * budget <= res.seconds < 0.6 * budget + 5  # the joint stage: its share, plus at most a step
@@ -277,14 +309,14 @@ def test_listwise_itm_loss_in_a_train_step_by_hand(rank_weight):
     """Two pairs, one negative each way (more are asked for; a pair of two has one): the negatives are forced, so with a silenced ITM head
     (every logit 0) the ITM loss is BCE's log 2 plus the listwise term, which ranks ITM + ITC
     logits and is then exactly the batch's ITC InfoNCE."""
-    from vtfusion.models.train import train_step
+    from vtfusion.models.train.joint import train_step
 
     b = tiny_bundle()
     torch.nn.init.zeros_(b.model.itm_head.weight)
     torch.nn.init.zeros_(b.model.itm_head.bias)
     ids, mask = b.tokenizer(["a red mug on the left", "a big green dotted hat"])
     pixels = torch.randint(0, 256, (2, 3, TINY_VISION.image_size, TINY_VISION.image_size), dtype=torch.uint8)
-    cfg = TrainConfig(epochs=1, itm_rank_weight=rank_weight, itm_negatives=2, progress=False)  # 1 is all there is
+    cfg = TrainConfig(epochs=1, itm_rank_weight=rank_weight, progress=False, joint=JointConfig(itm_negatives=2))  # 1 is all there is
     out = train_step(b, {"pixels": pixels, "ids": ids, "mask": mask}, torch.Generator().manual_seed(0), cfg, torch.device("cpu"))
     assert float(out["itm"]) == pytest.approx(math.log(2) + rank_weight * float(out["itc"]), rel=1e-5)
 
@@ -292,7 +324,7 @@ def test_listwise_itm_loss_in_a_train_step_by_hand(rank_weight):
 def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     ds = _dataset(small_catalog, b, cols=("caption",))
-    cfg = TrainConfig(epochs=6, batch_size=16, itm_negatives=4, warmup_steps=5, checkpoint_every=0, progress=False)
+    cfg = TrainConfig(epochs=6, batch_size=16, warmup_steps=5, checkpoint_every=0, progress=False, joint=JointConfig(itm_negatives=4))
     res = train(b, ds, tmp_path / "m", cfg)
     assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3
 
@@ -321,14 +353,14 @@ def test_mlm_loss_in_a_train_step_by_hand(monkeypatch):
     each text fused with ITS OWN image (recomputed here from the masked ids train_step drew)."""
     import torch.nn.functional as F
 
-    import vtfusion.models.train as train_mod
+    import vtfusion.models.train.joint as train_mod
 
     b = tiny_bundle()
     b.model.eval()  # no dropout: the recomputation must see the same network
     texts = ["a red mug on the left", "a big green dotted hat", "a small blue striped sock", "a plain yellow cup"]
     ids, mask = b.tokenizer(texts)
     pixels = torch.randint(0, 256, (4, 3, TINY_VISION.image_size, TINY_VISION.image_size), dtype=torch.uint8)
-    cfg = TrainConfig(epochs=1, mlm_weight=1.0, mlm_prob=0.5, progress=False)
+    cfg = TrainConfig(epochs=1, progress=False, joint=JointConfig(mlm_weight=1.0, mlm_prob=0.5))
     head = train_mod.mlm_head_for(b, cfg)
     drawn = []
     real = train_mod.mask_tokens
@@ -344,7 +376,7 @@ def test_mlm_loss_in_a_train_step_by_hand(monkeypatch):
     assert float(out["mlm"]) == pytest.approx(float(by_hand), rel=1e-5)
     # and the total loss counts it once, weighted
     out0 = train_mod.train_step(b, {"pixels": pixels, "ids": ids, "mask": mask}, torch.Generator().manual_seed(0),
-                                TrainConfig(epochs=1, mlm_weight=0.0, progress=False), torch.device("cpu"))
+                                TrainConfig(epochs=1, progress=False, joint=JointConfig(mlm_weight=0.0)), torch.device("cpu"))
     assert "mlm" not in out0
     assert float(out["loss"].detach()) == pytest.approx(float(out0["loss"].detach()) + float(out["mlm"]), rel=1e-5)
 
@@ -355,4 +387,4 @@ def test_resuming_with_another_mlm_setting_is_refused(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     with pytest.raises(ValueError, match="without masked language modelling"):
         train(b, _dataset(small_catalog, b), tmp_path / "m",
-              TrainConfig(epochs=2, batch_size=16, checkpoint_every=0, progress=False, mlm_weight=1.0), resume=True)
+              TrainConfig(epochs=2, batch_size=16, checkpoint_every=0, progress=False, joint=JointConfig(mlm_weight=1.0)), resume=True)

@@ -116,15 +116,16 @@ def train_cmd(
     from vtfusion.catalogs.sources import CatalogError
     from vtfusion.workflows.train import train_catalog
     from vtfusion.models.config import VisionConfig
-    from vtfusion.models.train import TrainConfig
+    from vtfusion.models.train import JointConfig, RerankConfig, TrainConfig
 
     if epochs is None and minutes is None:
         epochs = 10
     try:
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
-            device=device, checkpoint_every=checkpoint_every, itm_negatives=itm_negatives, freeze_towers=freeze_towers,
-            itm_rank_weight=itm_rank_weight, mlm_weight=mlm_weight, rerank_epochs=rerank_epochs, rerank_share=rerank_share,
+            device=device, checkpoint_every=checkpoint_every, itm_rank_weight=itm_rank_weight,
+            joint=JointConfig(itm_negatives=itm_negatives, freeze_towers=freeze_towers, mlm_weight=mlm_weight),
+            rerank=RerankConfig(epochs=rerank_epochs, share=rerank_share),
         )
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
