@@ -70,6 +70,10 @@ def demo_catalog(
         counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac)
     except ValueError as e:
         _fail(str(e))
+    _print_catalog(out, counts)
+
+
+def _print_catalog(out: Path, counts: dict) -> None:
     typer.echo(
         f"wrote {counts['items']} items to {out}: {counts['train']} in train.csv, {counts['test']} in test.csv, "
         f"{counts['items_with_twin']} with an attribute-swapped twin"
@@ -134,6 +138,10 @@ def train_cmd(
         )
     except (CatalogError, ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
+    _print_train(report)
+
+
+def _print_train(report) -> None:
     r = report.result
     typer.echo(
         f"trained {r.steps} steps ({r.epochs_done:.1f} epochs over {report.train_pairs} pairs) in {r.seconds:.0f} s "
@@ -159,27 +167,26 @@ def demo(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """The main job on the embedded default: catalog, train, index, search both ways, evaluate."""
-    import csv
-    import shutil
+    from vtfusion.catalogs.sources import CatalogError
+    from vtfusion.indexer.collection import CollectionError
+    from vtfusion.workflows.demo import run_demo
 
-    catalog = out / "catalog"
-    if not (catalog / "train.csv").exists():
-        demo_catalog(catalog, n=n, seed=seed, image_size=128, test_frac=0.2)
-    train_cmd(catalog / "train.csv", out=out / "model", val=catalog / "test.csv", epochs=epochs, minutes=minutes,
-              text_tower=text_tower, device=device, seed=seed, rerank_epochs=rerank_epochs)
-    col = out / "collection"
-    shutil.rmtree(col, ignore_errors=True)  # a fresh index for the freshly trained model
-    typer.echo("\n== index the training catalog")
-    init_cmd(col, model=out / "model")
-    ingest_cmd(col, catalog / "train.csv")
-    typer.echo("\n== evaluate reranking on the held-out split (its images are encoded for the run; the collection is not changed)")
-    eval_cmd(col, catalog / "test.csv", out=out / "eval", latency_queries=20)
-    held_out = list(csv.DictReader(open(catalog / "test.csv", encoding="utf-8")))[:2]
-    for row in held_out:
-        typer.echo(f"\n== text -> image: {row['caption']!r} (held-out item {row['id']})")
-        search_cmd(col, row["caption"], k=5, rerank_depth=32)
-    typer.echo(f"\n== image -> text: {held_out[0]['image']} (its caption: {held_out[0]['caption']!r})")
-    search_cmd(col, image=catalog / held_out[0]["image"], target="text", k=5, rerank_depth=32)
+    printers = {
+        "catalog": lambda counts: counts and _print_catalog(out / "catalog", counts),
+        "train": _print_train,
+        "collection": lambda c: _print_init(c, out / "collection", str(out / "model")),
+        "ingest": lambda r: _print_ingest(r, out / "collection"),
+        "eval": lambda r: _print_eval(r[0], r[1], out / "catalog" / "test.csv", out / "eval"),
+        "search": lambda r: _print_search(r[1]),
+    }
+    try:
+        for step in run_demo(out, n=n, epochs=epochs, rerank_epochs=rerank_epochs, minutes=minutes,
+                             text_tower=text_tower, device=device, seed=seed):
+            if step.title:
+                typer.echo(f"\n== {_safe(step.title)}")
+            printers[step.kind](step.result)
+    except (CatalogError, CollectionError, ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(str(e))
 
 
 # ---- collections ----------------------------------------------------------------------------
@@ -206,12 +213,18 @@ def init_cmd(
     schema: Annotated[str, typer.Option("--schema", help="Metadata column types, e.g. 'zip:text,price:number' (others are inferred per column at the first ingest).")] = "",
 ) -> None:
     """Create a collection: collection.toml, the SQL schema, empty indexes and token cache."""
-    from vtfusion.indexer.collection import Collection, CollectionError, mask_url
+    from vtfusion.indexer.collection import Collection, CollectionError
 
     try:
         c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe, schema=schema)
     except (CollectionError, ValueError) as e:
         _fail(str(e))
+    _print_init(c, collection, model)
+
+
+def _print_init(c, collection: Path, model: str) -> None:
+    from vtfusion.indexer.collection import mask_url
+
     typer.echo(
         f"created {collection} (model {c.config.model_fingerprint}, db {mask_url(c.engine.url.render_as_string(hide_password=False))}, "
         f"token cache {c.config.token_dtype}: {c.tokens.record_bytes / 1024:.1f} kB per image)"
@@ -250,6 +263,14 @@ def ingest_cmd(
     except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes
         _fail(f"ingest stopped: {e.strerror or e} ({e.filename or 'collection files'}). Items committed before "
               "this are kept; fix the cause and run the same command again to resume")
+    _print_ingest(r, collection)
+    if r.stopped_by:
+        raise typer.Exit(128 + r.stopped_signal)
+    if r.failed:
+        raise typer.Exit(1)
+
+
+def _print_ingest(r, collection: Path) -> None:
     typer.echo(
         f"added {r.added} ({r.replaced} replacing older versions), skipped {r.duplicates} duplicates, "
         f"{r.failed} failed in {r.seconds:.1f} s "
@@ -258,10 +279,8 @@ def ingest_cmd(
     if r.stopped_by:
         typer.secho(f"stopped by {r.stopped_by} at a batch boundary: {r.added} items of this run are committed; run the "
                     "same command again to resume", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(128 + r.stopped_signal)
-    if r.failed:
+    elif r.failed:
         typer.secho(f"{r.failed} rows failed; see them with: vtfusion errors {collection}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
 
 
 @app.command("errors")
@@ -520,6 +539,10 @@ def search_cmd(
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2, default=str))
         return
+    _print_search(res)
+
+
+def _print_search(res) -> None:
     typer.echo(f"{'#':>3} {'moved':>5} {'fused':>7} {'ITM p':>6} {'ITC':>6}  {'item':<12} text")
     for h in res.hits:
         moved = f"+{h.moved}" if h.moved > 0 else str(h.moved) if h.moved else "."
@@ -547,7 +570,7 @@ def eval_cmd(
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
     from vtfusion.search.evaluate import evaluate
-    from vtfusion.search.report import LATENCY_KEYS, write_report
+    from vtfusion.search.report import write_report
 
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
@@ -559,6 +582,12 @@ def eval_cmd(
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     files = write_report(rep, out)
+    _print_eval(rep, files, pairs, out)
+
+
+def _print_eval(rep, files: list[Path], pairs: Path, out: Path) -> None:
+    from vtfusion.search.report import LATENCY_KEYS
+
     typer.echo(f"{rep.texts} captions of {rep.images} images evaluated ({rep.rows} rows read); "
                f"gallery: {rep.gallery} ({rep.gallery_size['t2i']} images, {rep.gallery_size['i2t']} texts)")
     for x in rep.skipped[:10]:

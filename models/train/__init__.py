@@ -25,7 +25,7 @@ import torch
 from .. import factory
 from ..data import PairDataset
 from ..factory import Bundle
-from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta
+from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta, stage_of
 from .config import JointConfig, RerankConfig, TrainConfig
 from .joint import JointStage
 from .loop import lr_factor, run_stage
@@ -65,7 +65,14 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir / CHECKPOINTS)
-    in_rerank = ckpt is not None and read_meta(ckpt).get("stage", "joint") == "rerank"
+    in_rerank = ckpt is not None and stage_of(ckpt) == "rerank"
+    if in_rerank:
+        steps, epochs_done, _, stopped_by = read_meta(ckpt)["joint"]
+        if stopped_by == "epochs" and cfg.epochs is not None and epochs_done < cfg.epochs:
+            # more joint epochs than the run that wrote it: continue the joint stage from its last checkpoint
+            ckpt, in_rerank = latest_checkpoint(out_dir, "joint"), False
+            if ckpt is None:
+                raise ValueError(f"--resume with --epochs {cfg.epochs}: {out_dir / CHECKPOINTS} holds no checkpoint of the joint stage to continue from")
     total_budget = cfg.minutes * 60 if cfg.minutes is not None else None
     result = TrainResult(steps=0, epochs_done=0.0, seconds=0.0)
     if in_rerank:  # the joint stage finished before that checkpoint: its summary is in it

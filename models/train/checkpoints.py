@@ -78,16 +78,24 @@ def load_state(
     return meta
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
+def stage_of(folder: Path) -> str:
+    return read_meta(folder).get("stage", "joint")  # checkpoints from before the stages were named: joint
+
+
+def latest_checkpoint(out_dir: str | Path, stage: str | None = None) -> Path | None:
+    """The newest complete checkpoint under ``out_dir`` (of ``stage`` only, when given)."""
     ckpts = sorted((Path(out_dir) / CHECKPOINTS).glob("step-*"))
     ckpts = [c for c in ckpts if (c / STATE_JSON).exists()]  # written last: a complete checkpoint
+    if stage is not None:
+        ckpts = [c for c in ckpts if stage_of(c) == stage]
     return ckpts[-1] if ckpts else None
 
 
 def write_checkpoint(
     out_dir: Path, bundle: Bundle, opt, gen, meta: dict, keep: int, modules: dict[str, nn.Module], step: int
 ) -> Path:
-    """``step`` names the folder: steps count on across stages, so folders sort in training order."""
+    """``step`` names the folder: steps count on across stages, so folders sort in training order.
+    The newest ``keep`` folders are kept, and the joint stage's newest one."""
     root = out_dir / CHECKPOINTS
     folder = root / f"step-{step:07d}"
     tmp = root / f".tmp-{step:07d}"
@@ -97,6 +105,9 @@ def write_checkpoint(
     save_state(tmp, opt, gen, meta, modules)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # a checkpoint folder is complete or absent
+    # the newest `keep`, and the joint stage's newest: a later run with more epochs resumes there
+    joint = latest_checkpoint(out_dir, "joint")
     for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != joint:
+            shutil.rmtree(old, ignore_errors=True)
     return folder
