@@ -20,20 +20,27 @@ from dataclasses import asdict, dataclass
 from datetime import timezone
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from sqlalchemy import create_engine, event, func, inspect, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from vtfusion.models import factory
-from vtfusion.models.preprocess import ImageError, image_hash, read_image_bytes
+# torch, transformers and the model code load when a model is first needed (opening a collection,
+# stats, errors, verify and delete never need one): see ``bundle``
+from vtfusion.models.files import ImageError, image_hash, read_image_bytes
 
 from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
 from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
+if TYPE_CHECKING:
+    import torch
+
+    from vtfusion.models.factory import Bundle
+
 from .vectors import (
     IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder, read_meta,
 )
@@ -230,7 +237,7 @@ class Collection:
         url = resolve_url(config.db_url) if config.db_url else f"sqlite:///{folder / 'catalog.db'}"
         self.engine = make_engine(url)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
-        self._bundle: factory.Bundle | None = None
+        self._bundle: Bundle | None = None
         self.indexes: dict[str, VectorIndex] = {}
         self._synced = -1  # last SQL change the in-memory indexes have applied
         self._lock = threading.RLock()  # index rebuilds / catch-ups: one at a time in this process...
@@ -262,6 +269,8 @@ class Collection:
         nprobe: int = 16,
         schema: str = "",
     ) -> Collection:
+        from vtfusion.models import factory
+
         folder = Path(folder)
         if (folder / CONFIG_NAME).exists():
             raise CollectionError(f"{folder} already holds a collection; open it, or pick another folder")
@@ -430,8 +439,10 @@ class Collection:
     # ---- the model -------------------------------------------------------------------
 
     @property
-    def bundle(self) -> factory.Bundle:
+    def bundle(self) -> Bundle:
         if self._bundle is None:
+            from vtfusion.models import factory
+
             bundle = factory.load(self.config.model, device=factory.resolve_device("auto"))
             if bundle.fingerprint != self.config.model_fingerprint:
                 raise CollectionError(
@@ -470,7 +481,6 @@ class Collection:
             self._store = MetadataStore(self)
         return self._store
 
-    @torch.no_grad()
     def item_tokens(self, item_ids: list[int]) -> tuple[torch.Tensor, int]:
         """Image tokens of these items, in order, as (K, N, D_v) float32 on the CPU, and how many
         were re-encoded from their image files (no cache record: cache disabled, a miss, or a
@@ -496,6 +506,8 @@ class Collection:
                         self._token_locs.pop(next(iter(self._token_locs)))
                     self._token_locs[i] = loc
             locs = [found[i] if loc is None else loc for i, loc in zip(item_ids, locs)]
+        import torch
+
         cached = [k for k, loc in enumerate(locs) if loc[0] is not None]
         tokens = torch.zeros(len(locs), self.config.num_tokens, self.config.token_width)
         ok = np.zeros(len(locs), dtype=bool)
@@ -519,11 +531,13 @@ class Collection:
                 ) from e
         return tokens, len(missing)
 
-    @torch.no_grad()
     def encode_images(self, paths: list[str]) -> torch.Tensor:
         """Image files -> their image tokens under the collection's model, (K, N, D_v) float32 on
         the CPU: what a missing or bad token record is replaced with."""
-        return self.bundle.image_tokens(self.bundle.transform.load(p) for p in paths).float().cpu()
+        import torch
+
+        with torch.no_grad():
+            return self.bundle.image_tokens(self.bundle.transform.load(p) for p in paths).float().cpu()
 
     def forget_token_locations(self) -> None:
         """Drop the remembered token locations (after records moved: repair, compact, reembed)."""

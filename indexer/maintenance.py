@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import bindparam, func, select, update
 
-from vtfusion.models import factory
-from vtfusion.models.preprocess import ImageError
+from vtfusion.models.files import ImageError
 from vtfusion.models.progress import progress as progress_bar
 
 from .collection import MAINTENANCE_LOCK, Collection, CollectionError
@@ -338,6 +336,8 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
     one transaction and rebuild the indexes. An item whose image is gone or no longer matches
     its content hash fails: nothing is switched until it is fixed or deleted. SIGINT / SIGTERM
     stop it after the current batch (what is staged stays; re-running resumes)."""
+    from vtfusion.models import factory
+
     from .ingest import StopOnSignal, content_hash
 
     ref = str(model) if factory.is_pretrained_ref(model) else str(Path(model).resolve())
@@ -416,6 +416,8 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
 
 def _embed_into_staging(c, bundle, new: TokenCache | None, todo, rep: ReembedReport, failed_ids: set[int], progress, batch_size,
                         content_hash, stop) -> None:
+    import torch
+
     model, device = bundle.model, bundle.device
     bar = progress_bar(total=len(todo), desc="reembed", unit="item", enabled=progress)
     try:
@@ -433,9 +435,8 @@ def _embed_into_staging(c, bundle, new: TokenCache | None, todo, rep: ReembedRep
                     failed_ids.add(it.id)
             if part:
                 with torch.no_grad():
-                    px = bundle.transform.normalize(torch.stack(pixels).to(device))  # (b, 3, S, S)
-                    tok = model.image_tokens(px)  # (b, N, D_v)
-                    img = model.image_emb(tok).float().cpu().numpy().astype("<f4")  # (b, E)
+                    emb, tok = bundle.embed_pixels(torch.stack(pixels))  # (b, E), (b, N, D_v)
+                    img = emb.float().cpu().numpy().astype("<f4")
                     has_text = [bool(it.text) for it in part]
                     txt = None
                     if any(has_text):

@@ -7,9 +7,7 @@ queues and host-to-device copies than float pixels.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import string
 from collections.abc import Iterable, Sequence
 from typing import IO
@@ -20,46 +18,14 @@ import torch
 from PIL import Image, ImageOps
 
 from .config import VisionConfig
+# the checks before decoding need no torch (commands that only read a collection start fast);
+# re-exported here, where the rest of the image path lives
+from .files import MAX_IMAGE_BYTES, ImageError, image_hash, read_image_bytes  # noqa: F401
 
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class ImageError(ValueError):
-    """An image file that cannot be used: missing, not an image, truncated, or too large."""
-
-
-MAX_IMAGE_BYTES = 50 * 1024 * 1024  # an image file larger than this is refused before it is read
-
-
-def read_image_bytes(path: str | os.PathLike, cap: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of an image file: a regular file (never a device, FIFO or folder: /dev/zero
-    would never end, a FIFO would block) of at most ``cap`` bytes, read no further than that
-    whatever its size claims. ImageError otherwise."""
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # what was opened, not what the name pointed to a moment before
-                raise ImageError(f"not a regular file: {p}")
-            data = f.read(cap + 1)
-    except FileNotFoundError:
-        raise ImageError(f"image file not found: {p}") from None
-    except OSError as e:
-        raise ImageError(f"image file unreadable: {p} ({e.strerror or e})") from None
-    if len(data) > cap:
-        raise ImageError(f"image file is over the cap of {cap} bytes: {p}")
-    return data
-
-
-def image_hash(image_bytes: bytes) -> str:
-    """sha256 of the image bytes alone: how an image is recognised whatever it is called, and
-    whatever text and metadata it was ingested with (``items.image_hash``, evaluation pairs)."""
-    return hashlib.sha256(image_bytes).hexdigest()
-
-
-# what an image may be, decided by its content, never its name: PIL is never asked to try its
-# other plugins (EPS / PS / PDF would hand the bytes to Ghostscript where it is installed)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # (a multi-picture JPEG opens as JPEG, format "MPO")
 
 

@@ -148,3 +148,27 @@ def test_version():
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.strip() == f"vtfusion {vtfusion.__version__}" and vtfusion.__version__ == "0.1.0"
+
+
+def test_commands_that_need_no_model_never_import_torch(tmp_path, model_dir, small_catalog):
+    """stats, errors, verify, delete, --help and --version start without torch and transformers
+    (their start time is measured in bench/startup.py)."""
+    import subprocess
+    import sys
+
+    import vtfusion
+
+    col = tmp_path / "col"
+    vtfusion.ingest(vtfusion.create_collection(col, model_dir), small_catalog / "train.csv", workers=0, progress=False)
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['vtfusion', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('vtfusion.ui.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'PIL') if m in sys.modules], code)\n"
+    )
+    for args in (["stats", str(col)], ["errors", str(col)], ["verify", str(col)], ["delete", str(col), "--ids", "nope", "--dry-run"],
+                 ["--help"], ["--version"], ["stats", str(col), "--json"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120).stdout
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("HEAVY []"), (args, out[-2000:])
