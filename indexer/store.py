@@ -87,6 +87,31 @@ class MetadataStore:
             return None
         return np.frombuffer(row.vector, np.float32)
 
+    def resolve_item(self, ref: str | int) -> int:
+        """The active item a user names: its catalog (external) id, or ``#<item id>``; a bare
+        number that is no item's external id is taken as an item id. An ``int`` is an item id.
+        LookupError, with the choices, when the name fits no active item or several (one
+        external id in two sources)."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.startswith("#") and ref[1:].isdigit()):
+            item_id = int(ref) if isinstance(ref, int) else int(ref[1:])
+            with self.c.Session() as s:
+                if 0 < item_id < 2**63 and s.scalar(select(Item.id).where(Item.id == item_id, Item.status == ItemStatus.ACTIVE)):
+                    return item_id
+            raise LookupError(f"no active item #{item_id}")
+        ref = str(ref)
+        with self.c.Session() as s:
+            rows = s.execute(
+                select(Item.id, Item.source).where(Item.external_id == ref, Item.status == ItemStatus.ACTIVE).order_by(Item.id).limit(11)
+            ).all()
+        if len(rows) == 1:
+            return rows[0].id
+        if rows:
+            named = ", ".join(f"#{r.id} (source {r.source})" for r in rows[:10])
+            raise LookupError(f"{ref!r} is the id of {len(rows)}{'+' if len(rows) > 10 else ''} active items, one per source: {named}; name one as #ITEM_ID")
+        if ref.isdigit():
+            return self.resolve_item("#" + ref)
+        raise LookupError(f"no active item with id {ref!r}")
+
     def where(self, expr: str | None):
         """A filter expression as a SQL condition on items (None: no filter); FilterError when
         it does not parse or names an unknown column."""

@@ -36,7 +36,7 @@ ALLOWED_CACHE = 32  # filter expressions whose id sets are kept
 
 @dataclass(frozen=True)
 class ItemQuery:
-    item_id: int
+    item_id: str | int  # the catalog's external id or "#<item id>" (a str), or an item id (an int)
 
 
 class SearchError(ValueError):
@@ -60,13 +60,15 @@ class SearchEngine:
         """-> (query kind, query modality, xq (1, E), ITM query, excluded item id)."""
         b = self.c.bundle
         if isinstance(query, ItemQuery):
-            if not 0 < int(query.item_id) < 2**63:
-                raise SearchError(f"no active item with id {query.item_id}")
-            vec = self.c.store.active_vector(query.item_id, "image")
+            try:
+                item_id = self.c.store.resolve_item(query.item_id)
+            except LookupError as e:
+                raise SearchError(str(e)) from e
+            vec = self.c.store.active_vector(item_id, "image")
             if vec is None:
-                raise SearchError(f"no active item with id {query.item_id}")
-            tokens, _ = self.c.item_tokens([int(query.item_id)])  # (1, N, D_v), re-encoded when not cached
-            return "item", "image", vec[None, :], Query(image_tokens=tokens), int(query.item_id)
+                raise SearchError(f"no active item with id {query.item_id!r}")
+            tokens, _ = self.c.item_tokens([item_id])  # (1, N, D_v), re-encoded when not cached
+            return "item", "image", vec[None, :], Query(image_tokens=tokens), item_id
         if isinstance(query, (Image.Image, Path)):
             try:
                 img = b.transform.load(query)

@@ -53,7 +53,7 @@ def test_train_errors_are_messages_not_tracebacks(tmp_path):
     assert r.exit_code == 1 and "no text column" in r.output and "--text-col" in r.output
     r = runner.invoke(app, ["train", str(tmp_path / "c.csv"), "--out", str(tmp_path / "m"), "--epochs", "1",
                             "--text-col", "name", "--text-tower", "nonexistent-tower"])
-    assert r.exit_code == 1 and "--text-tower must be one of" in r.output
+    assert r.exit_code == 2 and "not one of scratch, minilm" in r.output  # a usage error, with the choices
 
 
 def test_every_cli_command_is_documented_in_the_readme():
@@ -128,7 +128,7 @@ def test_search_command(tmp_path, model_dir, small_catalog):
     r = runner.invoke(app, ["search", col, "x", "--where", "nope = 1"])
     assert r.exit_code == 1 and "unknown column 'nope'" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["search", col])
-    assert r.exit_code == 1 and "exactly one query" in r.output
+    assert r.exit_code == 2 and "exactly one query" in r.output  # a usage error
 
 
 def test_demo_runs_the_whole_job(tmp_path):
@@ -172,3 +172,107 @@ def test_commands_that_need_no_model_never_import_torch(tmp_path, model_dir, sma
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120).stdout
         last = out.strip().splitlines()[-1]
         assert last.startswith("HEAVY []"), (args, out[-2000:])
+
+
+def _ingested(tmp_path, model_dir, small_catalog, name="col"):
+    import vtfusion
+
+    col = tmp_path / name
+    vtfusion.ingest(vtfusion.create_collection(col, model_dir), small_catalog / "train.csv", workers=0, progress=False)
+    return col
+
+
+def test_items_are_named_by_their_catalog_id(tmp_path, model_dir, small_catalog):
+    """search prints external ids and image paths; --item takes the external id (or #ITEM_ID, or a
+    bare item id that is no external id), and the API's item= too."""
+    import shutil
+
+    import vtfusion
+
+    col = _ingested(tmp_path, model_dir, small_catalog)
+    r = runner.invoke(app, ["search", str(col), "a red mug", "--json", "-k", "3"])
+    hit = json.loads(r.stdout)["hits"][0]
+    r = runner.invoke(app, ["search", str(col), "a red mug", "-k", "3"])
+    assert hit["external_id"] in r.output and Path(hit["image_path"]).name in r.output  # the table shows both
+    by = {}
+    for ref in (hit["external_id"], f"#{hit['item_id']}", str(hit["item_id"])):
+        r = runner.invoke(app, ["search", str(col), "--item", ref, "--target", "text", "--json", "-k", "3"])
+        assert r.exit_code == 0, (ref, r.output)
+        by[ref] = [h["item_id"] for h in json.loads(r.stdout)["hits"]]
+    assert by[hit["external_id"]] == by[f"#{hit['item_id']}"] == by[str(hit["item_id"])]
+    api = vtfusion.query(vtfusion.open_collection(col), item=hit["external_id"], target="text", k=3)
+    assert [h.item_id for h in api.hits] == by[hit["external_id"]]
+    r = runner.invoke(app, ["search", str(col), "--item", "no-such-item"])
+    assert r.exit_code == 1 and "no active item with id 'no-such-item'" in r.output
+    # a second catalog that uses the same id for another item: the id now names two items
+    shutil.copytree(small_catalog / "images", tmp_path / "other" / "images")
+    (tmp_path / "other" / "other.csv").write_text(f"id,image,caption\n{hit['external_id']},images/{Path(hit['image_path']).name},another item\n")
+    r = runner.invoke(app, ["ingest", str(col), str(tmp_path / "other" / "other.csv"), "--workers", "0"])
+    assert r.exit_code == 0 and "added 1" in r.output, r.output
+    r = runner.invoke(app, ["search", str(col), "--item", hit["external_id"]])
+    assert r.exit_code == 1 and "is the id of 2 active items" in r.output and f"#{hit['item_id']}" in r.output
+
+
+def test_cli_conventions(tmp_path, model_dir, small_catalog):
+    """Global flags after the command, enums listed and refused with exit 2, --json on every
+    command that prints results, completion, and no traceback without --debug."""
+    col = str(_ingested(tmp_path, model_dir, small_catalog))
+    r = runner.invoke(app, ["stats", col, "--json", "-q"])  # -q after the command
+    assert r.exit_code == 0 and json.loads(r.stdout)["items_active"] > 0
+    r = runner.invoke(app, ["search", col, "x", "--where", "-q", "-k", "1"])  # an option's value stays its value
+    assert r.exit_code == 1 and "unexpected character '-'" in r.output
+    r = runner.invoke(app, ["search", col, "x", "--target", "video"])
+    assert r.exit_code == 2 and "'video' is not one of 'image', 'text'" in r.output
+    assert "<image|text>" in runner.invoke(app, ["search", "--help"]).output
+    assert "<itm+itc|itm|itc>" in runner.invoke(app, ["eval", "--help"]).output
+    r = runner.invoke(app, ["init", str(tmp_path / "c2"), "--model", str(model_dir), "--token-dtype", "fp8"])
+    assert r.exit_code == 2 and "fp8" in r.output
+    r = runner.invoke(app, ["train", "x.csv", "--out", "m", "--device", "gpu"])
+    assert r.exit_code == 2 and "auto, cpu, cuda, cuda:N" in r.output
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+    for args in (["errors", col, "--json"], ["verify", col, "--json"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, (args, r.output)
+        json.loads(r.stdout)
+    assert json.loads(runner.invoke(app, ["verify", col, "--json"]).stdout)["ok"] is True
+    r = runner.invoke(app, ["ingest", col, str(small_catalog / "train.csv"), "--json", "--workers", "0"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["duplicates"] > 0
+    r = runner.invoke(app, ["eval", col, str(small_catalog / "test.csv"), "--json", "--out", str(tmp_path / "ev"),
+                            "--depths", "0,8", "--latency-queries", "0"])
+    assert r.exit_code == 0, r.output
+    assert "rerank@8" in json.loads(r.stdout)["t2i"]
+    r = runner.invoke(app, ["eval", col, str(small_catalog / "test.csv"), "--depths", "0,x"])
+    assert r.exit_code == 2
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, monkeypatch):
+    import vtfusion.indexer.lifecycle as lifecycle
+
+    def broken(*a, **k):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(lifecycle, "errors", broken)
+    monkeypatch.setattr("vtfusion.ui.cli._open", lambda c: None)
+    r = runner.invoke(app, ["errors", str(tmp_path)])
+    assert r.exit_code == 1 and "error: 'boom' (KeyError; run again with --debug" in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output
+    r = runner.invoke(app, ["errors", str(tmp_path), "--debug"])
+    assert isinstance(r.exception, KeyError)  # re-raised: the traceback is shown
+
+
+def test_train_defaults_match_the_documentation():
+    from vtfusion.ui.cli import rerank_epochs_for
+
+    help_text = runner.invoke(app, ["train", "--help"]).output
+    assert "[default: scratch]" in help_text and ".jsonl" in help_text and ".parquet" in help_text
+    assert (rerank_epochs_for(16), rerank_epochs_for(2), rerank_epochs_for(3), rerank_epochs_for(None)) == (8, 1, 2, 8)
+
+
+def test_cli_choices_are_the_librarys():
+    from vtfusion.indexer.tokens import DTYPES
+    from vtfusion.search.evaluate import GALLERIES
+    from vtfusion.search.rerank import FUSIONS
+    from vtfusion.ui.cli import Fusion, Gallery, Target, TokenDtype
+
+    assert tuple(f.value for f in Fusion) == FUSIONS and tuple(g.value for g in Gallery) == GALLERIES
+    assert tuple(t.value for t in TokenDtype) == ("auto", *DTYPES) and tuple(t.value for t in Target) == ("image", "text")

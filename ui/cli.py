@@ -6,19 +6,131 @@ Every command here is documented in the README (``tests/test_cli.py`` fails othe
 from __future__ import annotations
 
 import logging
+import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.2x runs on its own copy of click
+    from typer._click import exceptions as click_exc
+    from typer._click.core import Context
+except ImportError:  # pragma: no cover - typer on the click package
+    from click import Context
+    from click import exceptions as click_exc
+
+log = logging.getLogger("vtfusion")
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--debug")  # accepted before or after the command
+_debug = False  # --debug: show the traceback of an unexpected error
+
+
+class _Group(TyperGroup):
+    """Global flags anywhere on the line (``vtfusion stats col -q`` = ``vtfusion -q stats col``);
+    an unexpected error is one line on stderr and exit 1, its traceback only with ``--debug``."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._globals_first(ctx, list(args)))
+
+    def _globals_first(self, ctx: Context, args: list[str]) -> list[str]:
+        at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+        cmd = self.get_command(ctx, args[at]) if at is not None else None
+        if cmd is None:
+            return args
+        takes_value = {
+            o for p in cmd.params if p.param_type_name == "option" and not getattr(p, "is_flag", False)
+            and not getattr(p, "count", False) for o in p.opts + p.secondary_opts
+        }
+        moved, rest, i = [], args[: at + 1], at + 1
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                rest += args[i:]
+                break
+            if a in GLOBAL_FLAGS:
+                moved.append(a)
+            else:
+                rest.append(a)
+                if a in takes_value and i + 1 < len(args):  # the option's value, whatever it looks like
+                    rest.append(args[i + 1])
+                    i += 1
+            i += 1
+        return moved + rest
+
+    def invoke(self, ctx: Context):
+        try:
+            return super().invoke(ctx)
+        except (click_exc.ClickException, typer.Exit, typer.Abort):  # usage errors and our own exits
+            raise
+        except BrokenPipeError:  # `vtfusion ... | head`: the reader left; say nothing more
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence between a user and a traceback
+            if _debug:
+                raise
+            msg = _safe(str(e) or type(e).__name__)
+            typer.secho(f"error: {msg} ({type(e).__name__}; run again with --debug for the traceback)", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
     name="vtfusion",
     help="Vision-text search: fusion model, FAISS indexes over SQL metadata, cross-attention reranking.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,  # plain help and usage errors: unwrapped, greppable, and no rich import at start
+    cls=_Group,
 )
-log = logging.getLogger("vtfusion")
+
+
+# fixed choices, shown in --help and rejected with the list (the library's tuples are the same:
+# tests/test_cli.py checks; they are not imported here, so --help never loads torch)
+class Target(str, Enum):
+    image = "image"
+    text = "text"
+
+
+class Fusion(str, Enum):
+    itm_itc = "itm+itc"
+    itm = "itm"
+    itc = "itc"
+
+
+class Gallery(str, Enum):
+    pairs = "pairs"
+    collection = "collection"
+
+
+class TokenDtype(str, Enum):
+    auto = "auto"
+    fp16 = "fp16"
+    int8 = "int8"
+    none = "none"
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+def _text_tower(value: str) -> str:
+    if value not in ("scratch", "minilm") and not Path(value).is_dir():
+        raise typer.BadParameter(f"{value!r} is not one of scratch, minilm, or a local BERT folder")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N|mps]", callback=_device, help="Where the model runs.")]
+TextTowerOpt = Annotated[str, typer.Option("--text-tower", metavar="[scratch|minilm|FOLDER]", callback=_text_tower,
+                                            help="scratch: a small BERT and WordPiece trained on the catalog's text (what make demo uses); "
+                                                 "minilm: the pretrained all-MiniLM-L6-v2 (about 3x slower per step, a 422 MB model folder); or a local BERT folder.")]
 
 
 def _version(value: bool) -> None:
@@ -31,10 +143,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging (before or after the command).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (before or after the command).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
+    global _debug
+    _debug = debug
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "alembic", "faiss"):
@@ -53,6 +168,43 @@ def _safe(text) -> str:
 def _fail(msg: str, code: int = 1) -> None:
     typer.secho(f"error: {_safe(msg)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _usage(msg: str) -> None:
+    """A command line that cannot be run as given: exit 2, like the parser's own errors."""
+    raise click_exc.UsageError(msg)
+
+
+def _json(obj) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(columns: list[tuple[str, str]], rows: list[list], header: bool = True) -> None:
+    """A plain table (rich; no colour, no markup: catalog text is printed as text, escaped)."""
+    import sys
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD if header else None, show_header=header, show_edge=False, pad_edge=False, highlight=False)
+    for name, justify in columns:
+        t.add_column(name, justify=justify, overflow="fold")
+    for row in rows:
+        t.add_row(*[Text(_safe(c)) for c in row])
+    tty = sys.stdout.isatty()
+    Console(file=sys.stdout, width=None if tty else 240, highlight=False, soft_wrap=False, color_system="auto" if tty else None).print(t)
+
+
+def _shown_path(path: str) -> str:
+    """An image path as a user would type it: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 @app.command("demo-catalog")
@@ -88,15 +240,20 @@ def _print_validation(v) -> None:
     typer.echo(f"  {f'R@{v.rerank_k} ITC (rerank ceiling)':<34}{100 * v.itc_recall_at_k:6.1f}")
 
 
+def rerank_epochs_for(epochs: int | None) -> int:
+    """The reranker stage's default length: half the joint stage's (16 -> 8, make demo's), 8 under a time budget alone."""
+    return 8 if epochs is None else (epochs + 1) // 2
+
+
 @app.command("train")
 def train_cmd(
-    catalog: Annotated[Path, typer.Argument(help="Catalog CSV of training pairs (image path relative to the CSV).")],
+    catalog: Annotated[Path, typer.Argument(metavar="CATALOG", help="Training pairs: a .csv, .jsonl or .parquet catalog (gzipped too; image paths relative to it), or a folder of images (text from sidecar files).")],
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (checkpoints go under OUT/checkpoints).")],
     val: Annotated[Path | None, typer.Option("--val", help="Held-out CSV for the final validation.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default 10 if --minutes is not given).")] = None,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Wall-clock budget; the LR schedule follows it; --rerank-share of it is kept for the second stage.")] = None,
-    text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch | path to a local BERT folder.")] = "minilm",
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    text_tower: TextTowerOpt = "scratch",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (a pretrained text tower gets 0.1x).")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -111,12 +268,12 @@ def train_cmd(
     itm_negatives: Annotated[int, typer.Option("--itm-negatives", help="Hard negatives per image and per text for ITM.")] = 2,
     itm_rank_weight: Annotated[float, typer.Option("--itm-rank-weight", help="Weight of the listwise ITM loss (0: ALBEF's binary ITM loss only).")] = 1.0,
     mlm_weight: Annotated[float, typer.Option("--mlm-weight", help="Weight of image-conditioned masked language modelling (ALBEF; default 0: off).")] = 0.0,
-    rerank_epochs: Annotated[int, typer.Option("--rerank-epochs", help="Second stage: epochs of the fusion layers alone, towers frozen, on the candidates ITC retrieves for each training pair (0: none).")] = 8,
+    rerank_epochs: Annotated[int | None, typer.Option("--rerank-epochs", help="Second stage: epochs of the fusion layers alone, towers frozen, on the candidates ITC retrieves for each training pair (0: none; default: half of --epochs, rounded up, or 8 with --minutes alone).")] = None,
     rerank_share: Annotated[float, typer.Option("--rerank-share", help="With --minutes: the share of the budget kept for the second stage (default 0: it gets only what the joint stage leaves).")] = 0.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
 ) -> None:
-    """Train the fusion model (ITC + ITM with hard negatives) on a catalog CSV, then validate."""
+    """Train the fusion model (ITC + ITM with hard negatives, then the reranker stage) on a catalog, then validate."""
     from vtfusion.catalogs.sources import CatalogError
     from vtfusion.workflows.train import train_catalog
     from vtfusion.models.config import VisionConfig
@@ -124,6 +281,8 @@ def train_cmd(
 
     if epochs is None and minutes is None:
         epochs = 10
+    if rerank_epochs is None:
+        rerank_epochs = rerank_epochs_for(epochs)
     try:
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
@@ -131,6 +290,9 @@ def train_cmd(
             joint=JointConfig(itm_negatives=itm_negatives, freeze_towers=freeze_towers, mlm_weight=mlm_weight),
             rerank=RerankConfig(epochs=rerank_epochs, share=rerank_share),
         )
+    except ValueError as e:  # settings that cannot go together
+        _usage(str(e))
+    try:
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
             id_col=id_col, image_col=image_col, vision=VisionConfig(image_size=image_size), resume=resume,
@@ -161,10 +323,11 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
     epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so the schedule does not depend on the machine's load.")] = 16,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Also stop after this many minutes (the schedule then follows the clock: not repeatable).")] = None,
-    rerank_epochs: Annotated[int, typer.Option("--rerank-epochs", help="Then epochs of the fusion layers alone on ITC's own candidates (0: none).")] = 8,
-    text_tower: Annotated[str, typer.Option("--text-tower", help="minilm | scratch.")] = "scratch",
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    rerank_epochs: Annotated[int | None, typer.Option("--rerank-epochs", help="Then epochs of the fusion layers alone on ITC's own candidates (0: none; default: half of --epochs, rounded up).")] = None,
+    text_tower: TextTowerOpt = "scratch",
+    device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="The model's input side in pixels (the catalog is rendered at 128).")] = 64,
 ) -> None:
     """The main job on the embedded default: catalog, train, index, search both ways, evaluate."""
     from vtfusion.catalogs.sources import CatalogError
@@ -180,8 +343,10 @@ def demo(
         "search": lambda r: _print_search(r[1]),
     }
     try:
+        if rerank_epochs is None:
+            rerank_epochs = rerank_epochs_for(epochs)
         for step in run_demo(out, n=n, epochs=epochs, rerank_epochs=rerank_epochs, minutes=minutes,
-                             text_tower=text_tower, device=device, seed=seed):
+                             text_tower=text_tower, device=device, seed=seed, image_size=image_size):
             if step.title:
                 typer.echo(f"\n== {_safe(step.title)}")
             printers[step.kind](step.result)
@@ -208,7 +373,7 @@ def init_cmd(
     model: Annotated[str, typer.Option("--model", help="Model reference: a folder written by `vtfusion train`, hf:<BLIP retrieval id or folder>, or clip:<CLIP id or folder>.")],
     db: Annotated[str, typer.Option("--db", help="SQLAlchemy URL (default: SQLite catalog.db inside the folder). ${NAME} parts are read from the environment at every open: keep passwords out of collection.toml.")] = "",
     index: Annotated[str, typer.Option("--index", help="FAISS factory string, or auto (exact when small, IVF when large).")] = "auto",
-    token_dtype: Annotated[str, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8) | fp16 | int8 | none (re-encode at query time).")] = "auto",
+    token_dtype: Annotated[TokenDtype, typer.Option("--token-dtype", help="Rerank token cache: auto (fp16 up to 64 kB per image, else int8), fp16, int8, none (re-encode at query time).")] = TokenDtype.auto,
     nprobe: Annotated[int, typer.Option("--nprobe", help="IVF lists probed per search (the collection's default; search --nprobe overrides it).")] = 16,
     schema: Annotated[str, typer.Option("--schema", help="Metadata column types, e.g. 'zip:text,price:number' (others are inferred per column at the first ingest).")] = "",
 ) -> None:
@@ -216,7 +381,7 @@ def init_cmd(
     from vtfusion.indexer.collection import Collection, CollectionError
 
     try:
-        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype, nprobe=nprobe, schema=schema)
+        c = Collection.init(collection, model, db_url=db, index_factory=index, token_dtype=token_dtype.value, nprobe=nprobe, schema=schema)
     except (CollectionError, ValueError) as e:
         _fail(str(e))
     _print_init(c, collection, model)
@@ -245,6 +410,7 @@ def ingest_cmd(
     workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: with a GPU up to 8 decode while the GPU embeds; on a CPU one per core, up to 16, each decoding and embedding on one thread). 0: all in this process.")] = None,
     source_name: Annotated[str | None, typer.Option("--source-name", help="Name the source (items are identified by source and id; default: the catalog's real path, however it is typed).")] = None,
     schema: Annotated[str | None, typer.Option("--schema", help="Declare metadata column types not registered yet, e.g. 'zip:text,price:number' (kept in collection.toml).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> None:
     """Add a catalog's items to a collection (dedup by content; a changed row replaces its earlier version; re-running resumes).
 
@@ -263,7 +429,12 @@ def ingest_cmd(
     except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes
         _fail(f"ingest stopped: {e.strerror or e} ({e.filename or 'collection files'}). Items committed before "
               "this are kept; fix the cause and run the same command again to resume")
-    _print_ingest(r, collection)
+    if as_json:
+        from dataclasses import asdict
+
+        _json({**asdict(r), "items_per_s": r.items_per_s})
+    else:
+        _print_ingest(r, collection)
     if r.stopped_by:
         raise typer.Exit(128 + r.stopped_signal)
     if r.failed:
@@ -287,11 +458,15 @@ def _print_ingest(r, collection: Path) -> None:
 def errors_cmd(
     collection: Annotated[Path, typer.Argument(help="Collection folder.")],
     limit: Annotated[int, typer.Option("--limit", help="Newest N errors.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
 ) -> None:
     """List ingest errors: file, line and reason of every item that was skipped."""
     from vtfusion.indexer.lifecycle import errors
 
     rows = errors(_open(collection), limit)
+    if as_json:
+        _json([{"file": e.file, "line": e.line, "reason": e.reason, "run_id": e.run_id, "at": e.at} for e in rows])
+        return
     if not rows:
         typer.echo("no ingest errors")
     for e in rows:
@@ -312,8 +487,14 @@ def stats_cmd(
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
+    rows = []
     for k, v in st.items():
-        typer.echo(f"{k:<18}{v}")
+        if isinstance(v, dict):  # one row per entry (indexes by modality, ...)
+            rows += [[k if i == 0 else "", f"{sk}: " + (", ".join(f"{a} {b}" for a, b in sv.items()) if isinstance(sv, dict) else str(sv))]
+                     for i, (sk, sv) in enumerate(v.items())] or [[k, "-"]]
+        else:
+            rows.append([k, v])
+    _table([("", "left"), ("", "left")], rows, header=False)
 
 
 def _chosen(c, ids, where, status):
@@ -463,7 +644,10 @@ def reembed_cmd(
 
 
 @app.command("verify")
-def verify_cmd(collection: Annotated[Path, typer.Argument(help="Collection folder.")]) -> None:
+def verify_cmd(
+    collection: Annotated[Path, typer.Argument(help="Collection folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result.")] = False,
+) -> None:
     """Reconcile SQL with the FAISS indexes and the token cache; exit 1 on any mismatch."""
     from vtfusion.indexer.collection import Collection, StaleIndexError
     from vtfusion.indexer.lifecycle import verify
@@ -475,6 +659,9 @@ def verify_cmd(collection: Annotated[Path, typer.Argument(help="Collection folde
     except Exception:  # noqa: BLE001 - the message of _open
         c = _open(collection)
     r = verify(c)
+    if as_json:
+        _json({"ok": r.ok, "problems": r.problems, "notes": r.notes})
+        raise typer.Exit(0 if r.ok else 1)
     for n in r.notes:
         typer.echo(f"note: {n}")
     if r.ok:
@@ -510,12 +697,12 @@ def search_cmd(
     collection: Annotated[Path, typer.Argument(help="Collection folder.")],
     text: Annotated[str | None, typer.Argument(help="Text query.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Query by an image file.")] = None,
-    item: Annotated[int | None, typer.Option("--item", help="Query by an indexed item id (more like this).")] = None,
-    target: Annotated[str, typer.Option("--target", help="image | text: what to return.")] = "image",
+    item: Annotated[str | None, typer.Option("--item", help="More like this item: its catalog id (as search prints it) or #ITEM_ID.")] = None,
+    target: Annotated[Target, typer.Option("--target", help="What to return.")] = Target.image,
     k: Annotated[int, typer.Option("-k", help="Hits to return.")] = 10,
     where: Annotated[str | None, typer.Option("--where", help="Filter expression over metadata.")] = None,
     rerank_depth: Annotated[int, typer.Option("--rerank-depth", help="ITC candidates rescored by ITM (0: none).")] = 32,
-    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm | itc.")] = "itm+itc",
+    fusion: Annotated[Fusion, typer.Option("--fusion", help="The score reranked candidates are sorted by.")] = Fusion.itm_itc,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable hits and timings.")] = False,
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists to probe (default: the collection's; more is slower and closer to exact).")] = None,
 ) -> None:
@@ -526,14 +713,14 @@ def search_cmd(
 
     given = [q for q in (text, image, item) if q is not None]
     if len(given) != 1:
-        _fail("give exactly one query: a TEXT argument, --image PATH or --item ID")
+        _usage("give exactly one query: a TEXT argument, --image PATH or --item ID")
     query = ItemQuery(item) if item is not None else image if image is not None else text
     if image is not None and not image.is_file():
         _fail(f"image not found: {image}")
     from vtfusion.indexer.collection import CollectionError
 
     try:
-        res = SearchEngine(_open(collection)).search(query, target, k, where, rerank_depth, fusion, nprobe=nprobe)
+        res = SearchEngine(_open(collection)).search(query, target.value, k, where, rerank_depth, fusion.value, nprobe=nprobe)
     except (SearchError, CollectionError) as e:
         _fail(str(e))
     if as_json:
@@ -543,11 +730,13 @@ def search_cmd(
 
 
 def _print_search(res) -> None:
-    typer.echo(f"{'#':>3} {'moved':>5} {'fused':>7} {'ITM p':>6} {'ITC':>6}  {'item':<12} text")
+    rows = []
     for h in res.hits:
         moved = f"+{h.moved}" if h.moved > 0 else str(h.moved) if h.moved else "."
-        itm = f"{h.itm:6.3f}" if h.itm is not None else f"{'-':>6}"
-        typer.echo(f"{h.rank:>3} {moved:>5} {h.fused:7.3f} {itm} {h.itc:6.3f}  {_safe(h.external_id):<12} {_safe(h.text[:70])}")
+        rows.append([h.rank, moved, f"{h.fused:.3f}", f"{h.itm:.3f}" if h.itm is not None else "-", f"{h.itc:.3f}",
+                     h.external_id, _shown_path(h.image_path), h.text[:60]])
+    _table([("#", "right"), ("moved", "right"), ("fused", "right"), ("ITM p", "right"), ("ITC", "right"), ("item", "left"),
+            ("image", "left"), ("text", "left")], rows)
     typer.echo("timings ms: " + ", ".join(f"{s} {v:.1f}" for s, v in res.timings_ms.items()) + f"; reranked {res.rerank_depth}")
     for n in res.notes:
         typer.echo(f"note: {_safe(n)}")
@@ -559,14 +748,15 @@ def eval_cmd(
     pairs: Annotated[Path, typer.Argument(help="CSV of (image, caption) rows, a Karpathy JSON (dataset_coco.json, dataset_flickr30k.json) or a BLIP/ALBEF annotation JSON.")],
     depths: Annotated[str, typer.Option("--depths", help="Comma-separated rerank depths (0 = ITC only).")] = "0,16,32,64,128",
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md, the plots and trec/ (run files, qrels).")] = Path("eval-report"),
-    fusion: Annotated[str, typer.Option("--fusion", help="itm+itc | itm | itc.")] = "itm+itc",
-    gallery: Annotated[str, typer.Option("--gallery", help="pairs: rank the pairs' own images and captions (BLIP's protocol); collection: rank every active item of the collection.")] = "pairs",
+    fusion: Annotated[Fusion, typer.Option("--fusion", help="The score reranked candidates are sorted by.")] = Fusion.itm_itc,
+    gallery: Annotated[Gallery, typer.Option("--gallery", help="pairs: rank the pairs' own images and captions (BLIP's protocol); collection: rank every active item of the collection.")] = Gallery.pairs,
     where: Annotated[str | None, typer.Option("--where", help="With --gallery collection: only items matching this filter form the gallery.")] = None,
     image_col: Annotated[str, typer.Option("--image-col")] = "image",
     text_col: Annotated[str, typer.Option("--text-col")] = "caption",
     split: Annotated[str, typer.Option("--split", help="Karpathy JSON split to use.")] = "test",
     latency_queries: Annotated[int, typer.Option("--latency-queries", help="Searches timed per depth.")] = 50,
     run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json's content (the files are written too).")] = False,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
     from vtfusion.search.evaluate import evaluate
@@ -575,13 +765,16 @@ def eval_cmd(
     try:
         ds = [int(d) for d in depths.split(",") if d.strip()]
     except ValueError:
-        _fail(f"--depths must be comma-separated integers; got {depths!r}")
+        _usage(f"--depths must be comma-separated integers; got {depths!r}")
     try:
-        rep = evaluate(_open(collection), pairs, ds, fusion, latency_queries, gallery=gallery, where=where,
+        rep = evaluate(_open(collection), pairs, ds, fusion.value, latency_queries, gallery=gallery.value, where=where,
                        trec_dir=out / "trec", run_depth=run_depth, image_col=image_col, text_col=text_col, split=split)
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     files = write_report(rep, out)
+    if as_json:
+        _json({**rep.to_dict(), "files": [str(f) for f in files]})
+        return
     _print_eval(rep, files, pairs, out)
 
 

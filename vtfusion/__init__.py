@@ -64,19 +64,26 @@ def ingest(collection: Collection, source: str | Path, **options: Any) -> Ingest
     return _ingest(collection, source, **options)
 
 
-def query(collection: Collection, text: str | None = None, *, image: str | Path | None = None, **options: Any) -> SearchResult:
-    """Search the collection with a text, or with an image given as ``image=`` (a path or a
-    PIL image): a string is always a text query, even one that names a file. (Named ``query``,
-    not ``search``: ``vtfusion.search`` is the package.) ``options``:
-    ``target`` ("image" or "text"), ``k``, ``where``, ``rerank_depth``, ``fusion``, ``nprobe``.
-    One engine per collection is kept (its filter cache survives between calls)."""
-    from vtfusion.search.engine import SearchEngine
+def query(
+    collection: Collection, text: str | None = None, *, image: str | Path | None = None, item: str | int | None = None,
+    **options: Any,
+) -> SearchResult:
+    """Search the collection with a text, with an image given as ``image=`` (a path or a PIL
+    image), or with an indexed item given as ``item=`` (its catalog id as search results show
+    it, ``"#<item id>"``, or an ``int`` item id: more like this). A string passed as ``text`` is
+    always a text query, even one that names an existing file. (Named ``query``, not ``search``:
+    ``vtfusion.search`` is the package.) ``options``: ``target`` ("image" or "text"), ``k``,
+    ``where``, ``rerank_depth``, ``fusion``, ``nprobe``. One engine per collection is kept (its
+    filter cache survives between calls)."""
+    from vtfusion.search.engine import ItemQuery, SearchEngine
 
-    if (text is None) == (image is None):
-        raise ValueError("query takes a text or image=, exactly one of them")
+    if sum(q is not None for q in (text, image, item)) != 1:
+        raise ValueError("query takes a text, image= or item=, exactly one of them")
     engine = getattr(collection, "_api_engine", None)  # lives as long as the collection object
     if engine is None:
         engine = collection._api_engine = SearchEngine(collection)
+    if item is not None:
+        return engine.search(ItemQuery(item), **options)
     if image is not None:
         from PIL import Image
 

@@ -49,6 +49,7 @@ def run_demo(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    image_size: int = MODEL_IMAGE_SIZE,
 ) -> Iterator[DemoStep]:
     """Run the pipeline under ``out`` (catalog/, model/, collection/, eval/).
 
@@ -68,7 +69,7 @@ def run_demo(
     cfg = TrainConfig(epochs=epochs, minutes=minutes, device=device, seed=seed, progress=progress,
                       rerank=RerankConfig(epochs=rerank_epochs))
     report = train_catalog(catalog / "train.csv", out / "model", cfg, val_csv=catalog / "test.csv", text_tower=text_tower,
-                           vision=VisionConfig(image_size=MODEL_IMAGE_SIZE))
+                           vision=VisionConfig(image_size=image_size))
     yield DemoStep("train", "", report)
 
     col = out / "collection"

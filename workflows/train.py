@@ -58,7 +58,7 @@ def train_catalog(
     out_dir: str | Path,
     cfg: TrainConfig,
     val_csv: str | Path | None = None,
-    text_tower: str = "minilm",
+    text_tower: str = "scratch",
     text_cols: Sequence[str] | None = None,
     val_text_col: str = "caption",
     id_col: str = "id",
