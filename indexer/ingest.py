@@ -299,8 +299,6 @@ def ingest_rows(
     finally:
         stop.__exit__()
         batches = None  # shuts the worker processes down
-        if bar is not None:
-            bar.close()
         try:
             if writer.is_alive():
                 writer.close()  # commits what is already embedded, or re-raises the writer's error
@@ -308,6 +306,9 @@ def ingest_rows(
             status = "failed"
             raise
         finally:
+            if bar is not None:  # closed once the writer has committed: the last line has the final counts
+                bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
+                bar.close()
             with collection.Session.begin() as s:
                 s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
     report.stopped_by, report.stopped_signal = stop.name, stop.signum

@@ -243,6 +243,8 @@ def test_cli_conventions(tmp_path, model_dir, small_catalog):
     assert "rerank@8" in json.loads(r.stdout)["t2i"]
     r = runner.invoke(app, ["eval", col, str(small_catalog / "test.csv"), "--depths", "0,x"])
     assert r.exit_code == 2
+    r = runner.invoke(app, ["search", col, "--image", str(small_catalog / "train.csv")])  # not an image: a message
+    assert r.exit_code == 1 and "not an image" in r.output and "Traceback" not in r.output
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, monkeypatch):

@@ -18,14 +18,16 @@ SHADOWS = ("models", "catalogs", "indexer", "search", "workflows", "ui")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, model_dir, small_catalog):
-    """What `make demo` leaves, small: demo-run/catalog and demo-run/collection (its training split)."""
+    """What `make demo` leaves, small: demo-run/catalog, demo-run/model and demo-run/collection
+    (its training split)."""
     import shutil
 
     import vtfusion
 
     base = tmp_path_factory.mktemp("api")
     shutil.copytree(small_catalog, base / "demo-run" / "catalog")
-    col = vtfusion.create_collection(base / "demo-run" / "collection", model_dir)
+    shutil.copytree(model_dir, base / "demo-run" / "model")
+    col = vtfusion.create_collection(base / "demo-run" / "collection", base / "demo-run" / "model")
     vtfusion.ingest(col, base / "demo-run" / "catalog" / "train.csv", workers=0, progress=False)
     col.close()
     return base
@@ -82,3 +84,37 @@ def test_readme_python_api_example_runs(demo_run, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^1 p\d{6} ", out, re.M), out  # ranked hits with their external ids
     assert re.search(r"^R@1 [\d.]+ -> [\d.]+$", out, re.M), out
+
+
+def test_readme_first_screen_commands_run(demo_run, tmp_path):
+    """The commands the README's first screen gives after `make demo`, run as written (the
+    folder of "your own images" is the demo's image folder; `ui` is checked up to the command
+    it would start)."""
+    import shlex
+
+    from vtfusion.ui.cli import ui_command
+
+    text = (ROOT / "README.md").read_text()
+    first = text[text.index("## Start here"):text.index("## Python API")]
+    block = re.findall(r"```sh\n(.*?)```", first, re.S)[1]
+    commands = [c.split("#")[0].strip() for line in block.splitlines() for c in line.split("&&") if c.strip()]
+    assert [c.split()[1] for c in commands] == ["search", "ui", "init", "ingest"], commands
+    home = tmp_path / "home"
+    (home / "Pictures").mkdir(parents=True)
+    for img in sorted((demo_run / "demo-run" / "catalog" / "images").iterdir())[:5]:
+        (home / "Pictures" / img.name).write_bytes(img.read_bytes())
+    env = {**os.environ, "HOME": str(home)}
+    for c in commands:
+        argv = shlex.split(c.replace("~", str(home)))
+        assert argv[0] == ".venv/bin/vtfusion", c
+        if argv[1] == "ui":
+            ui_argv, ui_env = ui_command(demo_run / argv[2], 8501, "127.0.0.1", 500)
+            assert (Path(ui_env["VTFUSION_COLLECTION"]) / "collection.toml").is_file() and "streamlit" in ui_argv
+            continue
+        r = subprocess.run([sys.executable, "-m", "vtfusion.ui.cli", "-q", *argv[1:]], cwd=demo_run, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (c, r.stdout[-2000:], r.stderr[-2000:])
+        if argv[1] == "search":
+            assert re.search(r"^\s*1 .* p\d{6} ", r.stdout, re.M), r.stdout
+        if argv[1] == "ingest":
+            assert "added 5" in r.stdout, r.stdout

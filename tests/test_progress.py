@@ -59,3 +59,17 @@ def test_on_a_terminal_progress_is_a_redrawn_bar(caplog):
             pass
     assert "train: 100%" in term.getvalue() and "\r" in term.getvalue()
     assert _lines(caplog) == []
+
+
+def test_the_last_ingest_line_has_the_final_counts(tmp_path, model_dir, small_catalog, caplog):
+    """The writer commits the last batch after the loop hands it over: the bar closes only after
+    that, so its last line says what was added (it used to lag a batch behind)."""
+    import logging
+
+    import vtfusion
+
+    col = vtfusion.create_collection(tmp_path / "col", model_dir)
+    with caplog.at_level(logging.INFO, logger="vtfusion.progress"):
+        r = vtfusion.ingest(col, small_catalog / "train.csv", workers=0, batch_size=8, progress=True)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "vtfusion.progress" and rec.getMessage().startswith("ingest")]
+    assert lines and f"added={r.added}," in lines[-1] and r.added > 8, lines

@@ -303,6 +303,15 @@ def train_cmd(
     _print_train(report)
 
 
+def _print_plan(p: dict) -> None:
+    typer.echo(
+        f"plan: train {p['joint_steps']} joint + {p['rerank_steps']} reranker steps on {p['train_pairs']} pairs"
+        + (f" (at most {p['minutes']:g} minutes)" if p["minutes"] else "")
+        + f", index {p['train_pairs']} images, evaluate {p['test_pairs']} held-out pairs; each stage's progress "
+        "bar shows its time left"
+    )
+
+
 def _print_train(report) -> None:
     r = report.result
     typer.echo(
@@ -317,13 +326,17 @@ def _print_train(report) -> None:
         _print_validation(report.validation)
 
 
+# `vtfusion demo` / `make demo`'s schedule (its figures and time: the README's figures table)
+DEMO_EPOCHS, DEMO_RERANK_EPOCHS = 16, 7
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Working folder (catalog/, model/, collection/ and eval/ go inside).")] = Path("demo-run"),
     n: Annotated[int, typer.Option("--n", help="Catalog size.")] = 4000,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so the schedule does not depend on the machine's load.")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training passes over the catalog: a step budget, so the schedule does not depend on the machine's load.")] = DEMO_EPOCHS,
     minutes: Annotated[float | None, typer.Option("--minutes", help="Also stop after this many minutes (the schedule then follows the clock: not repeatable).")] = None,
-    rerank_epochs: Annotated[int | None, typer.Option("--rerank-epochs", help="Then epochs of the fusion layers alone on ITC's own candidates (0: none; default: half of --epochs, rounded up).")] = None,
+    rerank_epochs: Annotated[int | None, typer.Option("--rerank-epochs", help="Then epochs of the fusion layers alone on ITC's own candidates (0: none; default: 7 with the default --epochs, else half of --epochs, rounded up).")] = None,
     text_tower: TextTowerOpt = "scratch",
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -336,6 +349,7 @@ def demo(
 
     printers = {
         "catalog": lambda counts: counts and _print_catalog(out / "catalog", counts),
+        "plan": _print_plan,
         "train": _print_train,
         "collection": lambda c: _print_init(c, out / "collection", str(out / "model")),
         "ingest": lambda r: _print_ingest(r, out / "collection"),
@@ -343,8 +357,8 @@ def demo(
         "search": lambda r: _print_search(r[1]),
     }
     try:
-        if rerank_epochs is None:
-            rerank_epochs = rerank_epochs_for(epochs)
+        if rerank_epochs is None:  # the demo's own schedule (DEMO_RERANK_EPOCHS); half of --epochs when that is changed
+            rerank_epochs = DEMO_RERANK_EPOCHS if epochs == DEMO_EPOCHS else rerank_epochs_for(epochs)
         for step in run_demo(out, n=n, epochs=epochs, rerank_epochs=rerank_epochs, minutes=minutes,
                              text_tower=text_tower, device=device, seed=seed, image_size=image_size):
             if step.title:
@@ -787,15 +801,19 @@ def _print_eval(rep, files: list[Path], pairs: Path, out: Path) -> None:
         typer.echo(f"skipped: {_safe(str(pairs))}:{x['line']}: {_safe(x['reason'])}")
     if len(rep.skipped) > 10:
         typer.echo(f"skipped: {len(rep.skipped) - 10} more rows (report.json lists them all)")
+    rows = []
     for direction in ("t2i", "i2t"):
-        typer.echo(f"{direction:<12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MRR':>7}{'nDCG@10':>9}{'w/t/l':>14}{'p':>9}{'ms':>8}")
         timings = getattr(rep, LATENCY_KEYS[direction])
         for key, m in getattr(rep, direction).items():
             ms = timings.get(key, {}).get("total", {}).get("mean")  # (--latency-queries 0: not timed)
-            ms_s = f"{ms:8.1f}" if ms is not None else f"{'–':>8}"
-            wtl = f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else "–"
-            p = f"{m['p_value_vs_itc']:9.2g}" if "p_value_vs_itc" in m else f"{'–':>9}"
-            typer.echo(f"  {key:<10}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MRR']:7.3f}{m['nDCG@10']:9.3f}{wtl:>14}{p}{ms_s}")
+            rows.append([
+                {"t2i": "text -> image", "i2t": "image -> text"}[direction], key, f"{m['R@1']:.1f}", f"{m['R@5']:.1f}",
+                f"{m['R@10']:.1f}", f"{m['MRR']:.3f}", f"{m['nDCG@10']:.3f}",
+                f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else "–",
+                f"{m['p_value_vs_itc']:.2g}" if "p_value_vs_itc" in m else "–", f"{ms:.1f}" if ms is not None else "–",
+            ])
+    _table([("direction", "left"), ("stage", "left"), ("R@1", "right"), ("R@5", "right"), ("R@10", "right"), ("MRR", "right"),
+            ("nDCG@10", "right"), ("w/t/l vs ITC", "right"), ("p", "right"), ("ms", "right")], rows)
     for n in rep.notes:
         typer.echo(f"note: {_safe(n)}")
     typer.echo("wrote " + ", ".join(str(f) for f in files) + f", {out / 'trec'}/")
