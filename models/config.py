@@ -17,6 +17,15 @@ CONFIG_NAME = "config.json"
 FORMAT_VERSION = 2  # 2: fusion.itm_pool (format 1 configs read as "cls"); older vtfusion refuses 2 clearly
 
 
+# torchvision's ResNets: block and blocks per stage (stage widths 64/128/256/512, 7x7 stem, max-pool)
+RESNETS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     kind: str = "resnet"  # "resnet" (the native tower below) or "clip" (a CLIP ViT; see ModelConfig.clip)
@@ -29,6 +38,9 @@ class VisionConfig:
     stage_widths: tuple[int, ...] = (32, 64, 128)  # channels per ResNet stage (before expansion)
     stage_depths: tuple[int, ...] = (1, 1, 1)  # blocks per stage
     stem_pool: bool = False  # the 3x3/2 max-pool after the stem (True in torchvision ResNets)
+    stem_kernel: int = 3  # side of the stem convolution (stride 2): 3 here, 7 in torchvision's ResNets
+    preset: str = ""  # the torchvision architecture the CNN follows ("resnet50", ...; "" for the small default)
+    weights_from: str = ""  # the file the CNN's weights were loaded from (provenance; the CNN then trains as pretrained)
     width: int = 128  # D_v: width of the image tokens handed to fusion and the token cache
     num_layers: int = 1  # self-attention layers over the image tokens
     num_heads: int = 4  # heads in those layers
@@ -36,6 +48,16 @@ class VisionConfig:
     dropout: float = 0.0  # dropout inside the self-attention layers
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def resnet(cls, name: str, **overrides) -> VisionConfig:
+        """The CNN of torchvision's ``resnet18/34/50/101`` (7x7 stem, max-pool, four stages; no
+        classifier), then this tower's grid tokens and self-attention as usual."""
+        if name not in RESNETS:
+            raise ValueError(f"unknown image tower {name!r}; expected one of {', '.join(RESNETS)}")
+        block, depths = RESNETS[name]
+        return cls(**{"block": block, "stage_depths": depths, "stage_widths": (64, 128, 256, 512), "stem_width": 64,
+                      "stem_kernel": 7, "stem_pool": True, "preset": name, **overrides})
 
     @property
     def grid(self) -> int:

@@ -8,6 +8,8 @@ ITC embedding is projected from it); all N tokens are what fusion cross-attends 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -39,7 +41,7 @@ class VisionTower(nn.Module):
         block = BLOCKS[cfg.block]
         self.cfg = cfg
         stem: list[nn.Module] = [
-            nn.Conv2d(3, cfg.stem_width, 3, stride=2, padding=1, bias=False),
+            nn.Conv2d(3, cfg.stem_width, cfg.stem_kernel, stride=2, padding=cfg.stem_kernel // 2, bias=False),
             nn.BatchNorm2d(cfg.stem_width),
             nn.ReLU(inplace=True),
         ]
@@ -74,3 +76,56 @@ class VisionTower(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)  # (B, N, D_v)
+
+
+def _torchvision_key(key: str) -> str | None:
+    """A torchvision ResNet state-dict key as this tower names it (None: the classifier)."""
+    head, _, rest = key.partition(".")
+    if head == "fc":
+        return None
+    if head == "conv1":
+        return f"stem.0.{rest}"
+    if head == "bn1":
+        return f"stem.1.{rest}"
+    if head.startswith("layer") and head[5:].isdigit():
+        return f"stages.{int(head[5:]) - 1}.{rest}"
+    return key  # not a ResNet key: reported as unexpected
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch file read with ``weights_only=True`` (tensors
+    and plain containers only: never arbitrary pickled objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unpickling refusal or a corrupt file: say which file
+        raise ValueError(f"{path} is not a torchvision-format state dict readable with weights_only=True ({e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def load_torchvision_weights(tower: VisionTower, path: str | Path) -> None:
+    """Load a torchvision ResNet's weights (``resnet50-*.pth`` or the same keys as safetensors)
+    into the tower's CNN; the grid projection, position embedding and self-attention stay as
+    they are. ValueError listing the missing, unexpected and mis-shaped keys otherwise."""
+    sd = read_weights(path)
+    mapped = {k2: v for k, v in sd.items() if (k2 := _torchvision_key(k)) is not None}
+    own = {k: v for k, v in tower.state_dict().items() if k.startswith(("stem.", "stages."))}
+    missing = sorted(own.keys() - mapped.keys())
+    unexpected = sorted(mapped.keys() - own.keys())
+    shapes = sorted(f"{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & mapped.keys() if mapped[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        preset = tower.cfg.preset or "the small default CNN"
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+        raise ValueError(f"{path} does not fit the image tower ({preset}): " + "; ".join(parts))
+    tower.load_state_dict(mapped, strict=False)

@@ -100,6 +100,14 @@ class Fusion(str, Enum):
     itc = "itc"
 
 
+class ImageTower(str, Enum):
+    small = "small"
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
+    resnet101 = "resnet101"
+
+
 class Gallery(str, Enum):
     pairs = "pairs"
     collection = "collection"
@@ -272,6 +280,8 @@ def train_cmd(
     rerank_share: Annotated[float, typer.Option("--rerank-share", help="With --minutes: the share of the budget kept for the second stage (default 0: it gets only what the joint stage leaves).")] = 0.0,
     init_from: Annotated[str | None, typer.Option("--init-from", help="Start from clip:<CLIP id or folder> (train fusion layers on its towers) or a vtfusion model folder (fine-tune).")] = None,
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
+    image_tower: Annotated[ImageTower, typer.Option("--image-tower", help="The CNN of a new model: small (3 stages, what make demo uses) or torchvision's ResNet-18/34/50/101 (no classifier).")] = ImageTower.small,
+    image_weights: Annotated[Path | None, typer.Option("--image-weights", help="torchvision-format weights for --image-tower resnet* (.pth read with weights_only=True, or .safetensors); that CNN trains at 0.1x the learning rate.")] = None,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives, then the reranker stage) on a catalog, then validate."""
     from vtfusion.catalogs.sources import CatalogError
@@ -290,13 +300,16 @@ def train_cmd(
             joint=JointConfig(itm_negatives=itm_negatives, freeze_towers=freeze_towers, mlm_weight=mlm_weight),
             rerank=RerankConfig(epochs=rerank_epochs, share=rerank_share),
         )
+        if image_weights is not None and image_tower is ImageTower.small:
+            raise ValueError("--image-weights needs --image-tower resnet18|resnet34|resnet50|resnet101 (torchvision's architectures)")
+        vision = (VisionConfig(image_size=image_size) if image_tower is ImageTower.small
+                  else VisionConfig.resnet(image_tower.value, image_size=image_size))
     except ValueError as e:  # settings that cannot go together
         _usage(str(e))
     try:
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
-            id_col=id_col, image_col=image_col, vision=VisionConfig(image_size=image_size), resume=resume,
-            init_from=init_from,
+            id_col=id_col, image_col=image_col, vision=vision, resume=resume, init_from=init_from, image_weights=image_weights,
         )
     except (CatalogError, ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))

@@ -6,6 +6,7 @@ images are skipped and reported with file, line and reason; training goes on wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from vtfusion.models import factory
 from vtfusion.models.config import VisionConfig
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
+from vtfusion.models.vision import load_torchvision_weights
 from vtfusion.models.validate import Validation, text_to_image_r1
 
 from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
@@ -67,10 +69,13 @@ def train_catalog(
     resume: bool = False,
     rerank_k: int = 32,
     init_from: str | None = None,
+    image_weights: str | Path | None = None,
 ) -> CatalogTrainReport:
     """``init_from``: start from a model reference instead of a new model: ``clip:<id or
     folder>`` (CLIP towers; the fusion layers and ITM head are trained on top) or a vtfusion
-    model folder (fine-tune it). BLIP (``hf:``) checkpoints are used as they are."""
+    model folder (fine-tune it). BLIP (``hf:``) checkpoints are used as they are.
+    ``image_weights``: torchvision-format weights for a new model's ResNet CNN (``vision`` a
+    ``VisionConfig.resnet(...)`` preset); that CNN then trains at the pretrained learning rate."""
     out_dir = Path(out_dir)
     rows, errors = read_source(catalog_csv, Columns(id_col, image_col, tuple(text_cols) if text_cols else None))
     skipped = [str(e) for e in errors]
@@ -88,7 +93,11 @@ def train_catalog(
                 bundle = factory.load(init_from)
                 bundle.has_itm = True  # trained below
             else:
+                if image_weights is not None:
+                    vision = dataclasses.replace(vision or VisionConfig(), weights_from=str(Path(image_weights).resolve()))
                 bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
+                if image_weights is not None:
+                    load_torchvision_weights(bundle.model.vision, image_weights)
     dataset = PairDataset(_pairs(rows), bundle.transform, seed=cfg.seed)
     skipped += [f"{e.source}: {e.reason}" for e in dataset.preload(progress=cfg.progress)]
     result = train(bundle, dataset, out_dir, cfg, resume=resume)

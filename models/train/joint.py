@@ -142,6 +142,8 @@ class JointStage:
         cfg = self.cfg
         source = self.bundle.config.text.source
         pretrained = ("text.",) if source == "pretrained" else TOWER_PREFIXES if source == "clip" else ()
+        if self.bundle.config.vision.weights_from:  # a CNN loaded from torchvision-format weights
+            pretrained = (*pretrained, "vision.stem.", "vision.stages.")
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in self._named():
             if not p.requires_grad:
