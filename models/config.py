@@ -81,6 +81,9 @@ class TextConfig:
     bert: dict[str, Any] = field(default_factory=dict)  # transformers BertConfig.to_dict()
     pooling: str = "mean"  # "mean" over real tokens or "cls"
     max_length: int = 32  # L: tokenizer truncation length
+    # the design's recurrent text tower instead of BERT (models/text.py RecurrentTextTower):
+    # {"kind": "gru" | "lstm", "vocab_size", "hidden_size", "rnn_layers", "attn_layers", "num_heads", "pad_token_id"}
+    recurrent: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .config import CONFIG_NAME, FusionConfig, ModelConfig, TextConfig, VisionConfig
 from .fusion import FusionModel
 from .preprocess import ImageTransform, TextTokenizer, train_wordpiece
-from .text import bert_config_dict, load_pretrained_bert, minilm_folder, scratch_bert_config
+from .text import bert_config_dict, load_pretrained_bert, minilm_folder, recurrent_config, scratch_bert_config
 
 log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
@@ -104,18 +104,22 @@ def build_scratch(
     num_layers: int = 2,
     num_heads: int = 4,
     max_length: int = 32,
+    text_kind: str = "bert",
     **overrides,
 ) -> Bundle:
-    """A model whose text tower and WordPiece tokenizer are trained from the catalog's own text."""
+    """A model whose text tower and WordPiece tokenizer are trained from the catalog's own text.
+    ``text_kind``: "bert" (a small BERT), or "gru" / "lstm" (the recurrent tower: ``num_layers``
+    recurrent layers, then one self-attention layer)."""
     tokenizer = train_wordpiece(texts, vocab_size=vocab_size, max_length=max_length)
-    bert = scratch_bert_config(
-        tokenizer.vocab_size, hidden_size, num_layers, num_heads, max_length, tokenizer.pad_token_id
-    )
-    cfg = ModelConfig(
-        vision=vision or VisionConfig(),
-        text=TextConfig(source="scratch", bert=bert, pooling="mean", max_length=max_length),
-        **overrides,
-    )
+    if text_kind == "bert":
+        bert = scratch_bert_config(
+            tokenizer.vocab_size, hidden_size, num_layers, num_heads, max_length, tokenizer.pad_token_id
+        )
+        text = TextConfig(source="scratch", bert=bert, pooling="mean", max_length=max_length)
+    else:
+        rec = recurrent_config(text_kind, tokenizer.vocab_size, hidden_size, num_layers, 1, num_heads, tokenizer.pad_token_id)
+        text = TextConfig(source="scratch", recurrent=rec, pooling="mean", max_length=max_length)
+    cfg = ModelConfig(vision=vision or VisionConfig(), text=text, **overrides)
     model = FusionModel(cfg)
     return Bundle(model, tokenizer, ImageTransform(cfg.vision))
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import FusionBlock
-from .text import TextTower
+from .text import RecurrentTextTower, TextTower
 from .vision import VisionTower
 
 
@@ -43,7 +43,7 @@ class FusionModel(nn.Module):
             self.vision, self.text = clip["vision"], clip["text"]
         else:
             self.vision = VisionTower(cfg.vision)
-            self.text = TextTower(cfg.text, text_bert)
+            self.text = RecurrentTextTower(cfg.text) if cfg.text.recurrent else TextTower(cfg.text, text_bert)
         d_t, d_v, f = self.text.width, cfg.vision.width, cfg.fusion
         self.fusion = nn.ModuleList(
             FusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout) for _ in range(f.num_layers)

