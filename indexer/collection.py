@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timezone
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,14 +35,14 @@ from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
 from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
+from .vectors import (
+    IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder, read_meta,
+)
+
 if TYPE_CHECKING:
     import torch
 
     from vtfusion.models.factory import Bundle
-
-from .vectors import (
-    IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder, read_meta,
-)
 
 log = logging.getLogger(__name__)
 TOKEN_LOCATIONS_KEPT = 200_000  # item token locations kept in memory (~30 MB)

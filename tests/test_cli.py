@@ -265,7 +265,7 @@ def test_an_unexpected_error_is_one_line_unless_debug(tmp_path, monkeypatch):
 def test_train_defaults_match_the_documentation():
     from vtfusion.ui.cli import rerank_epochs_for
 
-    help_text = runner.invoke(app, ["train", "--help"]).output
+    help_text = " ".join(runner.invoke(app, ["train", "--help"]).output.split())  # help wraps at the terminal width
     assert "[default: scratch]" in help_text and ".jsonl" in help_text and ".parquet" in help_text
     assert (rerank_epochs_for(16), rerank_epochs_for(2), rerank_epochs_for(3), rerank_epochs_for(None)) == (8, 1, 2, 8)
 

@@ -65,7 +65,7 @@ def test_a_pickle_with_objects_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("this ran",))
 
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": Evil()}))
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": Evil()}, protocol=2))
     with pytest.raises(ValueError, match="weights_only=True"):
         load_torchvision_weights(VisionTower(VisionConfig.resnet("resnet18", image_size=64)), tmp_path / "evil.pth")
 
