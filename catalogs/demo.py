@@ -103,11 +103,22 @@ def _phrase(o: Obj, rng: random.Random) -> str:
     return f"a {size} {o.color} {rng.choice(prefixes)} {noun}"
 
 
-def caption(spec: Spec, rng: random.Random) -> str:
+# the phrasings of a generalisation split's test captions: never used in training captions
+HELD_OUT_SINGLE = ("an image showing {p}", "{p}, seen from the front")
+HELD_OUT_PAIR = ("{b}, and to its left {a}", "left: {a}; right: {b}", "{a}, with {b} to its right")
+
+
+def caption(spec: Spec, rng: random.Random, held_out: bool = False) -> str:
+    """A caption binding each object's attributes to it and to its position. ``held_out``: one
+    of the phrasings training captions never use (``HELD_OUT_*``)."""
     if len(spec) == 1:
         p = _phrase(spec[0], rng)
+        if held_out:
+            return rng.choice(HELD_OUT_SINGLE).format(p=p)
         return rng.choice([p, f"a photo of {p}", f"{p}, product shot", f"{p} on a plain background"])
     a, b = _phrase(spec[0], rng), _phrase(spec[1], rng)
+    if held_out:
+        return rng.choice(HELD_OUT_PAIR).format(a=a, b=b)
     templates = [
         f"{a} to the left of {b}",
         f"{b} to the right of {a}",
@@ -253,10 +264,37 @@ def generate_specs(n: int, rng: random.Random, pair_frac: float = 0.7, twin_frac
     return out
 
 
-def generate(out_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int = 128, test_frac: float = 0.2) -> dict:
-    """Write ``images/*.png``, ``train.csv`` and ``test.csv`` under ``out_dir``; return counts."""
+def held_out_combos(seed: int, share: float) -> set[tuple[str, str]]:
+    """``share`` of the (colour, category) combinations, drawn for the seed: a generalisation
+    split keeps every item showing one of them out of training."""
+    combos = sorted((c, k) for c in COLORS for k in CATEGORIES)
+    return set(random.Random(f"{seed}-held-out-combos").sample(combos, round(share * len(combos))))
+
+
+def generate(
+    out_dir: str | Path,
+    n: int = 2000,
+    seed: int = 0,
+    image_size: int = 128,
+    test_frac: float = 0.2,
+    train_twins: bool = True,
+    test_twins_only: bool = False,
+    held_out_phrasings: bool = False,
+    held_out_combo_share: float = 0.0,
+) -> dict:
+    """Write ``images/*.png``, ``train.csv`` and ``test.csv`` under ``out_dir``; return counts.
+
+    A generalisation split (any of the last four options; the defaults give today's catalog
+    byte for byte): ``train_twins=False`` keeps one item of each training twin pair, so
+    training never sees attribute-swapped twins; ``test_twins_only`` keeps only twin pairs in
+    the test split, so every test item has a twin; ``held_out_phrasings`` writes the test
+    captions with phrasings training never uses; ``held_out_combo_share`` of the (colour,
+    category) combinations appear in the test split only. ``n`` items are drawn before those
+    filters; ``split.json`` records the options and the held-out combinations."""
     if n < 2:
         raise ValueError("--n must be at least 2 (one train and one test item)")
+    if not 0 <= held_out_combo_share < 1:
+        raise ValueError(f"--held-out-combos must be in [0, 1); got {held_out_combo_share}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -265,6 +303,26 @@ def generate(out_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int 
     test_groups = {g for g in groups if rng.random() < test_frac}
     if not test_groups or len(test_groups) == len(groups):  # both splits non-empty
         test_groups = set(groups[-max(1, len(groups) // 5):])
+    options = {"train_twins": train_twins, "test_twins_only": test_twins_only, "held_out_phrasings": held_out_phrasings,
+               "held_out_combo_share": held_out_combo_share}
+    special = options != {"train_twins": True, "test_twins_only": False, "held_out_phrasings": False, "held_out_combo_share": 0.0}
+    combos = held_out_combos(seed, held_out_combo_share) if held_out_combo_share else set()
+    if special:
+        members: dict[int, list[Spec]] = {}
+        for spec, g in specs:
+            members.setdefault(g, []).append(spec)
+        test_groups |= {g for g, ms in members.items() if any((o.color, o.category) in combos for m in ms for o in m)}
+        keep = []
+        for spec, g in specs:
+            size = len(members[g])
+            if g in test_groups and test_twins_only and size < 2:
+                continue  # every test item has a twin
+            if g not in test_groups and not train_twins and spec != members[g][0]:
+                continue  # one item of each training twin pair
+            keep.append((spec, g))
+        specs = keep
+        if not any(g in test_groups for _, g in specs) or all(g in test_groups for _, g in specs):
+            raise ValueError("these options leave the train or the test split empty; raise --n")
     by_group: dict[int, list[str]] = {}
     rows = {"train": [], "test": []}
     for i, (spec, g) in enumerate(progress_bar(specs, desc="render", unit="img")):
@@ -281,7 +339,7 @@ def generate(out_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int 
                 "id": item_id,
                 "image": rel,
                 "title": title(spec),
-                "caption": caption(spec, rng),
+                "caption": caption(spec, rng, held_out=held_out_phrasings and g in test_groups),
                 "category": main.category,
                 "color": main.color,
                 "pattern": main.pattern,
@@ -300,6 +358,11 @@ def generate(out_dir: str | Path, n: int = 2000, seed: int = 0, image_size: int 
                 mates = [m for m in by_group[r.pop("_group")] if m != r["id"]]
                 twins += bool(mates)
                 w.writerow({**r, "twin_id": mates[0] if mates else ""})
-    counts = {"items": n, "train": len(rows["train"]), "test": len(rows["test"]), "items_with_twin": twins}
+    counts = {"items": len(specs), "train": len(rows["train"]), "test": len(rows["test"]), "items_with_twin": twins}
+    if special:
+        import json
+
+        counts["held_out_combos"] = sorted(f"{c} {k}" for c, k in combos)
+        (out / "split.json").write_text(json.dumps({**options, "seed": seed, "n_drawn": n, **counts}, indent=2) + "\n")
     log.info("demo catalog in %s: %s", out, counts)
     return counts

@@ -91,3 +91,55 @@ def test_swapped_twin_images_differ_where_the_attribute_moved(tmp_path):
             assert near > 5, (row["id"], row["color"])
         checked += 1
     assert checked >= 3
+
+
+def test_default_catalog_text_is_unchanged_by_the_split_options(tmp_path):
+    """The generalisation options are off by default and draw nothing when off: the CSVs of a
+    seed are the ones written before they existed (digests recorded then)."""
+    generate(tmp_path / "c", n=120, seed=5, image_size=48)
+    md5 = {s: hashlib.md5((tmp_path / "c" / f"{s}.csv").read_bytes()).hexdigest() for s in ("train", "test")}
+    assert md5 == {"train": "10ff8ca1a8a644f56b2c66713f2c967a", "test": "0b8c89fb44f094827646c6e0e05ca1ca"}
+    assert not (tmp_path / "c" / "split.json").exists()
+
+
+def test_a_generalisation_split(tmp_path):
+    import json
+
+    from vtfusion.catalogs.demo import HELD_OUT_PAIR, HELD_OUT_SINGLE
+
+    counts = generate(tmp_path / "g", n=400, seed=2, image_size=32, train_twins=False, test_twins_only=True,
+                      held_out_phrasings=True, held_out_combo_share=0.125)
+    rows = _rows(tmp_path / "g")
+    train, test = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "test"]
+    assert train and test and counts["train"] == len(train) and counts["test"] == len(test)
+    assert all(r["twin_id"] == "" for r in train)  # no twins to learn from
+    ids = {r["id"]: r for r in test}
+    assert all(r["twin_id"] in ids and ids[r["twin_id"]]["twin_id"] == r["id"] for r in test)  # every test item has its twin
+    held = json.loads((tmp_path / "g" / "split.json").read_text())["held_out_combos"]
+    assert len(held) == 8 and held == counts["held_out_combos"]
+    in_test = 0
+    for combo in held:  # never in a training title; the test split has them
+        color, category = combo.split(" ", 1)
+        pattern = re.compile(rf"\b{color} \w+ {re.escape(category)}\b", re.I)
+        assert not any(pattern.search(r["title"]) for r in train), combo
+        in_test += any(pattern.search(r["title"]) for r in test)
+    assert in_test >= len(held) // 2
+
+    def held_out(text):
+        forms = [t.replace("{p}", "X") for t in HELD_OUT_SINGLE] + [t.replace("{a}", "X").replace("{b}", "X") for t in HELD_OUT_PAIR]
+        return any(re.fullmatch(re.escape(f).replace("X", ".+"), text) for f in forms)
+
+    assert all(held_out(r["caption"]) for r in test)
+    assert not any(held_out(r["caption"]) for r in train)
+
+
+def test_demo_catalog_generalisation_from_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from vtfusion.ui.cli import app
+
+    r = CliRunner().invoke(app, ["demo-catalog", str(tmp_path / "g"), "--n", "200", "--seed", "1", "--image-size", "32", "--generalisation"])
+    assert r.exit_code == 0, r.output
+    assert "combinations in the test split only:" in r.output and (tmp_path / "g" / "split.json").is_file()
+    r = CliRunner().invoke(app, ["demo-catalog", str(tmp_path / "h"), "--n", "50", "--held-out-combos", "1.5"])
+    assert r.exit_code == 1 and "[0, 1)" in r.output

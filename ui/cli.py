@@ -224,12 +224,21 @@ def demo_catalog(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives identical files.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", help="Rendered image side in pixels.")] = 128,
     test_frac: Annotated[float, typer.Option("--test-frac", help="Share of item groups held out in test.csv.")] = 0.2,
+    train_twins: Annotated[bool, typer.Option("--train-twins/--no-train-twins", help="Keep attribute-swapped twin pairs in the training split (--no-train-twins keeps one item of each).")] = True,
+    test_twins_only: Annotated[bool, typer.Option("--test-twins-only", help="Only twin pairs in the test split: every test item has a twin.")] = False,
+    held_out_phrasings: Annotated[bool, typer.Option("--held-out-phrasings", help="Test captions use phrasings the training captions never use.")] = False,
+    held_out_combos: Annotated[float, typer.Option("--held-out-combos", help="Share of (colour, category) combinations that appear in the test split only.")] = 0.0,
+    generalisation: Annotated[bool, typer.Option("--generalisation", help="All four: --no-train-twins --test-twins-only --held-out-phrasings --held-out-combos 0.125.")] = False,
 ) -> None:
     """Generate the synthetic product catalog (attribute-bound captions, attribute-swapped twins)."""
     from vtfusion.catalogs.demo import generate
 
+    if generalisation:
+        train_twins, test_twins_only, held_out_phrasings, held_out_combos = False, True, True, held_out_combos or 0.125
     try:
-        counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac)
+        counts = generate(out, n=n, seed=seed, image_size=image_size, test_frac=test_frac, train_twins=train_twins,
+                          test_twins_only=test_twins_only, held_out_phrasings=held_out_phrasings,
+                          held_out_combo_share=held_out_combos)
     except ValueError as e:
         _fail(str(e))
     _print_catalog(out, counts)
@@ -240,6 +249,9 @@ def _print_catalog(out: Path, counts: dict) -> None:
         f"wrote {counts['items']} items to {out}: {counts['train']} in train.csv, {counts['test']} in test.csv, "
         f"{counts['items_with_twin']} with an attribute-swapped twin"
     )
+    if "held_out_combos" in counts:
+        combos = ", ".join(counts["held_out_combos"]) or "none"
+        typer.echo(f"generalisation split (split.json): combinations in the test split only: {combos}")
 
 
 def _print_validation(v) -> None:
