@@ -22,6 +22,7 @@ from vtfusion.indexer.collection import Collection
 from vtfusion.indexer.ingest import ingest
 from vtfusion.models.config import VisionConfig
 from vtfusion.models.train import RerankConfig, TrainConfig
+from vtfusion.models.train.mining import steps_per_epoch
 from vtfusion.search.engine import SearchEngine
 from vtfusion.search.evaluate import evaluate
 from vtfusion.search.report import write_report
@@ -69,7 +70,7 @@ def run_demo(
         n_train = sum(1 for _ in csv.DictReader(f))
     with open(catalog / "test.csv", encoding="utf-8", newline="") as f:
         n_test = sum(1 for _ in csv.DictReader(f))
-    per_epoch = n_train // min(TrainConfig.batch_size, max(n_train, 1))
+    per_epoch = steps_per_epoch(n_train, TrainConfig.batch_size)
     yield DemoStep("plan", "", {"train_pairs": n_train, "test_pairs": n_test, "joint_steps": epochs * per_epoch,
                                 "rerank_steps": rerank_epochs * per_epoch, "minutes": minutes})
 

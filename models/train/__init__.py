@@ -25,7 +25,7 @@ import torch
 from .. import factory
 from ..data import PairDataset
 from ..factory import Bundle
-from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta, stage_of
+from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta
 from .config import JointConfig, RerankConfig, TrainConfig
 from .joint import JointStage
 from .loop import lr_factor, run_stage
@@ -65,9 +65,10 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no checkpoint under %s; starting from scratch", out_dir / CHECKPOINTS)
-    in_rerank = ckpt is not None and stage_of(ckpt) == "rerank"
+    meta = read_meta(ckpt) if ckpt is not None else {}
+    in_rerank = meta.get("stage", "joint") == "rerank"  # (checkpoints from before the stages were named: joint)
     if in_rerank:
-        steps, epochs_done, _, stopped_by = read_meta(ckpt)["joint"]
+        steps, epochs_done, _, stopped_by = meta["joint"]
         if stopped_by == "epochs" and cfg.epochs is not None and epochs_done < cfg.epochs:
             # more joint epochs than the run that wrote it: continue the joint stage from its last checkpoint
             ckpt, in_rerank = latest_checkpoint(out_dir, "joint"), False
@@ -76,7 +77,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
     total_budget = cfg.minutes * 60 if cfg.minutes is not None else None
     result = TrainResult(steps=0, epochs_done=0.0, seconds=0.0)
     if in_rerank:  # the joint stage finished before that checkpoint: its summary is in it
-        result.steps, result.epochs_done, result.seconds, result.stopped_by = read_meta(ckpt)["joint"]
+        result.steps, result.epochs_done, result.seconds, result.stopped_by = meta["joint"]
     else:
         budget = total_budget * (1 - cfg.rerank.share) if total_budget is not None and cfg.rerank.epochs else total_budget
         joint = run_stage(JointStage(bundle, dataset, cfg, device), bundle, cfg, out_dir, device, budget=budget, resume_from=ckpt)

@@ -32,7 +32,7 @@ from ..layers import gather_rows
 from ..losses import IGNORE, MLMHead, itc_loss, itm_objective, mask_tokens, sample_hard_negatives
 from .config import TrainConfig
 from .loop import no_decay
-from .mining import batch_plan, nearest_text_neighbours
+from .mining import batch_plan, nearest_text_neighbours, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class JointStage:
     def __init__(self, bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device: torch.device):
         self.bundle, self.dataset, self.cfg, self.device = bundle, dataset, cfg, device
         self.epochs = cfg.epochs
-        self.steps_per_epoch = len(batch_plan(len(dataset), cfg.batch_size, 0, 0))
+        self.steps_per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
         self.warmup_steps = cfg.warmup_steps
         if cfg.joint.freeze_towers:
             for name, p in bundle.model.named_parameters():

@@ -42,6 +42,12 @@ def batch_plan(n: int, batch_size: int, seed: int, epoch: int, neighbour: list[i
     return [perm[i : i + size] for i in range(0, n - size + 1, size)]
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in an epoch of n pairs (``batch_plan`` drops the short last one; a set
+    smaller than a batch is one batch): what both stages and the demo's plan count."""
+    return n // min(batch_size, n) if n else 0
+
+
 def sims_without_self(queries: torch.Tensor, docs: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
     """Cosines of ``chunk`` queries at a time against every document, (c, n) each, with query
     i's own document i (the two are sides of the same n pairs) set to -inf."""

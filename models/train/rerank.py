@@ -28,7 +28,7 @@ from ..losses import itm_objective
 from ..validate import embed_images
 from .config import TrainConfig
 from .loop import no_decay
-from .mining import itc_candidates, sample_from_pool
+from .mining import itc_candidates, sample_from_pool, steps_per_epoch
 
 FUSION_PREFIXES = ("fusion.", "fusion_norm.", "itm_head.")  # parameter name prefixes this stage trains
 
@@ -42,7 +42,7 @@ class RerankStage:
         self.epochs = rc.epochs
         n = len(dataset)
         self.size = min(cfg.batch_size, n)
-        self.steps_per_epoch = n // self.size
+        self.steps_per_epoch = steps_per_epoch(n, cfg.batch_size)
         self.warmup_steps = min(cfg.warmup_steps, max(1, rc.epochs * self.steps_per_epoch // 10))
         self.named = [(name, p) for name, p in bundle.model.named_parameters() if name.startswith(FUSION_PREFIXES)]
         self.generator = torch.Generator().manual_seed(cfg.seed * 7_919 + 2)
