@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 2  # 2: fusion.itm_pool (format 1 configs read as "cls"); older vtfusion refuses 2 clearly
+FORMAT_VERSION = 3  # 2: fusion.itm_pool (format 1 configs read as "cls"); 3: fusion.mode; older vtfusion refuses newer formats clearly
 
 
 # torchvision's ResNets: block and blocks per stage (stage widths 64/128/256/512, 7x7 stem, max-pool)
@@ -86,6 +86,9 @@ class TextConfig:
     recurrent: dict[str, Any] = field(default_factory=dict)
 
 
+FUSION_MODES = ("text", "mutual")
+
+
 @dataclass(frozen=True)
 class FusionConfig:
     num_layers: int = 2  # fusion layers: text self-attention + cross-attention + FFN
@@ -96,10 +99,16 @@ class FusionConfig:
     # directly; the README's model section has the comparison) or the [CLS] position as
     # ALBEF/BLIP do ("cls"; models saved before this field existed)
     itm_pool: str = "mean"
+    # "text": text tokens attend to the image (ALBEF/BLIP); "mutual": the design's two-way layer,
+    # where the text update is the sum of text self-attention and text -> image attention and
+    # the image tokens attend to the text too (layers.MutualFusionBlock)
+    mode: str = "text"
 
     def __post_init__(self):
         if self.itm_pool not in ("mean", "cls"):
             raise ValueError(f"fusion.itm_pool must be 'mean' or 'cls'; got {self.itm_pool!r}")
+        if self.mode not in FUSION_MODES:
+            raise ValueError(f"fusion.mode must be one of {', '.join(FUSION_MODES)}; got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,10 @@ class ModelConfig:
     embed_dim: int = 128  # E: width of the shared unit-norm ITC space
     init_temperature: float = 0.07  # ITC softmax temperature at initialisation (learned)
     clip: dict[str, Any] = field(default_factory=dict)  # transformers CLIPConfig.to_dict() when the towers are CLIP's
+    # reranking's ITM weight per rerank depth ({"16": w, "32": w, "64": w}), chosen at the end of
+    # training on held-out pairs so that reranking keeps ITC's R@5 and R@10 (models/calibrate.py);
+    # {}: never calibrated, the plain sum (weight 1)
+    itm_weights: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +147,7 @@ class ModelConfig:
             embed_dim=d.get("embed_dim", 128),
             init_temperature=d.get("init_temperature", 0.07),
             clip=d.get("clip", {}),
+            itm_weights={str(k): float(v) for k, v in d.get("itm_weights", {}).items()},
             format_version=FORMAT_VERSION,  # read into the current format (saved again as such)
         )
 

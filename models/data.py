@@ -74,6 +74,26 @@ class PairDataset(Dataset):
         self._pixels = torch.stack(pixels)
         return errors
 
+    def subset(self, indices: Sequence[int]) -> PairDataset:
+        """These pairs (and their decoded pixels, when preloaded) as a dataset of their own."""
+        out = PairDataset([self.pairs[i] for i in indices], self.transform, self.seed)
+        if self._pixels is not None:
+            out._pixels = self._pixels[torch.as_tensor(list(indices), dtype=torch.long)]
+        return out
+
+    def split_by_image(self, share: float, seed: int, at_most: int) -> tuple[list[int], list[int]]:
+        """(kept, held out) pair indices: ``share`` of the distinct images (at most ``at_most``),
+        drawn with ``seed``, held out with every pair that shows them."""
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(self.pairs):
+            groups.setdefault(str(p.image), []).append(i)
+        keys = sorted(groups)
+        random.Random(f"{seed}-held-out").shuffle(keys)
+        n = min(at_most, round(share * len(keys)))
+        held = sorted(i for k in keys[:n] for i in groups[k])
+        kept = sorted(i for k in keys[n:] for i in groups[k])
+        return kept, held
+
     def pixels_all(self) -> torch.Tensor:
         """Every image as uint8 (n, 3, S, S); preloads when needed."""
         if self._pixels is None:
@@ -90,12 +110,13 @@ class PairDataset(Dataset):
 
 
 class PairCollator:
-    """[(uint8 (3,S,S), text)] -> {"pixels": (B,3,S,S) uint8, "ids": (B,L), "mask": (B,L)}."""
+    """[(uint8 (3,S,S), text)] -> {"pixels": (B,3,S,S) uint8, "ids": (B,L), "mask": (B,L), "texts": [B strings]}."""
 
     def __init__(self, tokenizer: TextTokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         pixels = torch.stack([b[0] for b in batch])
-        ids, mask = self.tokenizer([b[1] for b in batch])
-        return {"pixels": pixels, "ids": ids, "mask": mask}
+        texts = [b[1] for b in batch]
+        ids, mask = self.tokenizer(texts)
+        return {"pixels": pixels, "ids": ids, "mask": mask, "texts": texts}

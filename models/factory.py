@@ -28,7 +28,7 @@ from .backend import Backend
 from .blip import BlipAdapter
 from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .config import CONFIG_NAME, FusionConfig, ModelConfig, TextConfig, VisionConfig
-from .fusion import FusionModel
+from .fusion import FusionModel, weight_at
 from .preprocess import ImageTransform, TextTokenizer, train_wordpiece
 from .text import bert_config_dict, load_pretrained_bert, minilm_folder, recurrent_config, scratch_bert_config
 
@@ -59,6 +59,11 @@ class Bundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def itm_weight(self, depth: int) -> float:
+        """The ITM logit's weight in the fused score when reranking ``depth`` candidates: the
+        calibrated one of a native model (``ModelConfig.itm_weights``), else 1."""
+        return weight_at(getattr(getattr(self.model, "cfg", None), "itm_weights", None), depth)
 
     @classmethod
     def from_pretrained(cls, ref: str | Path, device: str | torch.device = "cpu") -> Bundle:

@@ -19,16 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import FusionBlock
+from .layers import FusionBlock, MutualFusionBlock
 from .text import RecurrentTextTower, TextTower
 from .vision import VisionTower
 
 
-def fused_score(itm_logits, itc_cosine, itc_scale):
+def fused_score(itm_logits, itc_cosine, itc_scale, itm_weight: float = 1.0):
     """The score reranking sorts candidates by: ITM logit + ITC logit (the learned scale x the
     cosine). Training's listwise ITM loss ranks by it, validation and search sort by it; tensors
-    or numpy arrays alike."""
-    return itm_logits + itc_scale * itc_cosine
+    or numpy arrays alike. ``itm_weight``: the calibrated weight of the ITM logit at the depth
+    being reranked (``calibrate.weight_at``; 1 for the plain sum)."""
+    if itm_weight == 1.0:
+        return itm_logits + itc_scale * itc_cosine
+    return itm_weight * itm_logits + itc_scale * itc_cosine
+
+
+def weight_at(weights: dict[str, float] | None, depth: int) -> float:
+    """The ITM weight for reranking ``depth`` candidates: that of the smallest calibrated depth
+    at or above it, else the deepest's; 1.0 (the plain sum) for a model never calibrated."""
+    if not weights:
+        return 1.0
+    ds = sorted(int(d) for d in weights)
+    d = next((x for x in ds if x >= depth), ds[-1])
+    return float(weights[str(d)])
 
 
 class FusionModel(nn.Module):
@@ -45,9 +58,12 @@ class FusionModel(nn.Module):
             self.vision = VisionTower(cfg.vision)
             self.text = RecurrentTextTower(cfg.text) if cfg.text.recurrent else TextTower(cfg.text, text_bert)
         d_t, d_v, f = self.text.width, cfg.vision.width, cfg.fusion
-        self.fusion = nn.ModuleList(
-            FusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout) for _ in range(f.num_layers)
-        )
+        if f.mode == "mutual":  # image tokens attend to the text too, in every layer but the last
+            blocks = (MutualFusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout, update_image=i + 1 < f.num_layers)
+                      for i in range(f.num_layers))
+        else:
+            blocks = (FusionBlock(d_t, d_v, f.num_heads, f.mlp_ratio, f.dropout) for _ in range(f.num_layers))
+        self.fusion = nn.ModuleList(blocks)
         self.fusion_norm = nn.LayerNorm(d_t)
         self.itm_head = nn.Linear(d_t, 1)
         if clip is not None:
@@ -173,16 +189,24 @@ class FusionModel(nn.Module):
         weights (None unless ``return_attention``): what the ITM head pools and what masked
         language modelling (training only) predicts words from."""
         B = max(text_tokens.shape[0], image_tokens.shape[0] if image_index is None else image_index.shape[0])
+        mutual = self.cfg.fusion.mode == "mutual"
         kvs = [None] * len(self.fusion)
         if not torch.is_grad_enabled() and len(self.fusion):
-            kvs = self._image_kv(image_tokens)
+            # mutual layers after the first read image tokens the text has changed: only the
+            # first layer's keys and values are one per image
+            kvs[: 1 if mutual else len(kvs)] = self._image_kv(image_tokens, self.fusion[:1] if mutual else self.fusion)
         x, maps = text_tokens, []
         for block, kv in zip(self.fusion, kvs):
-            x, weights = block(x, mask, image_tokens, return_weights=return_attention, image_index=image_index, image_kv=kv)
+            if mutual:
+                x, weights, updated = block(x, mask, image_tokens, return_weights=return_attention, image_index=image_index, image_kv=kv)
+                if updated is not None:  # (B, N, D_v): one set of image tokens per row from here on
+                    image_tokens, image_index = updated, None
+            else:
+                x, weights = block(x, mask, image_tokens, return_weights=return_attention, image_index=image_index, image_kv=kv)
             maps.append(weights)
         return self.fusion_norm(x).expand(B, -1, -1), maps
 
-    def _image_kv(self, image_tokens: torch.Tensor) -> list[torch.Tensor]:
+    def _image_kv(self, image_tokens: torch.Tensor, blocks) -> list[torch.Tensor]:
         """Every fusion layer's image keys and values in one matrix product (inference).
 
         Each layer computes ``kv(norm_kv(x))``. The normalisation is the same for every layer but
@@ -190,10 +214,10 @@ class FusionModel(nn.Module):
         x̂ is computed once and one product with the layers' folded weights stacked gives all
         of them: at rerank depth 16 the image side is most of the work (65 image tokens
         against ~12 text tokens per candidate)."""
-        xhat = F.layer_norm(image_tokens, image_tokens.shape[-1:], eps=self.fusion[0].norm_kv.eps)  # (U, N, D_v): every layer's norm_kv is the same LayerNorm(D_v)
-        weight = torch.cat([blk.cross_attn.kv.weight * blk.norm_kv.weight for blk in self.fusion])  # (layers*2D, D_v)
-        bias = torch.cat([blk.cross_attn.kv.weight @ blk.norm_kv.bias + blk.cross_attn.kv.bias for blk in self.fusion])
-        return list(F.linear(xhat, weight.to(xhat.dtype), bias.to(xhat.dtype)).chunk(len(self.fusion), dim=-1))  # layers x (U, N, 2D)
+        xhat = F.layer_norm(image_tokens, image_tokens.shape[-1:], eps=blocks[0].norm_kv.eps)  # (U, N, D_v): every layer's norm_kv is the same LayerNorm(D_v)
+        weight = torch.cat([blk.cross_attn.kv.weight * blk.norm_kv.weight for blk in blocks])  # (layers*2D, D_v)
+        bias = torch.cat([blk.cross_attn.kv.weight @ blk.norm_kv.bias + blk.cross_attn.kv.bias for blk in blocks])
+        return list(F.linear(xhat, weight.to(xhat.dtype), bias.to(xhat.dtype)).chunk(len(blocks), dim=-1))  # layers x (U, N, 2D)
 
     def logit_scale_value(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100.0)

@@ -145,3 +145,58 @@ class FusionBlock(nn.Module):
         )
         x = x + y
         return x + self.mlp(self.norm3(x)), weights  # (B, L, D_t), (B, H, L, N) | None
+
+
+class MutualFusionBlock(nn.Module):
+    """The design's mutual attention layer (pre-norm): the text update is the *sum* of text
+    self-attention and text -> image attention; then the image tokens attend to the updated
+    text (``update_image``; the last layer skips it, nothing would read it); then an FFN on each
+    side.
+
+    The image side no longer holds one set of tokens per image: after this layer each (image,
+    text) row has its own, (B, N, D_v). The first layer's image keys and values are still one
+    per distinct image (``image_index``, ``image_kv``); later layers read per-row tokens.
+    """
+
+    def __init__(self, width: int, kv_width: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0, update_image: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.self_attn = Attention(width, num_heads, dropout=dropout)
+        self.norm_kv = nn.LayerNorm(kv_width)
+        self.cross_attn = Attention(width, num_heads, kv_width=kv_width, dropout=dropout)
+        self.norm3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio, dropout)
+        self.update_image = update_image
+        if update_image:
+            if kv_width % num_heads:
+                raise ValueError(f"image width {kv_width} is not divisible by num_heads {num_heads}")
+            self.norm_img = nn.LayerNorm(kv_width)
+            self.norm_txt = nn.LayerNorm(width)
+            self.image_attn = Attention(kv_width, num_heads, kv_width=width, dropout=dropout)
+            self.norm_img_mlp = nn.LayerNorm(kv_width)
+            self.image_mlp = MLP(kv_width, mlp_ratio, dropout)
+
+    def forward(
+        self,
+        text_tokens: torch.Tensor,  # (B | 1, L, D_t)
+        text_mask: torch.Tensor,  # (B | 1, L)
+        image_tokens: torch.Tensor,  # (U | B, N, D_v)
+        return_weights: bool = False,
+        image_index: torch.Tensor | None = None,  # (B,): row b reads image_tokens[image_index[b]]
+        image_kv: torch.Tensor | None = None,  # (U, N, 2 D_t): cross_attn.kv(norm_kv(image_tokens)), precomputed
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (text tokens (B, L, D_t), text -> image weights (B, H, L, N) | None, image tokens
+        (B, N, D_v) after attending to the text, or None when this layer does not update them)."""
+        x = text_tokens
+        h = self.norm1(x)
+        context = image_tokens if image_kv is not None else self.norm_kv(image_tokens)
+        y, weights = self.cross_attn(h, context, return_weights=return_weights, context_index=image_index, context_kv=image_kv)
+        x = x + self.self_attn(h, key_mask=text_mask)[0] + y  # (B, L, D_t): sum of both attentions
+        img = None
+        if self.update_image:
+            img = image_tokens if image_index is None else gather_rows(image_tokens, image_index)  # (B | 1, N, D_v)
+            z, _ = self.image_attn(self.norm_img(img), self.norm_txt(x), key_mask=text_mask)
+            B = max(img.shape[0], z.shape[0])
+            img = img.expand(B, -1, -1) + z
+            img = img + self.image_mlp(self.norm_img_mlp(img))
+        return x + self.mlp(self.norm3(x)), weights, img

@@ -11,12 +11,19 @@ from torch import nn
 from .fusion import fused_score
 
 
-def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, E), (B, E) unit vectors -> (loss, sim (B, B) image x text cosine)."""
+def itc_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor, extra_text_emb: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, E), (B, E) unit vectors -> (loss, sim (B, B) image x text cosine).
+
+    ``extra_text_emb`` (G, E): texts that match no image of the batch (compositional negatives
+    made from the batch's captions) are extra wrong answers for every image, as NegCLIP adds
+    its negative captions to the image -> text softmax; text -> image is unchanged."""
     sim = image_emb @ text_emb.t()  # (B, B)
     logits = logit_scale * sim
     target = torch.arange(sim.shape[0], device=sim.device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    i2t = logits if extra_text_emb is None else torch.cat([logits, logit_scale * (image_emb @ extra_text_emb.t())], dim=1)  # (B, B [+ G])
+    loss = (F.cross_entropy(i2t, target) + F.cross_entropy(logits.t(), target)) / 2
     return loss, sim
 
 
@@ -100,17 +107,28 @@ def mask_tokens(
     return out, labels
 
 
-def itm_objective(logits: torch.Tensor, cos: torch.Tensor | None, scale, B: int, K: int, rank_weight: float) -> torch.Tensor:
+def itm_objective(
+    logits: torch.Tensor, cos: torch.Tensor | None, scale, B: int, K: int, rank_weight: float,
+    extra_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The ITM loss both training stages use, over (1 + 2K)B fusion rows laid out as B
     positives, then each image against its K negative texts, then each text against its K
     negative images: ALBEF's binary loss, plus (``rank_weight``) the listwise loss ranking each
     query's positive above its own negatives by what search ranks them by (``fused_score``).
     ``cos``: each row's ITC cosine, held fixed, so ITM learns what ITC gets wrong rather than
-    relearning it (unused, may be None, when ``rank_weight`` is 0)."""
+    relearning it (unused, may be None, when ``rank_weight`` is 0).
+
+    ``extra_rows`` (G,): G more rows at the end, each image ``extra_rows[g]`` against a
+    compositional negative of its own text; in the listwise loss each is one more negative
+    text of that image (images without one leave the slot empty)."""
     loss = itm_loss(logits[:B], logits[B:])
     if rank_weight:
-        fused = fused_score(logits.float(), cos, scale)  # ((1+2K)B,)
-        pos, neg_t, neg_i = fused[:B], fused[B : B + B * K].view(B, K), fused[B + B * K :].view(B, K)
+        fused = fused_score(logits.float(), cos, scale)  # ((1+2K)B [+ G],)
+        pos, neg_t, neg_i = fused[:B], fused[B : B + B * K].view(B, K), fused[B + B * K : B + 2 * B * K].view(B, K)
+        if extra_rows is not None and extra_rows.numel():
+            extra = torch.full((B, 1), float("-inf"), dtype=fused.dtype, device=fused.device)
+            extra = extra.index_put((extra_rows, torch.zeros_like(extra_rows)), fused[B + 2 * B * K :])  # (B, 1)
+            neg_t = torch.cat([neg_t, extra], dim=1)  # (B, K + 1): exp(-inf) adds nothing where there is none
         loss = loss + rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
     return loss
 

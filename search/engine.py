@@ -218,7 +218,8 @@ class SearchEngine:
         if depth:
             misses = getattr(self.scorer, "misses", 0)
             logits[:depth] = self.scorer.score(itm_query, ids[:depth].tolist())
-            order[:depth] = rerank_order(scores[:depth], logits[:depth], res.fusion, scale)
+            res.itm_weight = self.c.bundle.itm_weight(depth)
+            order[:depth] = rerank_order(scores[:depth], logits[:depth], res.fusion, scale, res.itm_weight)
             res.cache_misses = getattr(self.scorer, "misses", 0) - misses
         elif rerank_depth and not cross:
             res.notes.append(f"{modality} -> {res.target} has no image-text pair to rerank: ITC order")
@@ -253,7 +254,7 @@ class SearchEngine:
                     itc=float(scores[j]),
                     itm=float(sigmoid(logits[j])) if reranked else None,
                     itm_logit=float(logits[j]) if reranked else None,
-                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], res.fusion, scale)[0]) if reranked else float(scores[j]),
+                    fused=float(fuse(scores[j : j + 1], logits[j : j + 1], res.fusion, scale, res.itm_weight)[0]) if reranked else float(scores[j]),
                     retrieval_rank=int(j) + 1,
                     rank=rank,
                 )

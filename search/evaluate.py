@@ -186,11 +186,14 @@ def evaluate(
     trec_dir: str | Path | None = None,
     run_depth: int = RUN_DEPTH,
     n_perm: int = stats.N_PERM,
+    itm_weight: float | None = None,
     **read_kw,
 ) -> EvalReport:
     """Evaluate reranking on a pairs file (see the module docstring); the collection is only
     read. ``trec_dir``: write each stage's ranking (top ``run_depth`` per query) as TREC run
-    files with their qrels there. ValueError when nothing can be evaluated."""
+    files with their qrels there. ``itm_weight``: the ITM logit's weight in ``itm+itc`` at every
+    depth (default: the model's calibrated weight per depth, ``Bundle.itm_weight``; 1 is the
+    plain sum). ValueError when nothing can be evaluated."""
     if gallery not in GALLERIES:
         raise ValueError(f"--gallery must be one of {', '.join(GALLERIES)}; got {gallery!r}")
     if fusion not in FUSIONS:
@@ -212,6 +215,7 @@ def evaluate(
         log.warning(notes[-1])
         depths = [0]
     itc_scale = float(b.model.logit_scale_value().detach())
+    weight_of = b.itm_weight if itm_weight is None else (lambda depth: float(itm_weight))
     scorer = ITMScorer(c, chunk=64)
     c.store.where(where)  # a filter that does not parse fails here, before any work
     mark = c.store.last_change()
@@ -240,6 +244,7 @@ def evaluate(
             "rows": len(pairs), "images": len(ps.group_rows()), "texts": len(ps.rows),
             "reused_images": sum(1 for g in ps.group_rows() if images.item[g] is not None),
             "depths": depths, "fusion": fusion, "itc_scale": itc_scale, "notes": notes,
+            "itm_weights": {depth_key(d): weight_of(d) for d in depths if d},
             "skipped": sorted(ps.skipped, key=lambda x: x["row"]),
             "evaluated": {}, "gallery_size": {}, "comparisons": {},
         }
@@ -258,7 +263,7 @@ def evaluate(
             itm_fn = d.itm_fn if fusion != "itc" else (lambda q, cand: np.zeros(len(cand), np.float32))  # ITC alone: no ITM to run
             with torch.inference_mode():
                 r = rank_queries(d.q_emb, d.blocks(), d.relevant, depths, fusion, itm_fn, itc_scale, chunk, keep,
-                                 progress, d.name, d.n_blocks)
+                                 progress, d.name, d.n_blocks, itm_weight=weight_of)
             report[d.name] = {}
             for depth in depths:
                 report[d.name][depth_key(depth)] = {**recall_at(r.first[depth]), "MRR": float(np.mean(r.rr(depth))),

@@ -70,6 +70,7 @@ def rank_queries(
     progress: bool = False,
     name: str = "",
     n_blocks: int | None = None,
+    itm_weight: Callable[[int], float] | None = None,
 ) -> Rankings:
     """Exact ranks of every query's relevant items at every depth, in one pass over the gallery.
 
@@ -81,7 +82,8 @@ def rank_queries(
     pass computed (that window is the bound E * 2^-24 * |q| |v| on a float32 dot product, times
     four), so a rank past every list is exact, not an estimate. ``itm_fn(q, candidate keys) ->
     ITM logits`` is called once per query for its top ``max(depths)``; depth d reorders the top
-    d by the fused score. ``keep``: how many of each stage's ranking ``runs`` holds.
+    d by the fused score, the ITM logit weighted by ``itm_weight(d)`` (1 when None). ``keep``:
+    how many of each stage's ranking ``runs`` holds.
     """
     depths = sorted(set(int(d) for d in depths))
     max_d = max(depths)
@@ -148,7 +150,7 @@ def rank_queries(
             dd = min(d, valid)
             order = np.arange(valid)
             if dd:
-                order[:dd] = rerank_order(itc_q[:dd], itm[:dd], fusion, itc_scale)
+                order[:dd] = rerank_order(itc_q[:dd], itm[:dd], fusion, itc_scale, itm_weight(d) if itm_weight else 1.0)
             rel_pos = np.flatnonzero(is_rel[order]) + 1
             first[d][q] = rel_pos[0] if len(rel_pos) else deep_rank[q]
             ndcg[d][q] = discount[rel_pos[rel_pos <= 10] - 1].sum() / idcg
@@ -176,6 +178,7 @@ def rank_direction(
     progress: bool = False,
     name: str = "",
     itc_scale: float = 1.0,
+    itm_weight: Callable[[int], float] | None = None,
 ) -> tuple[dict[int, list[int]], dict[int, list[float]], dict[int, dict[str, float]]]:
     """``rank_queries`` on an in-memory gallery whose relevant items are those of group
     ``q_targets[q]`` (one image for text -> image; all of an image's captions for image ->
@@ -189,6 +192,6 @@ def rank_direction(
         pos = np.array(where.get(t, []), np.int64)
         relevant.append((pos, db_emb[pos]))
     r = rank_queries(q_emb, array_blocks(db_emb), relevant, depths, fusion, itm_fn, itc_scale, chunk, 0, progress, name,
-                     -(-len(db_emb) // BLOCK))
+                     -(-len(db_emb) // BLOCK), itm_weight)
     return ({d: r.first[d].tolist() for d in r.depths}, {d: r.ndcg[d].tolist() for d in r.depths},
             {d: {str(q): float(x) for q, x in enumerate(r.rr(d))} for d in r.depths})

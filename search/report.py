@@ -46,6 +46,7 @@ class EvalReport:
     latency_ms: dict = field(default_factory=dict)  # text -> image searches: stage -> {"mean", "p95"} per depth
     latency_ms_i2t: dict = field(default_factory=dict)  # image -> text searches
     trec: dict | None = None  # run files written: {"run_depth", "files", "first_relevant_beyond_run"}
+    itm_weights: dict = field(default_factory=dict)  # stage -> the ITM logit's weight in itm+itc (the model's calibration)
 
     def to_dict(self) -> dict:
         d = asdict(self)

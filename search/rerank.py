@@ -115,17 +115,19 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def fuse(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float = 1.0) -> np.ndarray:
+def fuse(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float = 1.0, itm_weight: float = 1.0) -> np.ndarray:
     """The score candidates are sorted by: ITM logit + ITC logit, ITM alone, or ITC alone.
 
     ``itc_scale`` is the model's learned ITC logit scale (1 / temperature), which puts the
     cosine in logit units like the ITM logit. BLIP adds the raw cosine (``itc_scale=1``); with
     our models the ITM logits span several units and a raw cosine is drowned. Native models are
     trained to rank by this very sum (``models/losses.py``, ``itm_objective``); the README's
-    model section compares the three.
+    model section compares the three. ``itm_weight`` scales the ITM logit in ``itm+itc``: a
+    model's calibrated weight for the depth reranked (``Bundle.itm_weight``), which keeps
+    reranking from costing ITC's R@5 / R@10.
     """
     if fusion == "itm+itc":
-        return fused_score(itm_logits, itc, itc_scale)
+        return fused_score(itm_logits, itc, itc_scale, itm_weight)
     if fusion == "itm":
         return itm_logits
     if fusion == "itc":
@@ -133,9 +135,9 @@ def fuse(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float 
     raise ValueError(f"fusion must be one of {FUSIONS}; got {fusion!r}")
 
 
-def rerank_order(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float = 1.0) -> np.ndarray:
+def rerank_order(itc: np.ndarray, itm_logits: np.ndarray, fusion: str, itc_scale: float = 1.0, itm_weight: float = 1.0) -> np.ndarray:
     """Indices of the candidates in final order (stable: ties keep the retrieval order)."""
-    return np.argsort(-fuse(itc, itm_logits, fusion, itc_scale), kind="stable")
+    return np.argsort(-fuse(itc, itm_logits, fusion, itc_scale, itm_weight), kind="stable")
 
 
 def finite(x: float | None) -> float | None:

@@ -37,6 +37,7 @@ class SearchResult:
     rerank_depth: int  # candidates actually reranked (0: ITC order)
     fusion: str
     timings_ms: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    itm_weight: float = 1.0  # the ITM logit's weight in the fused score at this depth (the model's calibration)
     matching: int | None = None  # items that pass the filter (None: no filter)
     cache_misses: int = 0  # reranked images whose tokens were re-encoded
     notes: list[str] = field(default_factory=list)  # e.g. "only 3 items match the filter"

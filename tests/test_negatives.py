@@ -1,0 +1,109 @@
+"""Compositional text negatives (models/negatives.py): what is learned from a catalog's texts,
+and property tests of the negatives drawn from it."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_VISION
+from vtfusion.catalogs.demo import _random_obj, caption, generate_specs, title
+from vtfusion.models import factory
+from vtfusion.models.negatives import STOP_WORDS, WordSlots, words
+from vtfusion.models.train import RerankConfig, TrainConfig
+from vtfusion.workflows.train import train_catalog
+
+
+def _catalog_texts(n: int = 600, seed: int = 0) -> list[tuple[str, str]]:
+    """(title, caption) of n demo-catalog items: the texts a training run learns slots from."""
+    rng = random.Random(seed)
+    return [(title(spec), caption(spec, rng)) for spec, _ in generate_specs(n, rng)]
+
+
+@pytest.fixture(scope="module")
+def slots() -> WordSlots:
+    return WordSlots.learn(_catalog_texts())
+
+
+def _bag(text: str) -> Counter:
+    return Counter(w for _, _, w in words(text))
+
+
+def test_slots_and_synonyms_are_learned_from_the_texts(slots):
+    slot = {w: i for i, s in enumerate(slots.slots) for w in s}
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "pink"]
+    assert len({slot[c] for c in colours}) == 1  # one slot, learned from contexts alone
+    assert slot["left"] == slot["right"] and slot["mug"] == slot["sneaker"] and slot["small"] == slot["large"]
+    assert len({slot["red"], slot["mug"], slot["small"], slot["striped"], slot["left"]}) == 5  # kinds stay apart
+    m = slots.meanings
+    assert m["small"] == m["little"] and m["large"] == m["big"] and m["mug"] == m["cup"] and m["striped"] == m["stripy"]
+    assert m["small"] != m["large"] and m["red"] != m["blue"]
+    assert not STOP_WORDS & set(slot)  # "to" / "on", "of" / "and" share contexts but are no negative
+
+
+def test_one_text_per_item_gives_slots_without_synonyms():
+    s = WordSlots.learn([(c,) for _, c in _catalog_texts()])
+    assert s.slots and len(set(s.meanings.values())) == len(s.meanings)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_a_negative_differs_keeps_the_bag_for_swaps_and_changes_one_kind(slots, seed):
+    rng = random.Random(seed)
+    spec = (_random_obj(rng), _random_obj(rng)) if rng.random() < 0.7 else (_random_obj(rng),)
+    text = caption(spec, rng)
+    neg = slots.negative(text, rng)
+    assert neg is not None and neg != text
+    a, b = [w for _, _, w in words(text)], [w for _, _, w in words(neg)]
+    assert len(a) == len(b)
+    changed = [(x, y) for x, y in zip(a, b) if x != y]
+    slot = slots.slot_of
+    # every changed word is a slot word replaced by one of its slot with another meaning
+    assert changed and all(slot[x] == slot[y] and slots.meanings[x] != slots.meanings[y] for x, y in changed)
+    if len(changed) == 2:  # a swap: the same words, two of them exchanged
+        assert _bag(neg) == _bag(text) and changed[0] == changed[1][::-1]
+    else:
+        assert len(changed) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_a_negative_never_equals_another_positive_of_the_batch(slots, seed):
+    rng = random.Random(seed)
+    a, b = _random_obj(rng), _random_obj(rng)
+    # a batch of attribute-swapped twins: each one's most natural negative is the other
+    left = f"a small {a.color} mug to the left of a large {b.color} hat"
+    right = f"a small {b.color} mug to the left of a large {a.color} hat"
+    batch = [left, right, f"a {a.color} lamp", f"a {a.color} lamp on the left"]
+    for n, t in zip(slots.negatives(batch, rng), batch):
+        assert n is None or (n != t and n not in batch)
+
+
+def test_negatives_keep_case_and_punctuation(slots):
+    rng = random.Random(0)
+    neg = slots.negative("Small red striped mug | large blue plain hat", rng)
+    assert neg[0].isupper() and " | " in neg and neg != "Small red striped mug | large blue plain hat"
+    assert slots.negative("nothing from the catalog here", rng) is None
+
+
+def test_training_with_text_negatives_runs_both_stages_and_resumes_the_same(tmp_path, small_catalog):
+    """Negatives are drawn from (seed, stage, step): a run resumed from an earlier checkpoint
+    ends with the weights of the uninterrupted run."""
+    cfg = TrainConfig(epochs=2, batch_size=16, progress=False, text_negatives=True, checkpoint_every=3,
+                      rerank=RerankConfig(epochs=1))
+    whole = train_catalog(small_catalog / "train.csv", tmp_path / "whole", cfg, vision=TINY_VISION)
+    assert whole.result.rerank_steps > 0 and (tmp_path / "whole" / "word_slots.json").is_file()
+    ref = factory.load(tmp_path / "whole").model.state_dict()
+    ckpts = sorted((tmp_path / "whole" / "checkpoints").iterdir())
+    assert len(ckpts) >= 2
+    for c in ckpts[1:]:  # back to the oldest checkpoint kept
+        shutil.rmtree(c)
+    train_catalog(small_catalog / "train.csv", tmp_path / "whole", cfg, vision=TINY_VISION, resume=True)
+    got = factory.load(tmp_path / "whole").model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
