@@ -10,8 +10,9 @@ timings vary with the machine)::
     python bench/variants.py demo-gen/catalog --out runs/gen --variants base,neg,neg+mutual
     python bench/variants.py demo-run/catalog --out runs/demo --variants base,neg
 
-A variant is ``+``-joined switches: ``base`` (make demo's model: scratch BERT tower, small CNN,
-text -> image fusion, 16 + 7 epochs), ``neg`` (--text-negatives), ``gru`` / ``lstm``
+A variant is ``+``-joined switches: ``base`` (make demo's model before issue 21: scratch BERT
+tower, small CNN, text -> image fusion, 16 + 7 epochs, no text negatives), ``neg``
+(--text-negatives, today's default), ``gru`` / ``lstm``
 (--text-tower), ``mutual`` (--fusion mutual), ``resnet50`` (--image-tower resnet50),
 ``cal<S>`` (--calibration S), ``m<M>`` (an M-minute budget, 30 % of it kept for the reranker
 stage, instead of the epochs), ``e<J>x<R>`` (J joint and R reranker epochs).
@@ -43,17 +44,14 @@ DEMO_EPOCHS, DEMO_RERANK_EPOCHS, IMAGE_SIZE = 16, 7, 64  # make demo's schedule 
 def settings(variant: str) -> tuple[dict, list[str]]:
     """train_catalog keyword arguments for a variant, and the `vtfusion train` flags that match."""
     kw: dict = {"text_tower": "scratch", "vision": VisionConfig(image_size=IMAGE_SIZE), "fusion": None}
-    cfg: dict = {"epochs": DEMO_EPOCHS, "rerank": RerankConfig(epochs=DEMO_RERANK_EPOCHS)}
-    flags = [f"--epochs {DEMO_EPOCHS}", f"--rerank-epochs {DEMO_RERANK_EPOCHS}"]
+    cfg: dict = {"epochs": DEMO_EPOCHS, "rerank": RerankConfig(epochs=DEMO_RERANK_EPOCHS), "text_negatives": False}
+    flags = [f"--epochs {DEMO_EPOCHS}", f"--rerank-epochs {DEMO_RERANK_EPOCHS}", "--no-text-negatives"]
     for part in variant.split("+"):
         if part == "base":
             continue
         if part == "neg":
             cfg["text_negatives"] = True
-            flags.append("--text-negatives")
-        elif part == "noneg":
-            cfg["text_negatives"] = False
-            flags.append("--no-text-negatives")
+            flags[2] = "--text-negatives"
         elif part in ("gru", "lstm"):
             kw["text_tower"] = part
             flags.append(f"--text-tower {part}")
@@ -139,11 +137,15 @@ def main() -> None:
     ap.add_argument("--variants", default="base")
     ap.add_argument("--depths", default="16,32,64")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collect", action="store_true", help="only rebuild table.md from the variants' row.json files")
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in args.variants.split(","):
+        if args.collect:
+            rows.append(json.loads((args.out / v / "row.json").read_text()))
+            continue
         row = run(args.catalog, args.out, v, depths, args.seed)
         rows.append(row)
         print(table([row], depths).splitlines()[-2:][0], flush=True)

@@ -20,7 +20,7 @@ What is learned (``WordSlots.learn``), from the texts alone:
 * **Synonyms**: a pair with several texts (a title and a caption) names the same thing twice.
   When two of its texts each hold exactly one word of a slot and the words differ, the two are
   counted as naming the same thing; two words so aligned at least ``min_synonym`` times and in
-  at least ``synonym_share`` of the alignments either word took part in are synonyms
+  at least ``synonym_share`` of the rarer word's alignments are synonyms
   (``small`` / ``little``, ``mug`` / ``cup``); ``red`` and ``blue`` never align, an item is
   one colour in all its texts.
   Replacing or swapping synonyms would make a paraphrase, not a negative: words of one meaning
@@ -36,7 +36,6 @@ batch. Torch-free; draws come from a ``random.Random``.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -44,7 +43,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+import numpy as np
+
+WORD = re.compile(r"[^\W_][\w'-]*")  # letters and digits of any script, inner ' and -
 # closed-class English words: never a slot (a general list of the language, not of any catalog)
 STOP_WORDS = frozenset("""
 a an the this that these those some any each every no all both either neither
@@ -62,11 +63,19 @@ def words(text: str) -> list[tuple[int, int, str]]:
     return [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
 
 
-def _cosine(a: Counter, b: Counter) -> float:
-    if len(a) > len(b):
-        a, b = b, a
-    dot = sum(v * b[k] for k, v in a.items() if k in b)
-    return dot / math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values())) if dot else 0.0
+def _similarities(vocab: list[str], contexts: dict[str, Counter], max_contexts: int = 4096) -> np.ndarray:
+    """Cosine similarities (V, V) of the words' context-count vectors (the ``max_contexts``
+    most common context words, the rest pooled into one)."""
+    total: Counter = Counter()
+    for w in vocab:
+        total.update(contexts[w])
+    cols = {c: i for i, (c, _) in enumerate(total.most_common(max_contexts))}
+    m = np.zeros((len(vocab), len(cols) + 1), np.float64)
+    for r, w in enumerate(vocab):
+        for c, n in contexts[w].items():
+            m[r, cols.get(c, len(cols))] += n
+    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    return m @ m.T
 
 
 class _Union:
@@ -110,8 +119,11 @@ class WordSlots:
         similarity: float = 0.5,
         min_synonym: int = 2,
         synonym_share: float = 0.25,
+        max_words: int = 2000,
     ) -> WordSlots:
-        """Slots and synonyms from a catalog's texts, one sequence of texts per item."""
+        """Slots and synonyms from a catalog's texts, one sequence of texts per item. At most
+        ``max_words`` words (the most used) are given slots: the similarities are a
+        (words x words) matrix product."""
         left: dict[str, Counter] = defaultdict(Counter)
         right: dict[str, Counter] = defaultdict(Counter)
         count: Counter = Counter()
@@ -126,12 +138,12 @@ class WordSlots:
                     count[w] += 1
                     left[w][ws[i - 1] if i else START] += 1
                     right[w][ws[i + 1] if i + 1 < len(ws) else END] += 1
-        cands = sorted(w for w, c in count.items() if c >= min_count and df[w] <= max_df * n_texts and w not in STOP_WORDS)
+        cands = [w for w, c in count.items() if c >= min_count and df[w] <= max_df * n_texts and w not in STOP_WORDS]
+        cands = sorted(sorted(cands, key=lambda w: (-count[w], w))[:max_words])  # the most used: a catalog's attribute words
         u = _Union()
-        for i, a in enumerate(cands):
-            for b in cands[i + 1 :]:
-                if _cosine(left[a], left[b]) >= similarity and _cosine(right[a], right[b]) >= similarity:
-                    u.join(a, b)
+        lsim, rsim = _similarities(cands, left), _similarities(cands, right)
+        for i, j in zip(*np.nonzero(np.triu((lsim >= similarity) & (rsim >= similarity), k=1))):
+            u.join(cands[i], cands[j])
         slots = tuple(tuple(g) for g in u.groups() if len(g) > 1)
         slot_of = {w: i for i, s in enumerate(slots) for w in s}
         # synonyms: one word of a slot in each of two texts of the same item, different words

@@ -133,3 +133,11 @@ def test_chunked_and_token_cache_scoring_equal_the_model_pair_by_pair(tmp_path, 
     img_q = Query(image_tokens=tokens[:1])
     np.testing.assert_allclose(ITMScorer(cached, chunk=3).score(img_q, ids), ITMScorer(cached, chunk=500).score(img_q, ids),
                                rtol=1e-5, atol=1e-5)
+    # the UI's "why this result": the heatmap is still text -> image attention, and its match
+    # probability is the model's ITM logit for the pair
+    from vtfusion.search.explain import explain
+
+    e = explain(fresh, "a large red striped mug to the left of a small blue sneaker", ids[0])
+    g = fresh.bundle.config.vision.grid
+    assert e.heat.shape == (g, g) and 0 <= e.heat.min() and e.heat.max() <= 1
+    assert e.itm == pytest.approx(float(torch.sigmoid(torch.tensor(naive[0]))), abs=1e-4)

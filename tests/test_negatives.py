@@ -107,3 +107,16 @@ def test_training_with_text_negatives_runs_both_stages_and_resumes_the_same(tmp_
     train_catalog(small_catalog / "train.csv", tmp_path / "whole", cfg, vision=TINY_VISION, resume=True)
     got = factory.load(tmp_path / "whole").model.state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_cli_defaults_follow_the_training_config():
+    """`vtfusion train` (whose module must not import torch to start fast) states its own
+    defaults: they must be TrainConfig's, so `train`, `demo` and the library train alike."""
+    import inspect
+
+    from vtfusion.ui.cli import train_cmd
+
+    params = inspect.signature(train_cmd).parameters
+    cfg = TrainConfig()
+    assert params["text_negatives"].default is cfg.text_negatives is True
+    assert params["calibration"].default == cfg.calibration == 0.0

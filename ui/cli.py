@@ -302,7 +302,7 @@ def train_cmd(
     image_tower: Annotated[ImageTower, typer.Option("--image-tower", help="The CNN of a new model: small (3 stages, what make demo uses) or torchvision's ResNet-18/34/50/101 (no classifier).")] = ImageTower.small,
     image_weights: Annotated[Path | None, typer.Option("--image-weights", help="torchvision-format weights for --image-tower resnet* (.pth read with weights_only=True, or .safetensors); that CNN trains at 0.1x the learning rate.")] = None,
     fusion: Annotated[FusionMode, typer.Option("--fusion", help="Fusion layers of a new model: text (text attends to the image, ALBEF/BLIP) or mutual (the design's two-way attention: image tokens attend to the text too).")] = FusionMode.text,
-    text_negatives: Annotated[bool, typer.Option("--text-negatives/--no-text-negatives", help="Train ITC and ITM on compositional negatives made from each caption (words of one slot, learned from the catalog, swapped or replaced).")] = False,
+    text_negatives: Annotated[bool, typer.Option("--text-negatives/--no-text-negatives", help="Train ITC and ITM on compositional negatives made from each caption (words of one slot, learned from the catalog, swapped or replaced; default on).")] = True,
     calibration: Annotated[float, typer.Option("--calibration", help="Share of the training images held out of training to choose reranking's ITM weight per depth, so that reranking keeps ITC's R@5 and R@10 (0: no calibration, the plain sum).")] = 0.0,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives, then the reranker stage) on a catalog, then validate."""

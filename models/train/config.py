@@ -65,8 +65,10 @@ class TrainConfig:
     grad_clip: float = 10.0  # max global gradient norm (1.0 starves ITM: its early norms are 20-100)
     itm_rank_weight: float = 1.0  # both stages' ITM objective: BCE + this x the listwise loss (0: ALBEF's BCE only)
     # both stages: one compositional negative of each caption (words of one slot swapped or
-    # replaced; models/negatives.py), an extra wrong text for ITC (image -> text) and for ITM
-    text_negatives: bool = False
+    # replaced; models/negatives.py), an extra wrong text for ITC (image -> text) and for ITM.
+    # On by default: reranked R@1 38.8 -> 51.0 on the generalisation split, 97.0 on the demo
+    # split (models/README.md, issue 21)
+    text_negatives: bool = True
     # share of the training images held out of both stages to calibrate reranking's ITM weight
     # per depth (models/calibrate.py; at most CALIBRATION_MAX images; 0: no calibration, the
     # plain sum); skipped when that is fewer than CALIBRATION_MIN images
