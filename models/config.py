@@ -125,6 +125,11 @@ class ModelConfig:
     itm_weights: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self):
+        for depth, w in self.itm_weights.items():  # a NaN or negative weight would sort results silently wrong
+            if not (str(depth).isdigit() and int(depth) > 0 and isinstance(w, (int, float)) and 0 <= w < float("inf")):
+                raise ValueError(f"itm_weights must map rerank depths (positive integers) to finite weights >= 0; got {depth!r}: {w!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -200,6 +200,8 @@ def evaluate(
         raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
     if where and gallery != "collection":
         raise ValueError("--where restricts the collection gallery: use it with --gallery collection")
+    if itm_weight is not None and not 0 <= itm_weight < float("inf"):
+        raise ValueError(f"--itm-weight must be a finite number >= 0; got {itm_weight}")
     if any(int(d) < 0 for d in depths) or run_depth < 0:
         raise ValueError("depths and the run depth must be >= 0")
     pairs_path = Path(pairs_path).resolve()

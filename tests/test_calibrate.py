@@ -79,6 +79,9 @@ def test_weight_lookup_and_config_round_trip():
     cfg = dataclasses.replace(ModelConfig(), itm_weights=w)
     assert ModelConfig.from_dict(cfg.to_dict()).itm_weights == w
     assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "itm_weights"}).itm_weights == {}
+    for bad in ({"16": float("nan")}, {"16": -1.0}, {"x": 0.5}, {"0": 0.5}, {"16": float("inf")}):
+        with pytest.raises(ValueError, match="itm_weights"):  # a hand-edited config.json cannot sort silently wrong
+            ModelConfig.from_dict({**cfg.to_dict(), "itm_weights": bad})
 
 
 def test_candidate_scores_match_the_model_pair_by_pair(bundle):
