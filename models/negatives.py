@@ -41,6 +41,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ class WordSlots:
     slots: tuple[tuple[str, ...], ...]  # each slot's words, sorted
     meanings: dict[str, str]  # word -> the word naming its meaning (synonyms share one)
 
-    @property
+    @cached_property  # read for every caption of every step: built once
     def slot_of(self) -> dict[str, int]:
         return {w: i for i, s in enumerate(self.slots) for w in s}
 

@@ -89,7 +89,6 @@ def train_step(
             n_rows, n_ids, n_mask = (t.to(device) for t in neg)  # (G,), (G, L'), (G, L')
             n_tokens = model.text(n_ids, n_mask)  # (G, L', D_t)
             n_emb = model.text_emb(n_tokens, n_mask)  # (G, E)
-            n_tokens, n_mask = pad_tokens(n_tokens, n_mask, ids.shape[1])
         l_itc, sim = itc_loss(img_emb.float(), txt_emb.float(), scale, None if n_emb is None else n_emb.float())
         B = ids.shape[0]
         K = min(jc.itm_negatives, B - 1)  # a batch of B holds B - 1 negatives for each pair

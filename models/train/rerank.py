@@ -120,10 +120,10 @@ class RerankStage:
             L = max(width, n_tokens.shape[1])
             f_tokens, f_mask = pad_tokens(f_tokens, f_mask, L)
             n_tokens, n_mask = pad_tokens(n_tokens, n_mask, L)
-            extra = at
-            f_img = torch.cat([f_img, rows.to(device)[at]])
+            extra, n_img = at, rows.to(device)[at]  # (G,): the rows' own images
+            f_img = torch.cat([f_img, n_img])
             f_tokens, f_mask = torch.cat([f_tokens, n_tokens]), torch.cat([f_mask, n_mask])
-            cos = torch.cat([cos, (self.img_emb[rows.to(device)[at]] * n_emb).sum(-1)])
+            cos = torch.cat([cos, (self.img_emb[n_img] * n_emb).sum(-1)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             used, where = torch.unique(f_img, return_inverse=True)  # distinct images: their keys/values once
             logits = model.fuse(self.img_tokens[used], f_tokens, f_mask, image_index=where).float()
