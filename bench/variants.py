@@ -15,7 +15,7 @@ tower, small CNN, text -> image fusion, 16 + 7 epochs, no text negatives), ``neg
 (--text-negatives, today's default), ``gru`` / ``lstm``
 (--text-tower), ``mutual`` (--fusion mutual), ``resnet50`` (--image-tower resnet50),
 ``cal<S>`` (--calibration S), ``m<M>`` (an M-minute budget, 30 % of it kept for the reranker
-stage, instead of the epochs), ``e<J>x<R>`` (J joint and R reranker epochs).
+stage, instead of the epochs; ``m<M>s<S>`` keeps S of it), ``e<J>x<R>`` (J joint and R reranker epochs).
 """
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ def settings(variant: str) -> tuple[dict, list[str]]:
         elif m := re.fullmatch(r"cal([0-9.]+)", part):
             cfg["calibration"] = float(m[1])
             flags.append(f"--calibration {m[1]}")
-        elif m := re.fullmatch(r"m([0-9.]+)", part):  # a time budget instead of make demo's epochs
+        elif m := re.fullmatch(r"m([0-9.]+)(?:s([0-9.]+))?", part):  # a time budget instead of make demo's epochs
+            share = m[2] or "0.3"
             cfg["epochs"], cfg["minutes"] = None, float(m[1])
-            cfg["rerank"] = RerankConfig(epochs=8, share=0.3)
-            flags[:2] = [f"--minutes {m[1]}", "--rerank-share 0.3"]
+            cfg["rerank"] = RerankConfig(epochs=8, share=float(share))
+            flags[:2] = [f"--minutes {m[1]}", f"--rerank-share {share}"]
         elif m := re.fullmatch(r"e(\d+)x(\d+)", part):
             cfg["epochs"], cfg["rerank"] = int(m[1]), RerankConfig(epochs=int(m[2]))
             flags[:2] = [f"--epochs {m[1]}", f"--rerank-epochs {m[2]}"]
@@ -105,6 +106,7 @@ def run(catalog: Path, out: Path, variant: str, depths: list[int], seed: int) ->
     row = {
         "variant": variant, "flags": " ".join(flags), "train_s": round(train_s, 1),
         "train_steps": report.result.steps, "rerank_steps": report.result.rerank_steps,
+        "joint_s": round(report.result.seconds, 1), "rerank_s": round(report.result.rerank_seconds, 1),
         "params": params, "fusion_params": fusion_params, "rerank_ms_per_pair": cost,
         "t2i": rep["t2i"], "i2t": rep["i2t"], "calibration": c.bundle.model.cfg.itm_weights,
     }

@@ -70,6 +70,7 @@ class IngestReport:
     stopped_by: str = ""  # "SIGINT" / "SIGTERM" when a signal stopped the run at a batch boundary
     stopped_signal: int = 0
     stages: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "embed": 0.0, "write": 0.0, "index": 0.0})
+    nodes: dict[str, int] = field(default_factory=dict)  # --engine ray: batches committed per Ray node id
 
     @property
     def items_per_s(self) -> float:

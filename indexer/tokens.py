@@ -87,6 +87,11 @@ class TokenCache:
         # never rewritten in place, so a later read checks magic and tag only (a few bytes)
         self._crc_ok: dict[int, np.ndarray] = {}
         self._append_lock = threading.Lock()
+        # own_shards: this writer appends only to shards it created itself (a Ray ingest actor:
+        # writers on other machines never write into one shard, whatever the file lock does on a
+        # shared filesystem); False: every writer appends to the last shard
+        self.own_shards: bool = False
+        self._owned: int | None = None
         if self.enabled:
             self._repair_tail()
 
@@ -175,15 +180,34 @@ class TokenCache:
         with self._append_lock, file_lock(self.folder / ".lock"):  # writers in this process and in others
             return self._append(recs)
 
+    def _claim_shard(self) -> int:
+        """A new shard of this writer's own: the next number after every shard on disk, created
+        exclusively (O_EXCL), so two writers never claim one shard."""
+        n = max(self.shards(), default=-1) + 1
+        while True:
+            try:
+                os.close(os.open(self._path(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return n
+            except FileExistsError:
+                n += 1
+
     def _append(self, recs: np.ndarray) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
-        shards = self.shards()
-        shard = shards[-1] if shards else 0
+        if self.own_shards:
+            if self._owned is None:
+                self._owned = self._claim_shard()
+            shard = self._owned
+        else:
+            shards = self.shards()
+            shard = shards[-1] if shards else 0
         i = 0
         while i < len(recs):
             have = self._cut_torn(shard)  # a torn tail left by anyone: the offsets below must be where the bytes go
             if have >= self.shard_records:
-                shard += 1
+                if self.own_shards:
+                    shard = self._owned = self._claim_shard()
+                else:
+                    shard += 1
                 continue
             take = min(self.shard_records - have, len(recs) - i)
             self._write_at(shard, have, recs[i : i + take])

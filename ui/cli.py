@@ -466,6 +466,10 @@ def ingest_cmd(
     workers: Annotated[int | None, typer.Option("--workers", help="Worker processes (default: with a GPU up to 8 decode while the GPU embeds; on a CPU one per core, up to 16, each decoding and embedding on one thread). 0: all in this process.")] = None,
     source_name: Annotated[str | None, typer.Option("--source-name", help="Name the source (items are identified by source and id; default: the catalog's real path, however it is typed).")] = None,
     schema: Annotated[str | None, typer.Option("--schema", help="Declare metadata column types not registered yet, e.g. 'zip:text,price:number' (kept in collection.toml).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local: this machine's processes; ray: a Ray cluster (pip install 'vtfusion[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join ('auto', HOST:PORT; default RAY_ADDRESS, else a local cluster).")] = None,
+    actors: Annotated[int, typer.Option("--actors", help="With --engine ray: embedding actors (each loads the model once).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", help="With --engine ray: GPUs per actor (0: CPU actors).")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
 ) -> None:
     """Add a catalog's items to a collection (dedup by content; a changed row replaces its earlier version; re-running resumes).
@@ -476,10 +480,21 @@ def ingest_cmd(
     from vtfusion.indexer.collection import CollectionError
     from vtfusion.indexer.ingest import ingest
 
+    if engine not in ("local", "ray"):
+        _usage(f"--engine must be local or ray; got {engine!r}")
+    if engine == "local" and (ray_address or actors != 1 or gpus_per_actor):
+        _usage("--ray-address, --actors and --gpus-per-actor need --engine ray")
+    if engine == "ray" and workers is not None:
+        _usage("--workers is for --engine local; with --engine ray use --actors")
     c = _open(collection)
+    cols = Columns(id_col, image_col, tuple(text_col) if text_col else None)
     try:
-        r = ingest(c, source, Columns(id_col, image_col, tuple(text_col) if text_col else None), batch_size, workers,
-                   source_name=source_name, schema=schema)
+        if engine == "ray":
+            from vtfusion.indexer.distributed import ingest_ray
+
+            r = ingest_ray(c, source, cols, batch_size, actors, gpus_per_actor, ray_address, source_name=source_name, schema=schema)
+        else:
+            r = ingest(c, source, cols, batch_size, workers, source_name=source_name, schema=schema)
     except (CatalogError, CollectionError) as e:
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only folder: what was committed stays, re-running resumes

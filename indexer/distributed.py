@@ -1,0 +1,260 @@
+"""Ingest on a Ray cluster (``vtfusion ingest --engine ray``): the local ingest's stages, spread.
+
+- read: the catalog is read on the driver with the same reader as the local ingest
+  (``catalogs.sources.read_source``: the same columns, types, line numbers and bad-row
+  records), and handed to Ray Data as blocks of rows (``ray.data.from_items``);
+- decode: ``map_batches`` in Ray *tasks* (CPU): image bytes read, hashed with the text
+  (content hash) and transformed to uint8, on whichever node has a free CPU;
+- embed + write: ``map_batches`` in an *actor pool* (``--actors N``, ``num_gpus`` per actor
+  when asked): each actor opens the collection once (model loaded once per actor), drops items
+  already stored, embeds the rest, appends their token-cache records to shard files of its own
+  (``TokenCache.own_shards``) and commits the batch to SQL in one transaction, exactly as the
+  local writer does (``ingest._write_batch``).
+
+Why every write is idempotent, so that Ray retrying a task or restarting a killed actor never
+loses or duplicates an item: an item's identity is its content hash, unique among active items
+in SQL (``uq_items_active_hash``). A batch re-run after its commit finds its hashes stored and
+counts them as duplicates; a batch whose actor died before the commit left at most token-cache
+records nothing references (reported by ``verify``, reclaimed by ``compact``) and is embedded
+again; two actors racing on one hash: the second commit fails on the unique key and is retried
+without it (``WRITE_RETRIES``). Errors are recorded once per (file, line, reason).
+
+The driver only counts: the run's added items are read back from SQL at the end (a batch Ray
+ran twice is not counted twice), the indexes are brought up to date (``catch_up``) and the run
+is marked done. The collection folder (its ``index/`` and token shards) must be on a filesystem
+every node mounts at the same path, and a cluster of more than one node needs a server
+database (PostgreSQL): SQLite is refused there.
+
+Nothing else in vtfusion imports Ray: it is the optional extra ``vtfusion[ray]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import func, select, update
+
+from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
+from .collection import Collection, CollectionError
+from .ingest import (
+    DecodeStage,
+    IngestReport,
+    _prepare,
+    _record_errors,
+    _stored_hashes,
+    _write_batch,
+    column_kinds,
+)
+from .schema import IngestRun, Item, utcnow
+
+log = logging.getLogger(__name__)
+RAY_EXTRA = "pip install 'vtfusion[ray]'"
+DECODE_CPUS = 0.25  # logical CPUs a decode task reserves (a scheduling share: decoding is light next to the model)
+
+
+def require_ray():
+    """The ``ray`` module, or a CollectionError that names the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data comes with the [data] extra only
+    except ImportError as e:
+        raise CollectionError(f"--engine ray needs Ray Data, which is not installed ({e}): {RAY_EXTRA}") from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None):
+    """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://…"; None: RAY_ADDRESS, else a
+    local cluster started for this process). A process already connected keeps its cluster."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        kw = {"address": address} if address else {}
+        if not address and num_cpus is not None:
+            kw["num_cpus"] = num_cpus
+        ray.init(logging_level=logging.WARNING, log_to_driver=False, **kw)
+    return ray
+
+
+def alive_nodes(ray) -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_database(collection: Collection, nodes: int) -> None:
+    """A collection on SQLite can take one node's actors (one file, WAL); more than one node
+    needs a database every node reaches with its own connections."""
+    if nodes > 1 and collection.engine.dialect.name == "sqlite":
+        raise CollectionError(
+            f"{collection.folder} keeps its items in SQLite, which only processes on one machine can share, and this Ray "
+            f"cluster has {nodes} nodes. Create the collection on PostgreSQL instead: `vtfusion init COLLECTION --model "
+            "MODEL --db postgresql://USER@HOST/DB` (the README's 'Scaling out' says how), or run on one node"
+        )
+
+
+def _actor_cpus(ray, actors: int, gpus_per_actor: float) -> float:
+    """Logical CPUs each embedding actor reserves: one, but never so many that the actors fill
+    every node and no decode task can run (Ray would wait forever: the actors for decoded
+    batches, the decode tasks for a free CPU). Each node keeps room for one decode task."""
+    nodes = alive_nodes(ray)
+    total = sum(float(n.get("Resources", {}).get("CPU", 0)) for n in nodes) or 1.0
+    free_for_actors = max(total - DECODE_CPUS * max(1, len(nodes)), DECODE_CPUS)
+    return round(min(1.0, free_for_actors / actors), 3)
+
+
+def _row_record(i: int, row: CatalogRow) -> dict:
+    """A catalog row as a Ray Data record (plain columns; metadata as JSON, its types kept)."""
+    return {
+        "i": i, "external_id": row.external_id, "image": str(row.image), "texts": json.dumps(list(row.texts)),
+        "meta": json.dumps(row.metadata, default=str), "source": row.source,
+    }
+
+
+def _rows_of(batch: dict) -> list[CatalogRow]:
+    return [
+        CatalogRow(str(e), Path(str(im)), tuple(json.loads(t)), json.loads(m), str(s))
+        for e, im, t, m, s in zip(batch["external_id"], batch["image"], batch["texts"], batch["meta"], batch["source"])
+    ]
+
+
+def decode_batch(batch: dict, transform) -> dict:
+    """Ray task: rows -> the same rows with uint8 pixels (zeros where decoding failed), content
+    hash, image hash and error (``ingest.DecodeStage``: the local decoder, row for row)."""
+    rows = _rows_of(batch)
+    stage = DecodeStage(rows, transform)
+    out = [stage[k] for k in range(len(rows))]
+    pixels = np.zeros((len(rows), 3, transform.size, transform.size), dtype=np.uint8)
+    for k, (_, px, _, _, _) in enumerate(out):
+        if px is not None:
+            pixels[k] = px.numpy()
+    return {
+        **batch,
+        "pixels": pixels,
+        "hash": np.array([h or "" for _, _, h, _, _ in out], dtype=object),
+        "image_hash": np.array([ih or "" for _, _, _, ih, _ in out], dtype=object),
+        "error": np.array([err or "" for _, _, _, _, err in out], dtype=object),
+    }
+
+
+class EmbedWrite:
+    """Ray actor UDF: opens the collection once (the model loads once per actor), then per batch
+    embeds what is not stored yet and commits it (token records to this actor's own shards,
+    then one SQL transaction). Returns one row of counts per batch."""
+
+    def __init__(self, folder: str, run_id: int, source: str, threads: int = 1):
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, threads))
+        self.collection = Collection.open(folder, catch_up=False)
+        self.collection.tokens.own_shards = True
+        self.bundle = self.collection.bundle
+        self.encode = self.collection.tokens.encode if self.collection.tokens.enabled else None
+        self.run_id, self.source = run_id, source
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = _rows_of(batch)
+        decoded = [
+            (k, None if err else torch.from_numpy(np.ascontiguousarray(batch["pixels"][k])), h or None, ih or None, err or None)
+            for k, (h, ih, err) in enumerate(zip(batch["hash"], batch["image_hash"], batch["error"]))
+        ]
+        p = _prepare(self.bundle, rows, decoded, lambda hs: _stored_hashes(self.collection.engine, hs), set(), self.encode)
+        t1 = time.perf_counter()
+        report = IngestReport(self.run_id)
+        _write_batch(self.collection, rows, p, report, self.source)
+        return {
+            "rows": [len(rows)], "added": [report.added], "replaced": [report.replaced], "duplicates": [report.duplicates],
+            "failed": [report.failed], "embed_s": [t1 - t0], "write_s": [report.stages["write"]],
+            "node": [self.node], "pid": [os.getpid()],
+        }
+
+
+def ingest_ray(
+    collection: Collection,
+    source: str | Path,
+    cols: Columns = Columns(),
+    batch_size: int = 64,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    address: str | None = None,
+    progress: bool = True,
+    source_name: str | None = None,
+    schema: str | dict[str, str] | None = None,
+    on_batch: Callable[[dict], None] | None = None,
+) -> IngestReport:
+    """``ingest`` on a Ray cluster (see the module doc). ``on_batch(counts)`` is called on the
+    driver for each committed batch (its counts, the actor's node id and pid).
+
+    The report's ``added`` is what SQL holds for this run at the end; ``duplicates`` the rest of
+    the rows that did not fail; ``stages`` hold ``read``, the actors' summed ``embed`` (decode
+    included: Ray overlaps it) and ``write``, and the driver's ``index``."""
+    if actors < 1 or gpus_per_actor < 0 or batch_size < 1:
+        raise CollectionError("--actors and --batch-size must be at least 1 and --gpus-per-actor at least 0")
+    t_start = time.perf_counter()
+    ray = connect(address)
+    check_database(collection, len(alive_nodes(ray)))
+    source = Path(source)
+    rows, row_errors = read_source(source, cols, column_kinds(collection, schema))
+    ident = source_name or os.path.realpath(source)
+    with collection.Session.begin() as s:
+        run = IngestRun(source=ident, status="running")
+        s.add(run)
+        s.flush()
+        report = IngestReport(run.id)
+        report.failed += _record_errors(s, run.id, list(row_errors))
+    report.stages["read"] = time.perf_counter() - t_start
+    transform = collection.bundle.transform
+    status = "interrupted"
+    bar = None
+    try:
+        from vtfusion.models.progress import progress as progress_bar
+
+        bar = progress_bar(total=len(rows), desc="ingest (ray)", unit="item", enabled=progress)
+        if rows:
+            import ray.data
+
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # the project's bar below counts committed items
+            ds = ray.data.from_items([_row_record(i, r) for i, r in enumerate(rows)], override_num_blocks=max(1, -(-len(rows) // batch_size)))
+            actor_cpus = _actor_cpus(ray, actors, gpus_per_actor)
+            ds = ds.map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
+                                batch_format="numpy", num_cpus=DECODE_CPUS)
+            ds = ds.map_batches(
+                EmbedWrite, fn_constructor_args=(str(collection.folder.resolve()), report.run_id, ident, max(1, int(actor_cpus))),
+                batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=gpus_per_actor or None, num_cpus=actor_cpus,
+            )  # Ray Data restarts a killed actor and retries its tasks (max_restarts / max_task_retries -1): safe, every write is idempotent
+            for out in ds.iter_rows():
+                report.replaced += int(out["replaced"])
+                report.failed += int(out["failed"])
+                report.stages["embed"] += float(out["embed_s"])
+                report.stages["write"] += float(out["write_s"])
+                report.nodes[str(out["node"])] = report.nodes.get(str(out["node"]), 0) + 1
+                bar.update(int(out["rows"]))
+                if on_batch is not None:
+                    on_batch(dict(out))
+        status = "done"
+    finally:
+        if bar is not None:
+            bar.close()
+        with collection.Session.begin() as s:
+            s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
+    with collection.Session() as s:  # counted in SQL: a batch Ray ran twice is not counted twice
+        report.added = s.scalar(select(func.count()).select_from(Item).where(Item.run_id == report.run_id)) or 0
+    report.duplicates = max(0, len(rows) - report.added - (report.failed - len(row_errors)))
+    t = time.perf_counter()
+    collection.catch_up()
+    report.stages["index"] = time.perf_counter() - t
+    report.seconds = time.perf_counter() - t_start
+    log.info("ingest run %d on Ray (%d actors): %d added, %d duplicates, %d failed in %.1f s",
+             report.run_id, actors, report.added, report.duplicates, report.failed, report.seconds)
+    return report
+
+
+__all__ = ["RAY_EXTRA", "alive_nodes", "check_database", "connect", "ingest_ray", "require_ray"]
