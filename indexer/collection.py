@@ -710,10 +710,10 @@ class Collection:
         self._save(modality, index, watermark, mark)
         return index
 
-    def _save(self, modality: str, index: VectorIndex, watermark: int, mark: str) -> None:
+    def _save(self, modality: str, index: VectorIndex, watermark: int, mark: str, layout: str = "") -> None:
         meta = IndexMeta(
             modality, self.config.model_fingerprint, self.config.embed_dim, index.factory, watermark=watermark,
-            collection_id=self.config.collection_id, mark=mark,
+            collection_id=self.config.collection_id, mark=mark, layout=layout,
         )
         index.save(self.folder / "index", meta)
         index.nprobe = self.config.nprobe
@@ -800,7 +800,7 @@ class Collection:
                 log.info("%s index grew to %d vectors: rebuilding it as %s", modality, index.ntotal, auto_factory(index.ntotal))
                 self.build_index(modality)
                 continue
-            self._save(modality, index, rows[-1].seq, mark)
+            self._save(modality, index, rows[-1].seq, mark, meta.layout)
         return applied
 
 

@@ -52,7 +52,7 @@ from .ingest import (
     _write_batch,
     column_kinds,
 )
-from .schema import IngestRun, Item, utcnow
+from .schema import ACTIVE, IngestRun, Item, utcnow
 
 log = logging.getLogger(__name__)
 RAY_EXTRA = "pip install 'vtfusion[ray]'"
@@ -70,12 +70,14 @@ def require_ray():
 
 
 def connect(address: str | None = None, num_cpus: int | None = None):
-    """Join the cluster at ``address`` ("auto", "HOST:PORT", "ray://…"; None: RAY_ADDRESS, else a
-    local cluster started for this process). A process already connected keeps its cluster."""
+    """Join the cluster at ``address`` ("HOST:PORT", "ray://…", "auto"; "local": a new local
+    cluster for this process; None: Ray's default — RAY_ADDRESS, else the cluster `ray start`
+    last started on this machine, else a new local one). ``num_cpus`` sizes a new local
+    cluster. A process already connected keeps its cluster."""
     ray = require_ray()
     if not ray.is_initialized():
         kw = {"address": address} if address else {}
-        if not address and num_cpus is not None:
+        if address in (None, "local") and num_cpus is not None:
             kw["num_cpus"] = num_cpus
         ray.init(logging_level=logging.WARNING, log_to_driver=False, **kw)
     return ray
@@ -258,3 +260,115 @@ def ingest_ray(
 
 
 __all__ = ["RAY_EXTRA", "alive_nodes", "check_database", "connect", "ingest_ray", "require_ray"]
+
+
+# ---- sharded index build ---------------------------------------------------------------------
+
+
+def merge_into(base, other) -> None:
+    """Append ``other``'s vectors to ``base`` (both ``IDMap2`` over one trained index, both read
+    from the same serialized bytes, so their inner types match): the inner index is merged with
+    its positions offset where it stores them (IVF lists; flat codes append in order), the id map
+    is concatenated and its reverse map rebuilt. (``IndexIDMap2.merge_from`` itself leaves the
+    inner positions colliding: ``remove_ids`` then aborts the process.)"""
+    import faiss
+
+    ids = np.concatenate([faiss.vector_to_array(base.id_map), faiss.vector_to_array(other.id_map)]).astype(np.int64)
+    ivf = isinstance(faiss.downcast_index(base.index), faiss.IndexIVF)
+    base.index.merge_from(other.index, base.index.ntotal if ivf else 0)
+    base.id_map.clear()
+    faiss.copy_array_to_vector(ids, base.id_map)
+    base.ntotal = base.index.ntotal
+    base.construct_rev_map()
+
+
+def _add_shard(folder: str, modality: str, trained: np.ndarray, lo: int, hi: int, out: str) -> tuple[str, int]:
+    """Ray task: the trained empty index plus the active vectors of items lo <= id < hi, written
+    to ``out`` (on the collection's shared storage); returns (out, vectors added)."""
+    import faiss
+
+    c = Collection.open(folder, catch_up=False)
+    try:
+        index = faiss.deserialize_index(trained)
+        n = 0
+        for ids, xb in c.iter_vectors(modality, where=(Item.id >= lo) & (Item.id < hi)):
+            index.add_with_ids(np.ascontiguousarray(xb), ids)
+            n += len(ids)
+        faiss.write_index(index, out)
+        return out, n
+    finally:
+        c.close()
+
+
+def _training_sample(c: Collection, modality: str, n: int, want: int) -> np.ndarray:
+    """About ``want`` of the ``n`` active vectors, every k-th by id (one pass, any database)."""
+    step = max(1, n // max(1, want))
+    parts = [xb for _, xb in c.iter_vectors(modality, where=(Item.id % step == 0))] if step > 1 else [xb for _, xb in c.iter_vectors(modality)]
+    return np.concatenate(parts) if parts else np.zeros((0, c.config.embed_dim), np.float32)
+
+
+def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, address: str | None = None) -> dict[str, dict]:
+    """``reindex`` on a Ray cluster: per modality, the quantizer is trained once on a sample of
+    the stored embeddings (on the driver), each of ``shards`` id ranges is added in its own Ray
+    task (reading its vectors from SQL, writing its part under ``index/``), and the parts are
+    merged into one index, saved as ``reindex`` saves it: search, ``verify`` and the
+    change-log catch-up see an ordinary index; ``meta.json`` records how it was built
+    (``layout``). Returns {modality: {"factory", "count", "shards", "seconds"}}."""
+    import shutil
+    import uuid
+
+    import faiss
+
+    from .collection import _nlist, change_mark
+    from .schema import Embedding
+    from .vectors import TRAIN_PER_LIST, VectorIndex, auto_factory, check_factory
+
+    if shards < 1:
+        raise CollectionError("--shards must be at least 1")
+    ray = connect(address)
+    check_database(c, len(alive_nodes(ray)))
+    checked = check_factory(c.config.embed_dim, factory or c.config.index_factory)
+    if factory:
+        c.config.index_factory = checked
+        c.config.write(c.folder)
+    add = ray.remote(num_cpus=DECODE_CPUS)(_add_shard)
+    out: dict[str, dict] = {}
+    for modality in ("image", "text"):
+        t0 = time.perf_counter()
+        with c.index_lock():
+            with c.Session() as s:
+                watermark = c.last_change(s)
+                mark = change_mark(s, watermark)
+                lo, hi, n = s.execute(
+                    select(func.min(Embedding.item_id), func.max(Embedding.item_id), func.count())
+                    .join(Item, Item.id == Embedding.item_id).where(Embedding.modality == modality, Item.status == ACTIVE)
+                ).one()
+            kind = c.config.index_factory
+            if kind == "auto":
+                kind = auto_factory(n)
+            index = VectorIndex(c.config.embed_dim, kind)
+            if not index.is_trained:
+                sample = _training_sample(c, modality, n, TRAIN_PER_LIST * _nlist(kind))
+                if len(sample) < 39 * _nlist(kind):
+                    log.warning("cannot train %s on %d %s vectors; using an exact index until a reindex", kind, len(sample), modality)
+                    index = VectorIndex(c.config.embed_dim, "Flat")
+                else:
+                    index.train(sample)
+            trained = faiss.serialize_index(index.index)
+            work = c.folder / "index" / f"build-{uuid.uuid4().hex[:8]}"
+            work.mkdir(parents=True)
+            try:
+                bounds = np.linspace(lo or 0, (hi or 0) + 1, shards + 1).round().astype(np.int64) if n else np.zeros(2, np.int64)
+                refs = [add.remote(str(c.folder.resolve()), modality, trained, int(a), int(b), str(work / f"part-{k:04d}.faiss"))
+                        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+                merged = faiss.deserialize_index(trained)
+                for path, _ in ray.get(refs):
+                    merge_into(merged, faiss.read_index(path))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            index.index = merged
+            index.nprobe = c.config.nprobe
+            c._save(modality, index, watermark, mark, layout=f"ray: {len(refs)} id-range shards merged")
+        out[modality] = {"factory": index.factory, "count": index.ntotal, "shards": len(refs), "seconds": round(time.perf_counter() - t0, 2)}
+    c.catch_up()  # changes committed while the shards were read
+    return out

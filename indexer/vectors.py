@@ -102,6 +102,7 @@ class IndexMeta:
     file: str = ""  # current index file inside the index folder
     collection_id: str = ""  # the database's collection uid it was built from ("" before ids existed)
     mark: str = ""  # what identifies change ``watermark`` in that database (collection.change_mark)
+    layout: str = ""  # how it was built when not in one process ("ray: 4 id-range shards merged")
 
 
 class VectorIndex:

@@ -467,7 +467,7 @@ def ingest_cmd(
     source_name: Annotated[str | None, typer.Option("--source-name", help="Name the source (items are identified by source and id; default: the catalog's real path, however it is typed).")] = None,
     schema: Annotated[str | None, typer.Option("--schema", help="Declare metadata column types not registered yet, e.g. 'zip:text,price:number' (kept in collection.toml).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local: this machine's processes; ray: a Ray cluster (pip install 'vtfusion[ray]').")] = "local",
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join ('auto', HOST:PORT; default RAY_ADDRESS, else a local cluster).")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join (HOST:PORT, ray://..., 'local' for a new one; default: RAY_ADDRESS, else the cluster `ray start` last started here, else a new local one).")] = None,
     actors: Annotated[int, typer.Option("--actors", help="With --engine ray: embedding actors (each loads the model once).")] = 1,
     gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", help="With --engine ray: GPUs per actor (0: CPU actors).")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary as JSON.")] = False,
@@ -747,14 +747,27 @@ def verify_cmd(
 def reindex_cmd(
     collection: Annotated[Path, typer.Argument(help="Collection folder.")],
     index: Annotated[str | None, typer.Option("--index", help="New FAISS factory string (default: keep).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray: shards added in parallel Ray tasks, then merged.")] = "local",
+    shards: Annotated[int, typer.Option("--shards", help="With --engine ray: id-range shards (one Ray task each).")] = 2,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join.")] = None,
 ) -> None:
     """Rebuild the FAISS indexes from the embeddings stored in SQL."""
     from vtfusion.indexer.collection import Collection
     from vtfusion.indexer.lifecycle import reindex
 
+    if engine not in ("local", "ray"):
+        _usage(f"--engine must be local or ray; got {engine!r}")
+    if engine == "local" and (ray_address or shards != 2):
+        _usage("--shards and --ray-address need --engine ray")
     try:
         c = Collection.open(collection, catch_up=False)
-        built = reindex(c, index)
+        if engine == "ray":
+            from vtfusion.indexer.distributed import reindex_ray
+
+            built = {m: f"{r['factory']} ({r['count']} vectors from {r['shards']} shards, {r['seconds']} s)"
+                     for m, r in reindex_ray(c, index, shards, ray_address).items()}
+        else:
+            built = reindex(c, index)
     except (RuntimeError, ValueError) as e:  # CollectionError, IndexTypeError
         _fail(str(e))
     typer.echo("rebuilt " + ", ".join(f"{m}: {f}" for m, f in built.items()))
