@@ -242,6 +242,9 @@ def ingest_ray(
                 if on_batch is not None:
                     on_batch(dict(out))
         status = "done"
+    except Exception:  # a batch Ray could not complete (its error is raised): what was committed stays
+        status = "failed"
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -290,7 +291,10 @@ def clean_index_folder(folder: str | Path) -> list[str]:
     current = {m.file for m in read_meta(folder).values()}
     gone = []
     for p in folder.iterdir():
-        if p.name.endswith(".tmp") or (p.suffix == ".faiss" and p.name not in current):
+        if p.is_dir() and p.name.startswith("build-"):  # the parts of a sharded build that stopped (it holds the lock while it runs)
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+        elif p.name.endswith(".tmp") or (p.suffix == ".faiss" and p.name not in current):
             p.unlink(missing_ok=True)
             gone.append(p.name)
     if gone:

@@ -274,6 +274,11 @@ def test_sharded_reindex_equals_the_single_index_and_catches_up(ray_local, tmp_p
         assert read_meta(c.folder / "index")[m].layout == "ray: 3 id-range shards merged"
     assert verify(c).ok
     assert not list((c.folder / "index").glob("build-*"))  # the parts are gone
+    stale = c.folder / "index" / "build-deadbeef"  # what a sharded build killed midway leaves
+    stale.mkdir()
+    (stale / "part-0000.faiss").write_bytes(b"partial")
+    Collection.open(c.folder)  # its catch-up cleans the index folder under the index lock
+    assert not stale.exists()
     # the change log still drives it: new items arrive, deleted ones leave
     ingest(c, small_catalog / "test.csv", Columns(), batch_size=16, workers=0, progress=False)
     reopened = Collection.open(c.folder)
