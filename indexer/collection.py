@@ -7,6 +7,7 @@ brings up to the last change (``changes.seq``) whenever the collection is opened
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -230,9 +231,14 @@ def change_mark(session: Session, seq: int) -> str:
 
 
 class Collection:
-    def __init__(self, folder: Path, config: CollectionConfig):
+    def __init__(self, folder: Path, config: CollectionConfig, read_only: bool = False):
         self.folder = folder
         self.config = config
+        # read_only: this process never writes the collection's files or schema (a search
+        # process on another machine sharing the folder): indexes are caught up in memory,
+        # token shards are not repaired, no lock files are taken
+        self.read_only = read_only
+        self._memory_metas: dict[str, IndexMeta] = {}  # read_only: what each in-memory index has applied
         url = resolve_url(config.db_url) if config.db_url else f"sqlite:///{folder / 'catalog.db'}"
         self.engine = make_engine(url)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
@@ -253,7 +259,7 @@ class Collection:
     def _token_cache(self) -> TokenCache:
         c = self.config
         return TokenCache(self.folder / c.tokens_dir, c.num_tokens, c.token_width, c.token_dtype, fmt=c.token_format,
-                          salt=c.model_fingerprint)
+                          salt=c.model_fingerprint, repair=not self.read_only)
 
     # ---- create / open ---------------------------------------------------------------
 
@@ -354,7 +360,11 @@ class Collection:
         return self
 
     @classmethod
-    def open(cls, folder: str | Path, catch_up: bool = True) -> Collection:
+    def open(cls, folder: str | Path, catch_up: bool = True, read_only: bool = False) -> Collection:
+        """``read_only``: for search processes sharing a collection with writers elsewhere (another
+        machine's ingest): the database is only read (its schema must be current), nothing under
+        the folder is written, cut or locked, and the indexes are caught up from the change log
+        in memory (``refresh`` keeps them current). Index files a writer saved are loaded."""
         folder = Path(folder)
         path = folder / CONFIG_NAME
         if not path.exists():
@@ -363,7 +373,12 @@ class Collection:
         if literal_password(config.db_url) and path.stat().st_mode & 0o077:
             log.warning("%s holds the database password in plain text and others can read it: chmod 600 it, "
                         "or write the password as ${VARIABLE}", path)
-        self = cls(folder, config)
+        self = cls(folder, config, read_only=read_only)
+        if read_only:
+            self._open_read_only()
+            if catch_up:
+                self.catch_up()
+            return self
         try:
             migrate(self.engine)
             self._check_identity()
@@ -377,6 +392,34 @@ class Collection:
         if catch_up:
             self.catch_up()
         return self
+
+    def _open_read_only(self) -> None:
+        """Check, without writing anything, that the database holds this collection at the
+        current schema; follow its model fields (a reembed elsewhere) in memory."""
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        where = mask_url(self.config.db_url or str(self.engine.url))
+        try:
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+                row = conn.execute(select(CollectionInfo.uid, CollectionInfo.config).where(CollectionInfo.id == 1)).first() if current else None
+        except Exception as e:  # noqa: BLE001 - say which database (password masked) and why
+            raise CollectionError(f"cannot open the database {where} read-only: {first_line(e)}") from e
+        if current != head:
+            raise CollectionError(f"the database {where} is at schema {current or 'none'}, not {head}: open the collection "
+                                  "once without --read-only (a writer migrates it), then read-only")
+        if row is None or (self.config.collection_id and row.uid != self.config.collection_id):
+            raise CollectionError(f"the database {where} does not hold collection {self.config.collection_id or self.folder}")
+        moved = {k: v for k, v in dict(row.config).items() if k in MODEL_FIELDS and getattr(self.config, k) != v}
+        for k, v in moved.items():
+            setattr(self.config, k, v)
+        if moved:
+            self.tokens = self._token_cache()
 
     def clean_stray_token_dirs(self) -> list[str]:
         """Delete token folders the collection does not use: what an interrupted compact, or a
@@ -652,7 +695,7 @@ class Collection:
         with self._lock:
             self._lock_depth += 1
             try:
-                if self._lock_depth > 1:  # re-entered (catch-up rebuilding an index): already held
+                if self._lock_depth > 1 or self.read_only:  # re-entered, or a reader that writes no file: no flock
                     yield
                 else:
                     (self.folder / "index").mkdir(parents=True, exist_ok=True)
@@ -715,7 +758,10 @@ class Collection:
             modality, self.config.model_fingerprint, self.config.embed_dim, index.factory, watermark=watermark,
             collection_id=self.config.collection_id, mark=mark, layout=layout,
         )
-        index.save(self.folder / "index", meta)
+        if self.read_only:  # kept in memory only: the folder is the writers'
+            self._memory_metas[modality] = dataclasses.replace(meta, count=index.ntotal)
+        else:
+            index.save(self.folder / "index", meta)
         index.nprobe = self.config.nprobe
         self.indexes[modality] = index
 
@@ -756,11 +802,27 @@ class Collection:
             raise CollectionError(f"{self.folder / CONFIG_NAME}: {e}. Rebuild with a supported one: "
                                   f"`vtfusion reindex {self.folder} --index auto`") from None
         folder = self.folder / "index"
-        clean_index_folder(folder)
+        if not self.read_only:
+            clean_index_folder(folder)
         metas = read_meta(folder)
         applied = {}
         for modality in MODALITIES:
             meta = metas.get(modality)
+            mem = self._memory_metas.get(modality)
+            if mem is not None and modality in self.indexes and (meta is None or meta.watermark <= mem.watermark):
+                # read-only: the in-memory index is at least as current as the saved one: catch it up in place
+                with self.Session() as s:
+                    rows = s.execute(select(Change.seq, Change.item_id).where(Change.seq > mem.watermark).order_by(Change.seq)).all()
+                    if rows:
+                        keep_ids, xb = self.stored_vectors(s, modality, since=mem.watermark)
+                        mark = change_mark(s, rows[-1].seq)
+                index = self.indexes[modality]
+                if rows:
+                    index.remove(np.array(sorted({r.item_id for r in rows}), dtype=np.int64))
+                    index.add(keep_ids, xb)
+                    self._save(modality, index, rows[-1].seq, mark, mem.layout)
+                applied[modality] = len(rows)
+                continue
             if meta is None:
                 self.build_index(modality)
                 applied[modality] = -1  # built from scratch

@@ -69,9 +69,11 @@ def tag_of(content_hash: str | None, salt: str = "") -> bytes:
 class TokenCache:
     def __init__(
         self, folder: str | Path, num_tokens: int, width: int, dtype: str = "fp16", shard_records: int = 4096,
-        fmt: int = FORMAT, salt: str = "",
+        fmt: int = FORMAT, salt: str = "", repair: bool = True,
     ):
-        """``salt``: the fingerprint of the model whose tokens this cache holds (part of each tag)."""
+        """``salt``: the fingerprint of the model whose tokens this cache holds (part of each tag).
+        ``repair``: cut torn tails on open (writers); a read-only process leaves the files alone
+        (a torn record then fails its check and counts as a miss)."""
         if dtype not in DTYPES:
             raise ValueError(f"token cache dtype must be one of {DTYPES}; got {dtype!r}")
         if fmt not in (1, 2):
@@ -92,7 +94,7 @@ class TokenCache:
         # shared filesystem); False: every writer appends to the last shard
         self.own_shards: bool = False
         self._owned: int | None = None
-        if self.enabled:
+        if self.enabled and repair:
             self._repair_tail()
 
     @property

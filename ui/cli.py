@@ -413,12 +413,12 @@ def demo(
 # ---- collections ----------------------------------------------------------------------------
 
 
-def _open(collection: Path):
+def _open(collection: Path, read_only: bool = False):
     from vtfusion.indexer.collection import Collection, CollectionError
     from vtfusion.indexer.vectors import IndexMismatchError
 
     try:
-        return Collection.open(collection)
+        return Collection.open(collection, read_only=read_only)
     except (CollectionError, IndexMismatchError) as e:
         _fail(str(e))
 
@@ -789,6 +789,7 @@ def search_cmd(
     fusion: Annotated[Fusion, typer.Option("--fusion", help="The score reranked candidates are sorted by.")] = Fusion.itm_itc,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable hits and timings.")] = False,
     nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF lists to probe (default: the collection's; more is slower and closer to exact).")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Write nothing under the collection folder (a search process sharing it with writers on other machines): indexes are caught up from the change log in memory.")] = False,
 ) -> None:
     """Search a collection by text, image or item; rerank with cross-attention ITM."""
     import json
@@ -804,7 +805,7 @@ def search_cmd(
     from vtfusion.indexer.collection import CollectionError
 
     try:
-        res = SearchEngine(_open(collection)).search(query, target.value, k, where, rerank_depth, fusion.value, nprobe=nprobe)
+        res = SearchEngine(_open(collection, read_only)).search(query, target.value, k, where, rerank_depth, fusion.value, nprobe=nprobe)
     except (SearchError, CollectionError) as e:
         _fail(str(e))
     if as_json:
