@@ -809,7 +809,8 @@ class Collection:
         for modality in MODALITIES:
             meta = metas.get(modality)
             mem = self._memory_metas.get(modality)
-            if mem is not None and modality in self.indexes and (meta is None or meta.watermark <= mem.watermark):
+            if (mem is not None and modality in self.indexes and mem.model_fingerprint == self.config.model_fingerprint
+                    and (meta is None or meta.watermark <= mem.watermark)):
                 # read-only: the in-memory index is at least as current as the saved one: catch it up in place
                 with self.Session() as s:
                     rows = s.execute(select(Change.seq, Change.item_id).where(Change.seq > mem.watermark).order_by(Change.seq)).all()
