@@ -37,7 +37,8 @@ from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
 from .tokens import FORMAT as TOKEN_FORMAT
 from .tokens import TokenCache, auto_dtype
 from .vectors import (
-    IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder, read_meta,
+    TRAIN_PER_LIST, IndexMeta, IndexTypeError, UnreadableIndexError, VectorIndex, auto_factory, check_factory, clean_index_folder,
+    read_meta,
 )
 
 if TYPE_CHECKING:
@@ -736,21 +737,29 @@ class Collection:
             watermark = self.last_change(s)
             mark = change_mark(s, watermark)
             ids, xb = self.stored_vectors(s, modality)
+        index = self.trained_index(modality, factory, len(ids), lambda want: xb)
+        index.add(ids, xb)
+        self._save(modality, index, watermark, mark)
+        return index
+
+    def trained_index(self, modality: str, factory: str | None, n: int, sample) -> VectorIndex:
+        """An empty index of ``factory`` ("auto": chosen for ``n`` vectors) trained on
+        ``sample(want)`` (called only when the index needs training; ``VectorIndex.train`` uses at
+        most ``want`` of them); an exact one, with a warning, when ``n`` vectors are too few for
+        its lists or training fails (PQ codebooks)."""
         factory = factory or self.config.index_factory
         if factory == "auto":
-            factory = auto_factory(len(ids))
+            factory = auto_factory(n)
         index = VectorIndex(self.config.embed_dim, factory)
         if not index.is_trained:
             try:
-                if len(ids) < 39 * _nlist(factory):
-                    raise RuntimeError(f"{len(ids)} vectors are fewer than 39 per inverted list")
-                index.train(xb)
+                if n < 39 * _nlist(factory):
+                    raise RuntimeError(f"{n} vectors are fewer than 39 per inverted list")
+                index.train(sample(TRAIN_PER_LIST * index.nlist))
             except RuntimeError as e:  # too few vectors for the lists or the PQ codebooks
                 why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                log.warning("cannot train %s on %d %s vectors (%s); using an exact index until a reindex", factory, len(ids), modality, why)
+                log.warning("cannot train %s on %d %s vectors (%s); using an exact index until a reindex", factory, n, modality, why)
                 index = VectorIndex(self.config.embed_dim, "Flat")
-        index.add(ids, xb)
-        self._save(modality, index, watermark, mark)
         return index
 
     def _save(self, modality: str, index: VectorIndex, watermark: int, mark: str, layout: str = "") -> None:
@@ -812,39 +821,29 @@ class Collection:
             if (mem is not None and modality in self.indexes and mem.model_fingerprint == self.config.model_fingerprint
                     and (meta is None or meta.watermark <= mem.watermark)):
                 # read-only: the in-memory index is at least as current as the saved one: catch it up in place
+                index, meta = self.indexes[modality], mem
+            else:
+                if meta is None:
+                    self.build_index(modality)
+                    applied[modality] = -1  # built from scratch
+                    continue
+                if meta.model_fingerprint != self.config.model_fingerprint or meta.dim != self.config.embed_dim:
+                    # the database's embeddings are the collection model's (reembed switches both at once):
+                    # an index of another model is a leftover of an interrupted reembed, rebuilt from them
+                    log.warning("%s was built by model %s; the collection's embeddings are model %s's: rebuilding it",
+                                folder / meta.file, meta.model_fingerprint, self.config.model_fingerprint)
+                    self.build_index(modality)
+                    applied[modality] = -1
+                    continue
                 with self.Session() as s:
-                    rows = s.execute(select(Change.seq, Change.item_id).where(Change.seq > mem.watermark).order_by(Change.seq)).all()
-                    if rows:
-                        keep_ids, xb = self.stored_vectors(s, modality, since=mem.watermark)
-                        mark = change_mark(s, rows[-1].seq)
-                index = self.indexes[modality]
-                if rows:
-                    index.remove(np.array(sorted({r.item_id for r in rows}), dtype=np.int64))
-                    index.add(keep_ids, xb)
-                    self._save(modality, index, rows[-1].seq, mark, mem.layout)
-                applied[modality] = len(rows)
-                continue
-            if meta is None:
-                self.build_index(modality)
-                applied[modality] = -1  # built from scratch
-                continue
-            if meta.model_fingerprint != self.config.model_fingerprint or meta.dim != self.config.embed_dim:
-                # the database's embeddings are the collection model's (reembed switches both at once):
-                # an index of another model is a leftover of an interrupted reembed, rebuilt from them
-                log.warning("%s was built by model %s; the collection's embeddings are model %s's: rebuilding it",
-                            folder / meta.file, meta.model_fingerprint, self.config.model_fingerprint)
-                self.build_index(modality)
-                applied[modality] = -1
-                continue
-            with self.Session() as s:
-                self.check_stamp(meta, s)
-            try:
-                index = VectorIndex.load(folder, meta)
-            except UnreadableIndexError as e:
-                log.warning("%s: rebuilding it from the database", e)
-                self.build_index(modality)
-                applied[modality] = -1
-                continue
+                    self.check_stamp(meta, s)
+                try:
+                    index = VectorIndex.load(folder, meta)
+                except UnreadableIndexError as e:
+                    log.warning("%s: rebuilding it from the database", e)
+                    self.build_index(modality)
+                    applied[modality] = -1
+                    continue
             with self.Session() as s:
                 rows = s.execute(
                     select(Change.seq, Change.item_id).where(Change.seq > meta.watermark).order_by(Change.seq)

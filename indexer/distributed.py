@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
 from .collection import Collection, CollectionError
@@ -47,12 +47,13 @@ from .ingest import (
     DecodeStage,
     IngestReport,
     _prepare,
-    _record_errors,
     _stored_hashes,
     _write_batch,
     column_kinds,
+    end_run,
+    start_run,
 )
-from .schema import ACTIVE, IngestRun, Item, utcnow
+from .schema import ACTIVE, Item
 
 log = logging.getLogger(__name__)
 RAY_EXTRA = "pip install 'vtfusion[ray]'"
@@ -204,13 +205,7 @@ def ingest_ray(
     source = Path(source)
     rows, row_errors = read_source(source, cols, column_kinds(collection, schema))
     ident = source_name or os.path.realpath(source)
-    with collection.Session.begin() as s:
-        run = IngestRun(source=ident, status="running")
-        s.add(run)
-        s.flush()
-        report = IngestReport(run.id)
-        report.failed += _record_errors(s, run.id, list(row_errors))
-    report.stages["read"] = time.perf_counter() - t_start
+    report = start_run(collection, ident, row_errors, t_start)
     transform = collection.bundle.transform
     status = "interrupted"
     bar = None
@@ -248,8 +243,7 @@ def ingest_ray(
     finally:
         if bar is not None:
             bar.close()
-        with collection.Session.begin() as s:
-            s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
+        end_run(collection, report.run_id, status)
     with collection.Session() as s:  # counted in SQL: a batch Ray ran twice is not counted twice
         report.added = s.scalar(select(func.count()).select_from(Item).where(Item.run_id == report.run_id)) or 0
     report.duplicates = max(0, len(rows) - report.added - (report.failed - len(row_errors)))
@@ -322,9 +316,9 @@ def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, addr
 
     import faiss
 
-    from .collection import _nlist, change_mark
+    from .collection import change_mark
     from .schema import Embedding
-    from .vectors import TRAIN_PER_LIST, VectorIndex, auto_factory, check_factory
+    from .vectors import check_factory
 
     if shards < 1:
         raise CollectionError("--shards must be at least 1")
@@ -346,17 +340,7 @@ def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, addr
                     select(func.min(Embedding.item_id), func.max(Embedding.item_id), func.count())
                     .join(Item, Item.id == Embedding.item_id).where(Embedding.modality == modality, Item.status == ACTIVE)
                 ).one()
-            kind = c.config.index_factory
-            if kind == "auto":
-                kind = auto_factory(n)
-            index = VectorIndex(c.config.embed_dim, kind)
-            if not index.is_trained:
-                sample = _training_sample(c, modality, n, TRAIN_PER_LIST * _nlist(kind))
-                if len(sample) < 39 * _nlist(kind):
-                    log.warning("cannot train %s on %d %s vectors; using an exact index until a reindex", kind, len(sample), modality)
-                    index = VectorIndex(c.config.embed_dim, "Flat")
-                else:
-                    index.train(sample)
+            index = c.trained_index(modality, None, n, lambda want: _training_sample(c, modality, n, want))
             trained = faiss.serialize_index(index.index)
             work = c.folder / "index" / f"build-{uuid.uuid4().hex[:8]}"
             work.mkdir(parents=True)

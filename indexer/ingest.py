@@ -236,13 +236,7 @@ def ingest_rows(
     identifies them (items are (source, external id)); '' takes each row's own file."""
     bundle = collection.bundle
     t_start = time.perf_counter() if t_start is None else t_start
-    with collection.Session.begin() as s:
-        run = IngestRun(source=source, status="running")
-        s.add(run)
-        s.flush()
-        report = IngestReport(run.id)
-        report.failed += _record_errors(s, run.id, list(row_errors))
-    report.stages["read"] = time.perf_counter() - t_start
+    report = start_run(collection, source, row_errors, t_start)
 
     workers = default_workers(bundle.device) if workers is None else workers
     encode = collection.tokens.encode if collection.tokens.enabled else None
@@ -311,8 +305,7 @@ def ingest_rows(
             if bar is not None:  # closed once the writer has committed: the last line has the final counts
                 bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
                 bar.close()
-            with collection.Session.begin() as s:
-                s.execute(update(IngestRun).where(IngestRun.id == report.run_id).values(status=status, finished_at=utcnow()))
+            end_run(collection, report.run_id, status)
     report.stopped_by, report.stopped_signal = stop.name, stop.signum
     t = time.perf_counter()
     collection.catch_up()
@@ -323,6 +316,24 @@ def ingest_rows(
         report.run_id, report.added, report.duplicates, report.failed, report.seconds, report.items_per_s,
     )
     return report
+
+
+def start_run(collection: Collection, source: str, row_errors, t_start: float) -> IngestReport:
+    """Open an ingest run (status running) with the rows the reader refused already recorded;
+    its report, with the read stage timed from ``t_start``."""
+    with collection.Session.begin() as s:
+        run = IngestRun(source=source, status="running")
+        s.add(run)
+        s.flush()
+        report = IngestReport(run.id)
+        report.failed += _record_errors(s, run.id, list(row_errors))
+    report.stages["read"] = time.perf_counter() - t_start
+    return report
+
+
+def end_run(collection: Collection, run_id: int, status: str) -> None:
+    with collection.Session.begin() as s:
+        s.execute(update(IngestRun).where(IngestRun.id == run_id).values(status=status, finished_at=utcnow()))
 
 
 def _record_errors(session, run_id: int, errors: list[RowError]) -> int:
