@@ -394,6 +394,13 @@ class Collection:
             self.catch_up()
         return self
 
+    def writable(self, action: str) -> None:
+        """Refuse ``action`` (a verb: "ingest", "delete", …) in a process that opened the
+        collection read-only: it writes the database or the folder, which are the writers'."""
+        if self.read_only:
+            raise CollectionError(f"{self.folder} is open read-only here: {action} needs a process that opened it for writing "
+                                  "(without --read-only)")
+
     def _open_read_only(self) -> None:
         """Check, without writing anything, that the database holds this collection at the
         current schema; follow its model fields (a reembed elsewhere) in memory."""

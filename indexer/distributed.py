@@ -199,6 +199,7 @@ def ingest_ray(
     included: Ray overlaps it) and ``write``, and the driver's ``index``."""
     if actors < 1 or gpus_per_actor < 0 or batch_size < 1:
         raise CollectionError("--actors and --batch-size must be at least 1 and --gpus-per-actor at least 0")
+    collection.writable("ingest")
     t_start = time.perf_counter()
     ray = connect(address)
     check_database(collection, len(alive_nodes(ray)))
@@ -320,6 +321,7 @@ def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, addr
     from .schema import Embedding
     from .vectors import check_factory
 
+    c.writable("reindex")
     if shards < 1:
         raise CollectionError("--shards must be at least 1")
     ray = connect(address)

@@ -321,6 +321,7 @@ def ingest_rows(
 def start_run(collection: Collection, source: str, row_errors, t_start: float) -> IngestReport:
     """Open an ingest run (status running) with the rows the reader refused already recorded;
     its report, with the read stage timed from ``t_start``."""
+    collection.writable("ingest")
     with collection.Session.begin() as s:
         run = IngestRun(source=source, status="running")
         s.add(run)

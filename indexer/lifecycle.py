@@ -88,6 +88,7 @@ def describe(c: Collection, item_ids: list[int], limit: int = 10) -> list[tuple[
 
 def delete(c: Collection, item_ids: list[int]) -> int:
     """Tombstone items in one transaction (status + change rows), then catch the indexes up."""
+    c.writable("delete")
     if not item_ids:
         return 0
     with c.Session.begin() as s:
@@ -103,6 +104,7 @@ def delete(c: Collection, item_ids: list[int]) -> int:
 def reindex(c: Collection, factory: str | None = None) -> dict[str, str]:
     """Rebuild every index from the stored embeddings (optionally with another factory, checked
     first: IndexTypeError when FAISS cannot build it or its index cannot remove vectors)."""
+    c.writable("reindex")
     checked = check_factory(c.config.embed_dim, factory or c.config.index_factory)
     if factory:
         c.config.index_factory = checked

@@ -34,7 +34,8 @@ BATCH = 64  # images encoded per step (repair, reembed)
 COPY_CHUNK = 1024  # records read, checked and appended per step (compact)
 
 
-def _maintenance(c: Collection):
+def _maintenance(c: Collection, action: str):
+    c.writable(action)
     return file_lock(c.folder / MAINTENANCE_LOCK)
 
 
@@ -114,7 +115,7 @@ def repair(c: Collection, progress: bool = True) -> RepairReport:
     from .lifecycle import index_problems
 
     r = RepairReport()
-    with _maintenance(c):
+    with _maintenance(c, "repair"):
         r.records_rewritten = _reencode(c, bad_token_items(c), r.unrepairable, progress, "repair")
         for m, problems in index_problems(c).items():
             if problems:
@@ -186,7 +187,7 @@ def compact(c: Collection, progress: bool = True, vacuum: bool = True) -> Compac
     format, checked on the way: a bad record is re-encoded, never copied), switch to it in one
     transaction, delete the old folder; then VACUUM the database (SQLite) or ANALYZE-free
     ``VACUUM`` (PostgreSQL). Crash-safe: the old cache stays in use until the switch commits."""
-    with _maintenance(c):
+    with _maintenance(c, "compact"):
         c.clean_stray_token_dirs()
         old_dir = c.folder / c.config.tokens_dir
         before = c.tokens.total_bytes() if c.tokens.enabled else 0
@@ -290,7 +291,7 @@ def restore(c: Collection, item_ids: list[int]) -> RestoreReport:
     r = RestoreReport()
     if not item_ids:
         return r
-    with _maintenance(c):
+    with _maintenance(c, "restore"):
         _restore(c, item_ids, r)
         if r.restored:
             _reencode(c, bad_token_items(c, ids=r.restored), r.no_tokens)
@@ -347,7 +348,7 @@ def reembed(c: Collection, model: str | Path, progress: bool = True, batch_size:
         raise CollectionError(str(e)) from e
     m, fp = bundle.model, bundle.fingerprint
     rep = ReembedReport(ref, fp)
-    with _maintenance(c), StopOnSignal() as stop:
+    with _maintenance(c, "reembed"), StopOnSignal() as stop:
         old_dir = c.folder / c.config.tokens_dir
         with c.Session() as s:
             staged_dir = s.get(CollectionInfo, 1).config.get("reembed_tokens_dir")

@@ -75,3 +75,31 @@ def test_search_read_only_from_the_cli_writes_nothing(tmp_path, model_dir, small
     assert len(json.loads(r.output)["hits"]) == 3
     assert {k for k in _files(tmp_path / "c") if not k.startswith("catalog.db")} == {k for k in listing if not k.startswith("catalog.db")}
     assert not (tmp_path / "c" / "index" / "meta.json").exists()
+
+
+def test_a_read_only_process_refuses_every_write(tmp_path, model_dir, small_catalog):
+    """Ingest, delete, reindex and the maintenance verbs refuse a read-only collection with a
+    message, before they write anything."""
+    import pytest
+
+    from vtfusion.indexer import lifecycle, maintenance
+    from vtfusion.indexer.collection import CollectionError
+
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, small_catalog / "train.csv", Columns(), batch_size=16, workers=0, progress=False)
+    listing = _files(tmp_path / "c")
+    reader = Collection.open(tmp_path / "c", read_only=True)
+    item = int(reader.indexes["image"].ids()[0])
+    for verb, call in [
+        ("ingest", lambda: ingest(reader, small_catalog / "test.csv", Columns(), workers=0, progress=False)),
+        ("delete", lambda: lifecycle.delete(reader, [item])),
+        ("reindex", lambda: lifecycle.reindex(reader)),
+        ("compact", lambda: maintenance.compact(reader, progress=False)),
+        ("repair", lambda: maintenance.repair(reader, progress=False)),
+        ("restore", lambda: maintenance.restore(reader, [item])),
+        ("reembed", lambda: maintenance.reembed(reader, model_dir, progress=False)),
+    ]:
+        with pytest.raises(CollectionError, match=f"read-only here: {verb}"):
+            call()
+    assert _files(tmp_path / "c") == listing
+    assert Collection.open(tmp_path / "c").indexes["image"].ntotal == reader.indexes["image"].ntotal

@@ -362,3 +362,35 @@ def test_attention_map_hand_computed():
     assert out.size == (40, 40) and out.getpixel((5, 5)) != out.getpixel((5, 35))
     with pytest.raises(ValueError, match="square grid"):
         attention_map([torch.zeros(1, 1, 3, 4)], torch.ones(1, 3, dtype=torch.long))
+
+
+def test_read_only_front_end_searches_follows_a_writer_and_ingests_nothing(model_dir, small_catalog, tmp_path, monkeypatch):
+    """`vtfusion ui --read-only`: search works, the Collection page offers no ingest, nothing in the
+    folder is written, and an ingest by another process shows up on the next run."""
+    from streamlit.testing.v1 import AppTest
+
+    from vtfusion.catalogs.sources import Columns
+    from vtfusion.ui.cli import ui_command
+    from test_read_only import _files
+
+    c = Collection.init(tmp_path / "c", model_dir)
+    ingest(c, small_catalog / "train.csv", Columns(), batch_size=16, workers=0, progress=False)
+    assert ui_command(tmp_path / "c", 8765, "127.0.0.1", 100, read_only=True)[1]["VTFUSION_READ_ONLY"] == "1"
+    assert ui_command(tmp_path / "c", 8765, "127.0.0.1", 100)[1]["VTFUSION_READ_ONLY"] == ""
+    monkeypatch.setenv("VTFUSION_COLLECTION", str(tmp_path / "c"))
+    monkeypatch.setenv("VTFUSION_READ_ONLY", "1")
+    listing = _files(tmp_path / "c")
+    at = AppTest.from_file(APP, default_timeout=120)
+    run(at)
+    at.text_input(key="q_text").set_value(QUERY)
+    run(at)
+    assert score_lines(at)
+    at.radio(key="page").set_value("Collection")
+    run(at)
+    n = int(at.metric[0].value)
+    assert any(i.value.startswith("Read-only") for i in at.info)
+    assert not [b for b in at.button if b.key in ("ingest_upload_go", "ingest_path_go")]
+    assert {k for k in _files(tmp_path / "c") if not k.startswith("catalog.db")} == {k for k in listing if not k.startswith("catalog.db")}
+    ingest(c, small_catalog / "test.csv", Columns(), batch_size=16, workers=0, progress=False)  # a writer elsewhere
+    run(at)
+    assert int(at.metric[0].value) == c.indexes["image"].ntotal > n

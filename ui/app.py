@@ -33,6 +33,7 @@ from vtfusion.search.results import SearchResult
 log = logging.getLogger("vtfusion.ui")
 
 COLLECTION_ENV = "VTFUSION_COLLECTION"
+READ_ONLY_ENV = "VTFUSION_READ_ONLY"  # "1": open the collection read-only (a search front end beside writers elsewhere)
 MAX_IMAGE_UPLOAD = 20 * 2**20  # bytes, query images
 MAX_IMAGE_PIXELS = 40_000_000  # query images (decompression bombs)
 MAX_ARCHIVE_UNPACKED = 2 * 2**30  # bytes, all members of an uploaded ZIP together
@@ -51,8 +52,12 @@ class UploadError(ValueError):
 
 
 @st.cache_resource(show_spinner="Loading the collection and its model…")
-def load_engine(folder: str) -> SearchEngine:
-    return SearchEngine(Collection.open(folder))
+def load_engine(folder: str, read_only: bool = False) -> SearchEngine:
+    return SearchEngine(Collection.open(folder, read_only=read_only))
+
+
+def read_only() -> bool:
+    return os.environ.get(READ_ONLY_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def collection_folder() -> str:
@@ -370,7 +375,11 @@ def collection_page(engine: SearchEngine) -> None:
     st.title("Collection")
     st.caption(str(engine.c.folder))
     render_stats(lifecycle.stats(engine.c))
-    ingest_ui(engine)
+    if engine.c.read_only:
+        st.info("Read-only: this front end searches the collection and follows what writers elsewhere ingest or "
+                "delete; it ingests nothing (start it without --read-only to ingest here).")
+    else:
+        ingest_ui(engine)
     st.subheader("Ingest errors")
     errs = lifecycle.errors(engine.c, limit=500)
     if errs:
@@ -471,7 +480,7 @@ def evaluation_page(engine: SearchEngine) -> None:
 def main() -> None:
     st.set_page_config(page_title="vtfusion", layout="wide")
     try:
-        engine = load_engine(collection_folder())
+        engine = load_engine(collection_folder(), read_only())
         engine.c.refresh()  # another process may have ingested or deleted since the last run
         page = st.sidebar.radio("Page", PAGES, key="page")
         {"Search": search_page, "Collection": collection_page, "Evaluation": evaluation_page}[page](engine)

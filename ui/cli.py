@@ -894,7 +894,7 @@ def _print_eval(rep, files: list[Path], pairs: Path, out: Path) -> None:
     typer.echo("wrote " + ", ".join(str(f) for f in files) + f", {out / 'trec'}/")
 
 
-def ui_command(collection: Path, port: int, address: str, max_upload_mb: int) -> tuple[list[str], dict[str, str]]:
+def ui_command(collection: Path, port: int, address: str, max_upload_mb: int, read_only: bool = False) -> tuple[list[str], dict[str, str]]:
     """The ``streamlit run`` command line and environment ``vtfusion ui`` executes."""
     import os
     import sys
@@ -906,7 +906,8 @@ def ui_command(collection: Path, port: int, address: str, max_upload_mb: int) ->
         f"--server.port={port}", f"--server.address={address}", f"--server.maxUploadSize={max_upload_mb}",
         "--client.showErrorDetails=none", "--client.toolbarMode=minimal", "--server.fileWatcherType=none",
     ]
-    env = {**os.environ, "VTFUSION_COLLECTION": str(collection.resolve()), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "VTFUSION_COLLECTION": str(collection.resolve()), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+           "VTFUSION_READ_ONLY": "1" if read_only else ""}
     return argv, env
 
 
@@ -916,13 +917,15 @@ def ui_cmd(
     port: Annotated[int, typer.Option("--port", help="TCP port to serve on.")] = 8501,
     address: Annotated[str, typer.Option("--address", help="Interface to bind (0.0.0.0 exposes it to the network; there is no login).")] = "127.0.0.1",
     max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Upload cap for catalogs and archives, in MB.")] = 500,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Search only: open the collection read-only (no ingest; "
+                                            "follows writers elsewhere, as `search --read-only`).")] = False,
 ) -> None:
     """Start the web front end (search, collection, evaluation) for a collection."""
     import os
 
     if not (collection / "collection.toml").is_file():
         _fail(f"{collection} is not a collection (no collection.toml); create one with `vtfusion init`")
-    argv, env = ui_command(collection, port, address, max_upload_mb)
+    argv, env = ui_command(collection, port, address, max_upload_mb, read_only)
     typer.echo(f"vtfusion ui: http://{address}:{port}  (collection {collection.resolve()})")
     os.execve(argv[0], argv, env)
 
