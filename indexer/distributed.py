@@ -305,13 +305,24 @@ def _training_sample(c: Collection, modality: str, n: int, want: int) -> np.ndar
     return np.concatenate(parts) if parts else np.zeros((0, c.config.embed_dim), np.float32)
 
 
-def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, address: str | None = None) -> dict[str, dict]:
+def reindex_ray(
+    c: Collection, factory: str | None = None, shards: int = 2, address: str | None = None, on_disk: bool = True
+) -> dict[str, dict]:
     """``reindex`` on a Ray cluster: per modality, the quantizer is trained once on a sample of
     the stored embeddings (on the driver), each of ``shards`` id ranges is added in its own Ray
     task (reading its vectors from SQL, writing its part under ``index/``), and the parts are
-    merged into one index, saved as ``reindex`` saves it: search, ``verify`` and the
-    change-log catch-up see an ordinary index; ``meta.json`` records how it was built
-    (``layout``). Returns {modality: {"factory", "count", "shards", "seconds"}}."""
+    combined:
+
+    - ``on_disk`` (IVF factories): merged into one IVF whose inverted lists are an ``.ivfdata``
+      file under ``index/``, memory-mapped read-only (``faiss.contrib.ondisk.merge_ondisk``;
+      ``vectors.OnDiskIndex``): neither the merge nor a search process needs the lists in RAM;
+      later changes go to a small exact delta saved beside it;
+    - otherwise (and for exact factories, which have no lists): merged in memory into one
+      ordinary index.
+
+    Saved as ``reindex`` saves: search, ``verify`` and the change-log catch-up work on either;
+    ``meta.json`` records the layout. Returns {modality: {"factory", "count", "shards",
+    "seconds", "layout"}}."""
     import shutil
     import uuid
 
@@ -319,7 +330,7 @@ def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, addr
 
     from .collection import change_mark
     from .schema import Embedding
-    from .vectors import check_factory
+    from .vectors import OnDiskIndex, check_factory, merge_ondisk, read_ondisk
 
     c.writable("reindex")
     if shards < 1:
@@ -343,21 +354,34 @@ def reindex_ray(c: Collection, factory: str | None = None, shards: int = 2, addr
                     .join(Item, Item.id == Embedding.item_id).where(Embedding.modality == modality, Item.status == ACTIVE)
                 ).one()
             index = c.trained_index(modality, None, n, lambda want: _training_sample(c, modality, n, want))
-            trained = faiss.serialize_index(index.index)
-            work = c.folder / "index" / f"build-{uuid.uuid4().hex[:8]}"
+            disk = on_disk and index.nlist > 0
+            # the parts: the bare IVF (its lists keep the item ids) for the on-disk merge, else the id-mapped index
+            trained = faiss.serialize_index(index.index.index if disk else index.index)
+            tag = uuid.uuid4().hex[:8]
+            work = c.folder / "index" / f"build-{tag}"
             work.mkdir(parents=True)
             try:
                 bounds = np.linspace(lo or 0, (hi or 0) + 1, shards + 1).round().astype(np.int64) if n else np.zeros(2, np.int64)
                 refs = [add.remote(str(c.folder.resolve()), modality, trained, int(a), int(b), str(work / f"part-{k:04d}.faiss"))
                         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
-                merged = faiss.deserialize_index(trained)
-                for path, _ in ray.get(refs):
-                    merge_into(merged, faiss.read_index(path))
+                parts = [path for path, _ in ray.get(refs)]
+                if disk:  # new file names, named by meta.json only once saved (clean_index_folder removes them otherwise)
+                    stem = c.folder / "index" / f"{modality}-base-{watermark:012d}-{tag}"
+                    merge_ondisk(trained, parts, stem)
+                    index = OnDiskIndex(read_ondisk(stem.with_suffix(".faiss")), stem.with_suffix(".faiss").name, index.factory,
+                                        c.config.embed_dim)
+                    layout = f"ray: {len(refs)} id-range shards merged on disk (lists memory-mapped from {stem.name}.ivfdata)"
+                else:
+                    merged = faiss.deserialize_index(trained)
+                    for path in parts:
+                        merge_into(merged, faiss.read_index(path))
+                    index.index = merged
+                    layout = f"ray: {len(refs)} id-range shards merged in memory"
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            index.index = merged
             index.nprobe = c.config.nprobe
-            c._save(modality, index, watermark, mark, layout=f"ray: {len(refs)} id-range shards merged")
-        out[modality] = {"factory": index.factory, "count": index.ntotal, "shards": len(refs), "seconds": round(time.perf_counter() - t0, 2)}
+            c._save(modality, index, watermark, mark, layout=layout)
+        out[modality] = {"factory": index.factory, "count": index.ntotal, "shards": len(refs), "layout": layout,
+                         "seconds": round(time.perf_counter() - t0, 2)}
     c.catch_up()  # changes committed while the shards were read
     return out

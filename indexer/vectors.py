@@ -10,6 +10,12 @@ Each saved index is stamped in ``meta.json`` (model fingerprint, dim, factory, m
 watermark = the last SQL change applied). The index file is written under a new name and
 ``meta.json`` is then atomically replaced to point at it, so a crash leaves either the old
 or the new index, never a half-written one.
+
+``OnDiskIndex`` is the layout ``reindex --engine ray`` builds for IVF factories: the merged
+inverted lists live in an ``.ivfdata`` file that is memory-mapped read-only (``merge_ondisk``),
+so the index need not fit in RAM, and it is never written again; what changes afterwards
+(adds, deletes, replacements from the change log) is kept beside it in a small exact part and
+a set of masked ids, saved atomically like any index.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import logging
 import math
 import os
 import shutil
+import contextlib
+import sys
 import threading
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,6 +113,7 @@ class IndexMeta:
     collection_id: str = ""  # the database's collection uid it was built from ("" before ids existed)
     mark: str = ""  # what identifies change ``watermark`` in that database (collection.change_mark)
     layout: str = ""  # how it was built when not in one process ("ray: 4 id-range shards merged")
+    base: str = ""  # on-disk layout: the immutable base index file (its lists in <stem>.ivfdata beside it)
 
 
 class VectorIndex:
@@ -229,15 +239,15 @@ class VectorIndex:
         os.replace(tmp, folder / name)
         meta = IndexMeta(**{**asdict(meta), "file": name, "count": self.ntotal, "dim": self.dim, "factory": self.factory})
         write_meta(folder, meta)
-        for old in folder.glob(f"{meta.modality}-*.faiss"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        _remove_replaced(folder, meta)
         return meta
 
     @classmethod
-    def load(cls, folder: str | Path, meta: IndexMeta) -> VectorIndex:
+    def load(cls, folder: str | Path, meta: IndexMeta) -> VectorIndex | OnDiskIndex:
         """The index ``meta`` names; UnreadableIndexError when its file is missing, truncated or
         not an index (the caller rebuilds it from SQL)."""
+        if meta.base:
+            return OnDiskIndex.load(folder, meta)
         path = Path(folder) / meta.file
         try:
             index = faiss.read_index(str(path))  # keep this owning proxy alive: it frees the index
@@ -256,6 +266,221 @@ class VectorIndex:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"vectors must be (n, {self.dim}); got {x.shape}")
         return x
+
+
+def _files_of(meta: IndexMeta) -> set[str]:
+    """The files of the index ``meta`` stamps."""
+    return {meta.file} | ({meta.base, Path(meta.base).with_suffix(".ivfdata").name} if meta.base else set())
+
+
+def _remove_replaced(folder: Path, meta: IndexMeta) -> None:
+    """After meta.json points at ``meta``: the modality's files it no longer names (an older
+    index, delta or on-disk base; a process that mapped one keeps its open copy)."""
+    keep = _files_of(meta)
+    for old in folder.glob(f"{meta.modality}-*"):
+        if old.suffix in (".faiss", ".ivfdata", ".npz") and old.name not in keep:
+            old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """FAISS's C++ prints on stdout when it maps or resizes an ``.ivfdata`` file ("resizing …",
+    "IO_FLAG_ONDISK_SAME_DIR: updating …"); that would corrupt ``--json`` output. File
+    descriptor 1 points at /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def read_ondisk(path: str | Path):
+    """An IVF index whose inverted lists are in ``<stem>.ivfdata`` beside ``path``, mapped
+    read-only (wherever the folder is mounted now)."""
+    with _quiet_stdout():
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
+def merge_ondisk(trained: bytes, parts: list[str], stem: Path) -> None:
+    """``faiss.contrib.ondisk.merge_ondisk``: the IVF ``parts`` (each the ``trained`` empty
+    index plus a shard's vectors, under their own ids) merged into ``<stem>.ivfdata`` and the
+    index ``<stem>.faiss`` that reads it. Lists are copied part by part through memory maps:
+    the parts and the result need not fit in RAM."""
+    from faiss.contrib.ondisk import merge_ondisk as _merge
+
+    index = faiss.deserialize_index(trained)
+    with _quiet_stdout():
+        _merge(index, parts, str(stem.with_suffix(".ivfdata")))
+    faiss.write_index(index, str(stem.with_suffix(".faiss")))
+    del index
+    for suffix in (".ivfdata", ".faiss"):
+        _fsync(stem.with_suffix(suffix))
+
+
+def _merge_topk(D1, I1, D2, I2, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two (D, I) result sets by inner product (-1 ids last)."""
+    D = np.concatenate([np.where(I1 >= 0, D1, -np.inf), np.where(I2 >= 0, D2, -np.inf)], axis=1)
+    I = np.concatenate([I1, I2], axis=1)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    return np.where(I >= 0, D, -np.inf).astype(np.float32), I
+
+
+class OnDiskIndex:
+    """An IVF index with its inverted lists on disk (``base``, mapped read-only, never
+    modified: a crash or a reader on another machine always sees it whole) plus the changes
+    since it was built: ``delta``, an exact index of the vectors added or replaced since, and
+    ``masked``, the base ids deleted or replaced since. A search asks the base with the masked
+    ids excluded inside the search (an ``IDSelector``, so k results still come back) and the
+    delta, and merges the two top-k lists. ``reindex`` folds the delta back in.
+
+    The same surface as ``VectorIndex`` (add, remove, search, ids, reconstruct, save, load)."""
+
+    def __init__(self, base, base_file: str, factory: str, dim: int):
+        self.base = base  # faiss.IndexIVF over an OnDiskInvertedLists
+        self.base_file = base_file
+        self.dim, self.factory, self.nprobe = dim, factory, 16
+        self.base_ids = np.sort(self._list_ids())
+        self.masked = np.zeros(0, np.int64)
+        self.delta = VectorIndex(dim, "Flat")
+        self._not_masked = None  # the selector for the current mask (rebuilt when it changes)
+
+    def _list_ids(self) -> np.ndarray:
+        il = self.base.invlists
+        parts = [faiss.rev_swig_ptr(il.get_ids(k), il.list_size(k)).copy() for k in range(self.base.nlist) if il.list_size(k)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    # ---- the VectorIndex surface -------------------------------------------------------
+
+    is_trained = True
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.base_ids) - len(self.masked) + self.delta.ntotal
+
+    @property
+    def nlist(self) -> int:
+        return int(self.base.nlist)
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([np.setdiff1d(self.base_ids, self.masked, assume_unique=True), self.delta.ids()])
+
+    def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
+        """To the delta; a base id added again is masked in the base (replaced)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.remove(ids)
+        self.delta.add(ids, xb)
+
+    def _in_base(self, ids: np.ndarray) -> np.ndarray:
+        """The given ids that the base holds (binary search: a catch-up costs O(changes log n))."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if not len(self.base_ids) or not len(ids):
+            return ids[:0]
+        pos = np.minimum(np.searchsorted(self.base_ids, ids), len(self.base_ids) - 1)
+        return ids[self.base_ids[pos] == ids]
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        in_base = self._in_base(ids)
+        fresh = np.setdiff1d(in_base, self.masked, assume_unique=True)
+        if len(fresh):
+            self.masked = np.union1d(self.masked, fresh)
+            self._not_masked = None
+        return len(fresh) + self.delta.remove(ids)
+
+    def search(
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        nprobe = min(int(self.nprobe if nprobe is None else nprobe), self.nlist)
+        keep = []  # every selector object stays referenced until the search returns
+        sel = None
+        if len(self.masked):
+            if self._not_masked is None:
+                batch = faiss.IDSelectorBatch(self.masked)
+                self._not_masked = (faiss.IDSelectorNot(batch), batch)
+            sel = self._not_masked[0]
+        if allowed is not None:
+            only = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            keep.append(only)
+            sel = only if sel is None else faiss.IDSelectorAnd(only, sel)
+            keep.append(sel)
+        D1, I1 = self.base.search(xq, k, params=faiss.SearchParametersIVF(sel=sel, nprobe=nprobe))
+        if self.delta.ntotal == 0:
+            return D1, I1
+        D2, I2 = self.delta.search(xq, k, allowed)
+        return _merge_topk(D1, I1, D2, I2, k)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """Vectors by id: from the delta, else decoded from the base's lists (a scan of the
+        list ids: for spot checks, not for serving)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        in_delta = np.isin(ids, self.delta.ids())
+        if in_delta.any():
+            out[in_delta] = self.delta.reconstruct(ids[in_delta])
+        want = {int(i): n for n, i in enumerate(ids) if not in_delta[n]}
+        il = self.base.invlists
+        for lst in range(self.base.nlist):
+            if not want:
+                break
+            size = il.list_size(lst)
+            if size == 0:
+                continue
+            lids = faiss.rev_swig_ptr(il.get_ids(lst), size)
+            for off in np.flatnonzero(np.isin(lids, list(want))):
+                row = want.pop(int(lids[off]))
+                self.base.reconstruct_from_offset(lst, int(off), faiss.swig_ptr(out[row]))
+        if want:
+            raise KeyError(f"ids not in the index: {sorted(want)[:5]}")
+        return out
+
+    # ---- persistence -----------------------------------------------------------------
+
+    def save(self, folder: str | Path, meta: IndexMeta) -> IndexMeta:
+        """The base is never rewritten; the delta (ids, vectors) and the masked ids are written
+        to a new ``.delta.npz``, then meta.json is atomically pointed at both."""
+        folder = Path(folder)
+        name = f"{meta.modality}-{meta.watermark:012d}.delta.npz"
+        tmp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        ids = self.delta.ids()
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, vectors=self.delta.reconstruct(ids), masked=self.masked)
+        _fsync(tmp)
+        os.replace(tmp, folder / name)
+        meta = IndexMeta(**{**asdict(meta), "file": name, "base": self.base_file, "count": self.ntotal, "dim": self.dim,
+                            "factory": self.factory})
+        write_meta(folder, meta)
+        _remove_replaced(folder, meta)
+        return meta
+
+    @classmethod
+    def load(cls, folder: str | Path, meta: IndexMeta) -> OnDiskIndex:
+        folder = Path(folder)
+        path = folder / meta.base
+        try:
+            base = read_ondisk(path)
+            with np.load(folder / meta.file) as z:
+                ids, vectors, masked = z["ids"].astype(np.int64), z["vectors"].astype(np.float32), z["masked"].astype(np.int64)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise UnreadableIndexError(f"{path} (+ {meta.file}): {str(e).strip().splitlines()[-1] if str(e).strip() else 'unreadable'}") from e
+        if not isinstance(base, faiss.IndexIVF) or base.d != meta.dim:
+            raise UnreadableIndexError(f"{path} is not an IVF index of dim {meta.dim}")
+        lists = faiss.downcast_InvertedLists(base.invlists)
+        data = path.with_suffix(".ivfdata")
+        if not isinstance(lists, faiss.OnDiskInvertedLists) or data.stat().st_size < lists.totsize:
+            # a mapped file shorter than its lists would kill the process (SIGBUS) at the first search that reads past its end
+            raise UnreadableIndexError(f"{data} is shorter than the {lists.totsize} bytes its lists need (truncated)")
+        self = cls(base, meta.base, meta.factory, meta.dim)
+        self.masked = self._in_base(masked)
+        self.delta.add(ids, vectors)
+        if self.ntotal != meta.count:
+            raise UnreadableIndexError(f"{path} (+ {meta.file}) holds {self.ntotal} vectors, meta.json says {meta.count}")
+        return self
 
 
 _GPU_RESOURCES = None
@@ -288,13 +513,13 @@ def clean_index_folder(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    current = {m.file for m in read_meta(folder).values()}
+    current = set().union(*(_files_of(m) for m in read_meta(folder).values()))
     gone = []
     for p in folder.iterdir():
         if p.is_dir() and p.name.startswith("build-"):  # the parts of a sharded build that stopped (it holds the lock while it runs)
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
-        elif p.name.endswith(".tmp") or (p.suffix == ".faiss" and p.name not in current):
+        elif p.name.endswith(".tmp") or (p.suffix in (".faiss", ".ivfdata", ".npz") and p.name not in current):
             p.unlink(missing_ok=True)
             gone.append(p.name)
     if gone:

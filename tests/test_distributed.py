@@ -271,7 +271,7 @@ def test_sharded_reindex_equals_the_single_index_and_catches_up(ray_local, tmp_p
         (D, I), _, _ = _all_queries(c, m, 10)
         np.testing.assert_array_equal(I, single[m][1])
         np.testing.assert_allclose(D, single[m][0], atol=1e-6)
-        assert read_meta(c.folder / "index")[m].layout == "ray: 3 id-range shards merged"
+        assert read_meta(c.folder / "index")[m].layout == "ray: 3 id-range shards merged in memory"  # exact: no lists to put on disk
     assert verify(c).ok
     assert not list((c.folder / "index").glob("build-*"))  # the parts are gone
     stale = c.folder / "index" / "build-deadbeef"  # what a sharded build killed midway leaves
@@ -288,23 +288,63 @@ def test_sharded_reindex_equals_the_single_index_and_catches_up(ray_local, tmp_p
 
 def test_sharded_ivf_reindex_equals_the_one_process_ivf_and_recalls_against_brute_force(ray_local, tmp_path, model_dir):
     """IVF on model-produced embeddings (300 generated items): the same training sample, so the
-    merged shards equal the one-process IVF at every nprobe; recall@10 against numpy."""
+    merged shards — in memory, and merged on disk (the default) — equal the one-process IVF at
+    every nprobe; recall@10 against numpy. The on-disk index then follows ingests and deletes
+    (probing every list it is exact: equal to numpy over the stored vectors) without its base
+    files being written, opens read-only, and a local reindex replaces it and removes them."""
     from vtfusion.catalogs.demo import generate
     from vtfusion.indexer.distributed import reindex_ray
-    from vtfusion.indexer.lifecycle import reindex
+    from vtfusion.indexer.lifecycle import delete, reindex
+    from vtfusion.indexer.vectors import OnDiskIndex, read_meta
 
     generate(tmp_path / "cat", n=300, seed=5, image_size=48, test_frac=0.0)
+    generate(tmp_path / "more", n=40, seed=6, image_size=40, test_frac=0.0)  # another size: other bytes, new items
     c = Collection.init(tmp_path / "c", model_dir, index_factory="IVF4,Flat")
     ingest(c, tmp_path / "cat" / "train.csv", Columns(), batch_size=32, workers=0, progress=False)
     reindex(c)
     assert c.indexes["image"].nlist == 4
     one = {p: _all_queries(c, "image", 10, nprobe=p)[0] for p in (1, 2)}
-    reindex_ray(c, shards=4)
-    for p in (1, 2):
-        (D, I), ids, xb = _all_queries(c, "image", 10, nprobe=p)
-        np.testing.assert_array_equal(I, one[p][1])
+    for on_disk in (False, True):
+        built = reindex_ray(c, shards=4, on_disk=on_disk)
+        assert isinstance(c.indexes["image"], OnDiskIndex) == on_disk
+        assert ("merged on disk" in built["image"]["layout"]) == on_disk
+        assert read_meta(c.folder / "index")["image"].layout == built["image"]["layout"]
+        for p in (1, 2):
+            (D, I), ids, xb = _all_queries(c, "image", 10, nprobe=p)
+            np.testing.assert_array_equal(I, one[p][1])
     (D, I), ids, xb = _all_queries(c, "image", 10)
     exact = ids[np.argsort(-(xb @ xb.T), axis=1, kind="stable")[:, :10]]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, exact)])
     assert recall >= 0.95, recall
     assert verify(c).ok
+
+    index_dir = c.folder / "index"
+    base = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in index_dir.glob("*-base-*")}
+    assert sorted(p.rsplit(".", 1)[1] for p in base) == ["faiss", "faiss", "ivfdata", "ivfdata"]
+    added = ingest(c, tmp_path / "more" / "train.csv", Columns(), batch_size=32, workers=0, progress=False).added
+    assert added > 20
+    delete(c, [int(i) for i in ids[:30]])
+    reopened = Collection.open(c.folder)
+    for m in ("image", "text"):
+        assert isinstance(reopened.indexes[m], OnDiskIndex)
+        (D, I), sids, sxb = _all_queries(reopened, m, 10, nprobe=4)
+        assert reopened.indexes[m].ntotal == len(sids) == len(ids) + added - 30
+        sims = sxb @ sxb.T  # ties (items with one caption) may come in any order: compare scores, and each hit's own score
+        np.testing.assert_allclose(D, -np.sort(-sims, axis=1)[:, :10], atol=1e-5)
+        np.testing.assert_allclose(D, np.take_along_axis(sims, np.searchsorted(sids, I), axis=1), atol=1e-5)
+    assert verify(reopened).ok
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in index_dir.glob("*-base-*")} == base
+    # a search process maps the lists; FAISS's own messages about it never reach stdout (it carries --json)
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vtfusion.ui.cli", "-q", "search", str(c.folder), "a red mug", "--read-only",
+                          "--json", "-k", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["hits"]) == 3
+    reader = Collection.open(c.folder, read_only=True)
+    np.testing.assert_array_equal(_all_queries(reader, "image", 10, nprobe=4)[0][1], _all_queries(reopened, "image", 10, nprobe=4)[0][1])
+    reindex(reopened)  # a local rebuild: an ordinary index again, the base files gone
+    assert not isinstance(reopened.indexes["image"], OnDiskIndex) and not list(index_dir.glob("*-base-*"))
+    assert verify(reopened).ok

@@ -127,3 +127,122 @@ def test_gpu_search_path_maps_positions_to_ids(monkeypatch):
     index.add(ids[:3], xb[:3])  # a change drops the GPU copy
     assert index._gpu_index is None
     np.testing.assert_array_equal(index.search(xb[:3], 1)[1][:, 0], ids[:3])
+
+
+def _ondisk(tmp_path, xb, ids, nlist=8, parts=3):
+    """An on-disk IVF built as `reindex --engine ray` builds one: trained once, parts added
+    separately under their ids, merged with merge_ondisk; opened read-only."""
+    import faiss
+
+    from vtfusion.indexer.vectors import OnDiskIndex, merge_ondisk, read_ondisk
+
+    trained = VectorIndex(xb.shape[1], f"IVF{nlist},Flat")
+    trained.train(xb)
+    blob = faiss.serialize_index(trained.index.index)
+    files = []
+    for k, (a, b) in enumerate(zip(*[np.linspace(0, len(ids), parts + 1).astype(int)[j:] for j in (0, 1)])):
+        part = faiss.deserialize_index(blob)
+        part.add_with_ids(xb[a:b], ids[a:b])
+        files.append(str(tmp_path / f"part{k}.faiss"))
+        faiss.write_index(part, files[-1])
+    stem = tmp_path / "image-base-000000000001-abcd"
+    merge_ondisk(blob, files, stem)
+    return OnDiskIndex(read_ondisk(stem.with_suffix(".faiss")), stem.with_suffix(".faiss").name, f"IVF{nlist},Flat", xb.shape[1])
+
+
+def test_on_disk_index_with_changes_equals_brute_force_and_never_writes_its_base(tmp_path, capfd):
+    """Probing every list, an IVF-Flat is exact: the on-disk base plus its delta and masked ids
+    must answer as numpy over the live vectors, filtered or not, after adds, replacements and
+    deletes, and again after save -> load; the base files are never written after the merge."""
+    import os
+
+    from vtfusion.indexer.vectors import OnDiskIndex, clean_index_folder
+
+    d = 32
+    xb = _clustered(3000, d, 12, seed=4)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 11
+    index = _ondisk(tmp_path, xb, ids)
+    base_files = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.glob("image-base-*")}
+    assert len(base_files) == 2 and index.ntotal == 3000 and index.nlist == 8
+    xq = _clustered(40, d, 12, seed=5)
+    D, I = index.search(xq, 10, nprobe=8)
+    np.testing.assert_array_equal(I, _brute(xb, ids, xq, 10)[1])
+
+    # changes: 200 new items, 100 replaced (new vectors under old ids), 150 deleted (some twice)
+    live = dict(zip(ids.tolist(), xb))
+    new_ids = np.arange(200, dtype=np.int64) * 7 + 100_000
+    new_x = _clustered(200, d, 12, seed=6)
+    index.add(new_ids, new_x)
+    live.update(zip(new_ids.tolist(), new_x))
+    rep_ids, rep_x = ids[500:600], _clustered(100, d, 12, seed=7)
+    index.add(rep_ids, rep_x)
+    live.update(zip(rep_ids.tolist(), rep_x))
+    gone = np.concatenate([ids[1000:1100], new_ids[:50]])
+    assert index.remove(gone) == 150
+    assert index.remove(gone) == 0
+    for i in gone.tolist():
+        del live[i]
+
+    def check(ix):
+        lid = np.array(sorted(live), dtype=np.int64)
+        lx = np.stack([live[i] for i in lid.tolist()])
+        assert ix.ntotal == len(lid) and np.array_equal(np.sort(ix.ids()), lid)
+        D, I = ix.search(xq, 10, nprobe=8)
+        bD, bI = _brute(lx, lid, xq, 10)
+        np.testing.assert_array_equal(I, bI)
+        np.testing.assert_allclose(D, bD, atol=1e-5)
+        allowed = np.concatenate([lid[::5], gone[:20]])  # deleted ids in the filter stay out
+        D, I = ix.search(xq, 10, allowed=allowed, nprobe=8)
+        np.testing.assert_array_equal(I, _brute(lx, lid, xq, 10, allowed=allowed)[1])
+        probe = np.array([lid[0], rep_ids[3], new_ids[-1]])
+        np.testing.assert_allclose(ix.reconstruct(probe), np.stack([live[int(i)] for i in probe]), atol=1e-6)
+
+    check(index)
+    meta = index.save(tmp_path, IndexMeta("image", "fp", d, index.factory, watermark=9))
+    assert meta.base == "image-base-000000000001-abcd.faiss" and meta.file == "image-000000000009.delta.npz"
+    assert sorted(clean_index_folder(tmp_path)) == ["part0.faiss", "part1.faiss", "part2.faiss"]  # meta.json names the rest
+    loaded = VectorIndex.load(tmp_path, read_meta(tmp_path)["image"])
+    assert isinstance(loaded, OnDiskIndex)
+    check(loaded)
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.glob("image-base-*")} == base_files
+    # a torn or missing part is unreadable (the collection then rebuilds from SQL), never half-loaded
+    from vtfusion.indexer.vectors import UnreadableIndexError
+
+    delta = tmp_path / meta.file
+    good = delta.read_bytes()
+    for bad in (good[: len(good) // 2], b""):
+        delta.write_bytes(bad)
+        with pytest.raises(UnreadableIndexError):
+            VectorIndex.load(tmp_path, meta)
+    delta.write_bytes(good)
+    lists = tmp_path / "image-base-000000000001-abcd.ivfdata"
+    whole = lists.read_bytes()
+    lists.write_bytes(whole[: len(whole) // 2])  # a search would read past its end
+    with pytest.raises(UnreadableIndexError, match="truncated"):
+        VectorIndex.load(tmp_path, meta)
+    lists.write_bytes(whole)
+    lists.rename(lists.with_suffix(".gone"))
+    with pytest.raises(UnreadableIndexError):
+        VectorIndex.load(tmp_path, meta)
+    lists.with_suffix(".gone").rename(lists)
+    # a moved folder still opens (the lists file is found beside the index file, not by its old path)
+    os.rename(tmp_path, tmp_path.with_name(tmp_path.name + "-moved"))
+    capfd.readouterr()
+    check(VectorIndex.load(tmp_path.with_name(tmp_path.name + "-moved"), meta))
+    assert capfd.readouterr().out == ""  # FAISS's "updating ondisk filename" would corrupt `search --json`
+
+
+def test_on_disk_base_files_are_cleaned_once_no_meta_names_them(tmp_path):
+    from vtfusion.indexer.vectors import clean_index_folder
+
+    xb = _clustered(1000, 16, 4, seed=1)
+    index = _ondisk(tmp_path, xb, np.arange(1000, dtype=np.int64), nlist=4, parts=2)
+    index.save(tmp_path, IndexMeta("image", "fp", 16, index.factory, watermark=3))
+    for p in tmp_path.glob("part*"):
+        p.unlink()
+    assert clean_index_folder(tmp_path) == []  # the base and its lists are named by meta.json
+    flat = VectorIndex(16, "Flat")
+    flat.add(np.arange(1000, dtype=np.int64), xb)
+    flat.save(tmp_path, IndexMeta("image", "fp", 16, "Flat", watermark=4))  # a later local reindex
+    clean_index_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image-000000000004.faiss", "meta.json"]

@@ -750,6 +750,8 @@ def reindex_cmd(
     engine: Annotated[str, typer.Option("--engine", help="local, or ray: shards added in parallel Ray tasks, then merged.")] = "local",
     shards: Annotated[int, typer.Option("--shards", help="With --engine ray: id-range shards (one Ray task each).")] = 2,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join.")] = None,
+    in_memory: Annotated[bool, typer.Option("--in-memory", help="With --engine ray: merge the shards into an ordinary in-memory "
+                                            "index (default for IVF: lists merged on disk and memory-mapped).")] = False,
 ) -> None:
     """Rebuild the FAISS indexes from the embeddings stored in SQL."""
     from vtfusion.indexer.collection import Collection
@@ -757,15 +759,15 @@ def reindex_cmd(
 
     if engine not in ("local", "ray"):
         _usage(f"--engine must be local or ray; got {engine!r}")
-    if engine == "local" and (ray_address or shards != 2):
-        _usage("--shards and --ray-address need --engine ray")
+    if engine == "local" and (ray_address or shards != 2 or in_memory):
+        _usage("--shards, --ray-address and --in-memory need --engine ray")
     try:
         c = Collection.open(collection, catch_up=False)
         if engine == "ray":
             from vtfusion.indexer.distributed import reindex_ray
 
-            built = {m: f"{r['factory']} ({r['count']} vectors from {r['shards']} shards, {r['seconds']} s)"
-                     for m, r in reindex_ray(c, index, shards, ray_address).items()}
+            built = {m: f"{r['factory']} ({r['count']} vectors from {r['shards']} shards, {r['seconds']} s; {r['layout']})"
+                     for m, r in reindex_ray(c, index, shards, ray_address, on_disk=not in_memory).items()}
         else:
             built = reindex(c, index)
     except (RuntimeError, ValueError) as e:  # CollectionError, IndexTypeError
