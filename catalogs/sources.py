@@ -135,22 +135,30 @@ def type_columns(
     types = {**{k: "number" if ok else "text" for k, ok in seen.items()}, **fixed}
     out = []
     for r in rows:
-        meta, bad = {}, None
-        for k, v in r.metadata.items():
-            if types[k] == "number":
-                n = as_number(v)
-                if n is None:
-                    bad = f"column {k!r} holds numbers; {as_text(v)[:40]!r} is not one (declare it text with --schema {k}:text)"
-                    break
-                meta[k] = n
-            else:
-                meta[k] = as_text(v)
-        if bad:
-            file, _, line = r.source.rpartition(":")
-            errors.append(RowError(file, int(line) if line.isdigit() else 0, bad))
-        else:
-            out.append(CatalogRow(r.external_id, r.image, r.texts, meta, r.source))
+        typed = typed_row(r, types)
+        (errors if isinstance(typed, RowError) else out).append(typed)
     return out, errors, types
+
+
+def typed_row(r: CatalogRow, types: dict[str, str]) -> CatalogRow | RowError:
+    """``r`` with each metadata value converted to its column's type, or the RowError of a
+    value that does not fit a number column."""
+    meta = {}
+    for k, v in r.metadata.items():
+        if types[k] == "number":
+            n = as_number(v)
+            if n is None:
+                file, _, line = r.source.rpartition(":")
+                return RowError(file, int(line) if line.isdigit() else 0,
+                                f"column {k!r} holds numbers; {as_text(v)[:40]!r} is not one (declare it text with --schema {k}:text)")
+            meta[k] = n
+        else:
+            meta[k] = as_text(v)
+    return CatalogRow(r.external_id, r.image, r.texts, meta, r.source)
+
+
+def dup_reason(external_id: str, first_line: int | str) -> str:
+    return f"duplicate id {external_id!r} (first on line {first_line}); row skipped"
 
 
 def _text_columns(cols: Columns, header: Sequence[str], path: Path) -> tuple[str, ...]:
@@ -266,22 +274,84 @@ def _split(items: Iterable[CatalogRow | RowError]) -> tuple[list[CatalogRow], li
             errors.append(x)
         elif x.external_id in first:
             file, _, line = x.source.rpartition(":")
-            errors.append(RowError(file, int(line), f"duplicate id {x.external_id!r} (first on line {first[x.external_id]}); row skipped"))
+            errors.append(RowError(file, int(line), dup_reason(x.external_id, first[x.external_id])))
         else:
             first[x.external_id] = x.source.rpartition(":")[2]
             rows.append(x)
     return rows, errors
 
 
-def _open_text(path: Path, **kw):
-    """A catalog file for reading, gunzipped on the fly when it ends in ``.gz``."""
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", **kw)
-    return open(path, **kw)
-
-
 def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+class _Lines:
+    """The physical lines of a binary catalog stream, decoded as text (undecodable bytes kept as
+    lone surrogates, so one bad row is reported with its line instead of aborting the file),
+    ending where ``open(newline="")`` ends them (``\n``, ``\r\n``, ``\r``); a byte-order mark
+    at the start of the file is dropped (``utf-8-sig``). ``pos``: the stream offset after the
+    lines given out (a block's reader stops at its end offset); ``count``: lines given out."""
+
+    def __init__(self, f, pos: int = 0):
+        self.f, self.pos, self.count = f, pos, 0
+        self._pending: list[bytes] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if not self._pending:
+            raw = self.f.readline()  # up to a b"\n": a "\r\n" never splits
+            if not raw:
+                raise StopIteration
+            self._pending = raw.splitlines(keepends=True)[::-1]  # bytes split at \n, \r\n and \r only
+        line = self._pending.pop()
+        first = self.pos == 0
+        self.pos += len(line)
+        self.count += 1
+        text = line.decode("utf-8", "surrogateescape")
+        return text[1:] if first and text.startswith("\ufeff") else text
+
+
+def _csv_header(lines: _Lines, path: Path) -> tuple[list[str], int]:
+    """The header record of a CSV and the lines it took."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        header = []
+    except csv.Error as e:
+        raise CatalogError(f"{path}: the header line is not readable CSV ({e})") from None
+    if any(_has_bad_bytes(h) for h in header):
+        raise CatalogError(f"{path}: the header line is not UTF-8; re-save the file as UTF-8")
+    return header, reader.line_num
+
+
+def _csv_records(lines: _Lines, header: Sequence[str], path: Path, line0: int, cols: Columns, text_cols: Sequence[str],
+                 root: _Resolver, stop: int | None = None):
+    """Rows and errors of the CSV records in ``lines`` (``line0`` lines come before them), up to
+    the first record that starts at or after the offset ``stop``. A blank line is skipped; a
+    record is numbered by the line it starts on."""
+    # fields up to 16 MB are read (an over-long text is then refused with its own reason,
+    # not the csv module's "field larger than field limit" that stops at 128 kB)
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.reader(lines)
+    while stop is None or lines.pos < stop:
+        start = line0 + reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield RowError(str(path), start, f"malformed CSV: {e}")
+            continue
+        if not fields:
+            continue
+        if len(fields) != len(header):  # extra fields / missing fields
+            yield RowError(str(path), start, f"wrong number of fields: {len(fields)}, the header has {len(header)}")
+            continue
+        yield _to_row(dict(zip(header, fields)), path, start, cols, text_cols, root)
 
 
 def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
@@ -292,33 +362,46 @@ def read_csv(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogR
     root = _Resolver(path.parent.resolve())
 
     def gen():
-        # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row is reported
-        # with its line number instead of aborting the whole file
-        # fields up to 16 MB are read (an over-long text is then refused with its own reason,
-        # not the csv module's "field larger than field limit" that stops at 128 kB)
-        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-        with _open_text(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            if any(_has_bad_bytes(h) for h in header):
-                raise CatalogError(f"{path}: the header line is not UTF-8; re-save the file as UTF-8")
+        with _open_bytes(path) as f:
+            lines = _Lines(f)
+            header, n = _csv_header(lines, path)
             text_cols = _text_columns(cols, header, path)
-            while True:
-                start = reader.line_num + 1
-                try:
-                    rec = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    yield RowError(str(path), start, f"malformed CSV: {e}")
-                    continue
-                if None in rec or None in rec.values():  # extra fields / missing fields
-                    n = len(header) + len(rec.get(None) or []) - sum(v is None for v in rec.values())
-                    yield RowError(str(path), start, f"wrong number of fields: {n}, the header has {len(header)}")
-                    continue
-                yield _to_row(rec, path, start, cols, text_cols, root)
+            yield from _csv_records(lines, header, path, n, cols, text_cols, root)
 
     return _split(gen())
+
+
+def _jsonl_records(f, path: Path, line0: int, cols: Columns, root: _Resolver, pos: int = 0, stop: int | None = None, cursor=None):
+    """Rows and errors of the JSONL lines of the binary stream ``f`` (at offset ``pos``, after
+    ``line0`` lines), up to the first line that starts at or after ``stop``; ``cursor`` (when
+    given) gets the lines read and the end offset."""
+    line_no = line0
+    while stop is None or pos < stop:
+        raw = f.readline()
+        if not raw:
+            break
+        pos += len(raw)
+        line_no += 1
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield RowError(str(path), line_no, f"not UTF-8: {e}")
+            continue
+        except json.JSONDecodeError as e:
+            yield RowError(str(path), line_no, f"malformed JSON: {e}")
+            continue
+        except RecursionError:
+            yield RowError(str(path), line_no, "JSON nested too deeply")
+            continue
+        if not isinstance(rec, dict):
+            yield RowError(str(path), line_no, "a JSONL line must be an object")
+            continue
+        text_cols = cols.text if cols.text is not None else tuple(c for c in AUTO_TEXT_COLUMNS if c in rec)
+        yield _to_row(rec, path, line_no, cols, text_cols or AUTO_TEXT_COLUMNS, root)
+    if cursor is not None:
+        cursor.lines, cursor.end = line_no - line0, pos
 
 
 def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[CatalogRow], list[RowError]]:
@@ -330,25 +413,7 @@ def read_jsonl(path: str | Path, cols: Columns = Columns()) -> tuple[list[Catalo
 
     def gen():
         with _open_bytes(path) as f:
-            for line_no, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield RowError(str(path), line_no, f"not UTF-8: {e}")
-                    continue
-                except json.JSONDecodeError as e:
-                    yield RowError(str(path), line_no, f"malformed JSON: {e}")
-                    continue
-                except RecursionError:
-                    yield RowError(str(path), line_no, "JSON nested too deeply")
-                    continue
-                if not isinstance(rec, dict):
-                    yield RowError(str(path), line_no, "a JSONL line must be an object")
-                    continue
-                text_cols = cols.text if cols.text is not None else tuple(c for c in AUTO_TEXT_COLUMNS if c in rec)
-                yield _to_row(rec, path, line_no, cols, text_cols or AUTO_TEXT_COLUMNS, root)
+            yield from _jsonl_records(f, path, 0, cols, root)
 
     return _split(gen())
 
@@ -363,7 +428,9 @@ def read_parquet(path: str | Path, cols: Columns = Columns()) -> tuple[list[Cata
     return _split(r for f in files for r in _parquet_rows(f, cols))
 
 
-def _parquet_rows(path: Path, cols: Columns):
+def _parquet_rows(path: Path, cols: Columns, row_groups: Sequence[int] | None = None, line0: int = 0):
+    """Rows and errors of a Parquet file (of ``row_groups`` only, the rows before them counted
+    in ``line0``), numbered by row from 1."""
     import pyarrow.parquet as pq
 
     try:
@@ -372,8 +439,11 @@ def _parquet_rows(path: Path, cols: Columns):
         raise CatalogError(f"{path}: not a readable Parquet file ({e})") from e
     text_cols = _text_columns(cols, pf.schema_arrow.names, path)
     root = _Resolver(path.parent.resolve())
-    line = 0
-    for batch in pf.iter_batches(batch_size=4096):
+    line = line0
+    groups = None if row_groups is None else list(row_groups)
+    if groups == []:
+        return
+    for batch in pf.iter_batches(batch_size=4096, row_groups=groups):
         for rec in batch.to_pylist():
             line += 1
             yield _to_row(rec, path, line, cols, text_cols, root)
@@ -389,27 +459,31 @@ def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        rel = p.relative_to(root).as_posix()
-        if not real.inside(real(rel)):  # a symlink out of the folder: same rule as a catalog's image paths
-            errors.append(RowError(str(p), 0, "image is a symlink that leaves the catalog folder; skipped"))
-            continue
-        txt = p.with_suffix(".txt")
-        texts: tuple[str, ...] = ()
-        if txt.exists() and not real.inside(real(txt.relative_to(root).as_posix())):
-            errors.append(RowError(str(txt), 0, "caption is a symlink that leaves the catalog folder; skipped"))
-            continue
-        if txt.exists():
-            try:
-                t = txt.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as e:
-                errors.append(RowError(str(txt), 0, f"caption is not UTF-8: {e}"))
-                continue
-            if len(t) > MAX_TEXT_CHARS:
-                errors.append(RowError(str(txt), 0, f"caption longer than {MAX_TEXT_CHARS} characters"))
-                continue
-            texts = (t,) if t else ()
-        rows.append(CatalogRow(rel, p, texts, {}, f"{root}/{rel}"))
+        item = _folder_item(root, real, p.relative_to(root).as_posix())
+        if item is not None:
+            (errors if isinstance(item, RowError) else rows).append(item)
     return rows, errors
+
+
+def _folder_item(root: Path, real: _Resolver, rel: str) -> CatalogRow | RowError | None:
+    """The row of the image file ``rel`` under ``root`` (text: a same-name .txt, if any), or
+    its error."""
+    p = root / rel
+    if not real.inside(real(rel)):  # a symlink out of the folder: same rule as a catalog's image paths
+        return RowError(str(p), 0, "image is a symlink that leaves the catalog folder; skipped")
+    txt = p.with_suffix(".txt")
+    texts: tuple[str, ...] = ()
+    if txt.exists() and not real.inside(real(txt.relative_to(root).as_posix())):
+        return RowError(str(txt), 0, "caption is a symlink that leaves the catalog folder; skipped")
+    if txt.exists():
+        try:
+            t = txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            return RowError(str(txt), 0, f"caption is not UTF-8: {e}")
+        if len(t) > MAX_TEXT_CHARS:
+            return RowError(str(txt), 0, f"caption longer than {MAX_TEXT_CHARS} characters")
+        texts = (t,) if t else ()
+    return CatalogRow(rel, p, texts, {}, f"{root}/{rel}")
 
 
 def read_source(

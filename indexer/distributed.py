@@ -1,8 +1,12 @@
 """Ingest on a Ray cluster (``vtfusion ingest --engine ray``): the local ingest's stages, spread.
 
-- read: the catalog is read on the driver with the same reader as the local ingest
-  (``catalogs.sources.read_source``: the same columns, types, line numbers and bad-row
-  records), and handed to Ray Data as blocks of rows (``ray.data.from_items``);
+- read: the catalog is cut into blocks (``catalogs.blocks``: ~32 MB of CSV / JSONL from a line
+  start, runs of Parquet row groups, runs of image files) that Ray tasks scan; the driver
+  reconciles their summaries (line offsets, duplicate ids, column types: what the single reader
+  decides over the whole file) and Ray Data reads the blocks again (``flat_map``), each row typed
+  and each duplicate or misfit turned into its error, streaming into the next stage. Rows and
+  errors are exactly the local reader's (``tests/test_blocks.py``); the driver holds 24 bytes
+  per row while it reconciles, never the rows;
 - decode: ``map_batches`` in Ray *tasks* (CPU): image bytes read, hashed with the text
   (content hash) and transformed to uint8, on whichever node has a free CPU;
 - embed + write: ``map_batches`` in an *actor pool* (``--actors N``, ``num_gpus`` per actor
@@ -33,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +46,8 @@ import numpy as np
 import torch
 from sqlalchemy import func, select
 
-from vtfusion.catalogs.sources import CatalogRow, Columns, read_source
+from vtfusion.catalogs import blocks
+from vtfusion.catalogs.sources import CatalogRow, Columns, RowError
 from .collection import Collection, CollectionError
 from .ingest import (
     DecodeStage,
@@ -109,12 +115,35 @@ def _actor_cpus(ray, actors: int, gpus_per_actor: float) -> float:
     return round(min(1.0, free_for_actors / actors), 3)
 
 
-def _row_record(i: int, row: CatalogRow) -> dict:
-    """A catalog row as a Ray Data record (plain columns; metadata as JSON, its types kept)."""
+def _row_record(row: CatalogRow | RowError) -> dict:
+    """A catalog row as a Ray Data record (plain columns; metadata as JSON, its types kept); a
+    RowError (a duplicate, a misfit) as a record that carries its reason to the writer, which
+    records it with the batch."""
+    if isinstance(row, RowError):
+        return {"external_id": "", "image": "", "texts": "[]", "meta": "{}", "source": f"{row.file}:{row.line}", "row_error": row.reason}
     return {
-        "i": i, "external_id": row.external_id, "image": str(row.image), "texts": json.dumps(list(row.texts)),
-        "meta": json.dumps(row.metadata, default=str), "source": row.source,
+        "external_id": row.external_id, "image": str(row.image), "texts": json.dumps(list(row.texts)),
+        "meta": json.dumps(row.metadata, default=str), "source": row.source, "row_error": "",
     }
+
+
+def read_plan(ray, source: Path, cols: Columns, kinds: dict[str, str], block_bytes: int | None = None) -> blocks.Plan:
+    """Plan the catalog's blocks (driver; by default about four per cluster CPU, so that decoding
+    spreads), scan them in Ray tasks, settle CSV cuts inside quoted fields, reconcile
+    (``catalogs.blocks``)."""
+    scan = ray.remote(num_cpus=DECODE_CPUS)(blocks.scan)
+    cpus = int(sum(float(n.get("Resources", {}).get("CPU", 0)) for n in alive_nodes(ray)))
+    planned = blocks.plan(source, cols, block_bytes, min_blocks=4 * max(1, cpus))
+    scans = ray.get([scan.remote(b, cols) for b in planned])
+    settled, scans = blocks.settle(planned, scans, lambda bs: ray.get([scan.remote(b, cols) for b in bs]))
+    recheck = ray.remote(num_cpus=DECODE_CPUS)(blocks.numbers_apart_from)
+    return blocks.reconcile(settled, scans, kinds, recheck=lambda b, skip: ray.get(recheck.remote(b, cols, skip)), cols=cols)
+
+
+def finish_block(item: dict, cols: Columns, types: dict[str, str]) -> list[dict]:
+    """Ray Data ``flat_map``: one planned block -> its records, in order (``blocks.finish``)."""
+    block, drops = pickle.loads(item["block"])
+    return [_row_record(x) for x in blocks.finish(block, cols, types, drops)]
 
 
 def _rows_of(batch: dict) -> list[CatalogRow]:
@@ -129,7 +158,7 @@ def decode_batch(batch: dict, transform) -> dict:
     hash, image hash and error (``ingest.DecodeStage``: the local decoder, row for row)."""
     rows = _rows_of(batch)
     stage = DecodeStage(rows, transform)
-    out = [stage[k] for k in range(len(rows))]
+    out = [(k, None, None, None, str(why)) if why else stage[k] for k, why in enumerate(batch["row_error"])]
     pixels = np.zeros((len(rows), 3, transform.size, transform.size), dtype=np.uint8)
     for k, (_, px, _, _, _) in enumerate(out):
         if px is not None:
@@ -174,7 +203,7 @@ class EmbedWrite:
         return {
             "rows": [len(rows)], "added": [report.added], "replaced": [report.replaced], "duplicates": [report.duplicates],
             "failed": [report.failed], "embed_s": [t1 - t0], "write_s": [report.stages["write"]],
-            "node": [self.node], "pid": [os.getpid()],
+            "node": [self.node], "pid": [os.getpid()], "committed_at": [time.time()],
         }
 
 
@@ -190,9 +219,11 @@ def ingest_ray(
     source_name: str | None = None,
     schema: str | dict[str, str] | None = None,
     on_batch: Callable[[dict], None] | None = None,
+    block_bytes: int | None = None,
 ) -> IngestReport:
     """``ingest`` on a Ray cluster (see the module doc). ``on_batch(counts)`` is called on the
-    driver for each committed batch (its counts, the actor's node id and pid).
+    driver for each committed batch (its counts, the actor's node id and pid, ``committed_at``: the actor's wall clock). ``block_bytes``:
+    the size of a CSV / JSONL read block (``catalogs.blocks``; default: about four per CPU).
 
     The report's ``added`` is what SQL holds for this run at the end; ``duplicates`` the rest of
     the rows that did not fail; ``stages`` hold ``read``, the actors' summed ``embed`` (decode
@@ -204,22 +235,29 @@ def ingest_ray(
     ray = connect(address)
     check_database(collection, len(alive_nodes(ray)))
     source = Path(source)
-    rows, row_errors = read_source(source, cols, column_kinds(collection, schema))
+    plan = read_plan(ray, source, cols, column_kinds(collection, schema), block_bytes)
+    row_errors = plan.errors
     ident = source_name or os.path.realpath(source)
     report = start_run(collection, ident, row_errors, t_start)
     transform = collection.bundle.transform
     status = "interrupted"
-    bar = None
+    bar = restore = None
     try:
         from vtfusion.models.progress import progress as progress_bar
 
-        bar = progress_bar(total=len(rows), desc="ingest (ray)", unit="item", enabled=progress)
-        if rows:
+        bar = progress_bar(total=plan.rows, desc="ingest (ray)", unit="item", enabled=progress)
+        if plan.rows:
             import ray.data
 
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # the project's bar below counts committed items
-            ds = ray.data.from_items([_row_record(i, r) for i, r in enumerate(rows)], override_num_blocks=max(1, -(-len(rows) // batch_size)))
+            # one output block per decoded batch (pixels are most of it): the actor pool hands out
+            # whole blocks, so a block of thousands of rows would leave the other actors idle
+            restore = ctx.target_max_block_size
+            ctx.target_max_block_size = int(0.9 * batch_size * 3 * transform.size**2)
+            ds = ray.data.from_items([{"block": pickle.dumps((b, d))} for b, d in zip(plan.blocks, plan.drops)],
+                                     override_num_blocks=len(plan.blocks))
+            ds = ds.flat_map(finish_block, fn_kwargs={"cols": cols, "types": plan.types}, num_cpus=DECODE_CPUS)
             actor_cpus = _actor_cpus(ray, actors, gpus_per_actor)
             ds = ds.map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
                                 batch_format="numpy", num_cpus=DECODE_CPUS)
@@ -242,12 +280,14 @@ def ingest_ray(
         status = "failed"
         raise
     finally:
+        if restore is not None:
+            ray.data.DataContext.get_current().target_max_block_size = restore
         if bar is not None:
             bar.close()
         end_run(collection, report.run_id, status)
     with collection.Session() as s:  # counted in SQL: a batch Ray ran twice is not counted twice
         report.added = s.scalar(select(func.count()).select_from(Item).where(Item.run_id == report.run_id)) or 0
-    report.duplicates = max(0, len(rows) - report.added - (report.failed - len(row_errors)))
+    report.duplicates = max(0, plan.rows - report.added - (report.failed - len(row_errors)))
     t = time.perf_counter()
     collection.catch_up()
     report.stages["index"] = time.perf_counter() - t

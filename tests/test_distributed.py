@@ -47,8 +47,9 @@ def pg_url():
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory, small_catalog):
-    """small_catalog's training rows plus a missing image, a corrupt image and a row repeated
-    under another id (a content duplicate)."""
+    """small_catalog's training rows plus a missing image, a corrupt image, a row repeated
+    under another id (a content duplicate), a second row under a taken id (a duplicate id, an
+    error) and a row with a field too many (a parse error)."""
     out = tmp_path_factory.mktemp("ray-catalog")
     for p in small_catalog.iterdir():
         (shutil.copytree if p.is_dir() else shutil.copy)(p, out / p.name)
@@ -59,11 +60,13 @@ def catalog(tmp_path_factory, small_catalog):
         {**rows[0], "id": "missing-1", "image": "images/nowhere.png"},
         {**rows[1], "id": "corrupt-1", "image": "images/corrupt.png"},
         {**rows[2], "id": "again-1"},
+        {**rows[3], "id": rows[0]["id"]},
     ]
     with open(out / "train.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows + extra)
+        f.write(",".join(["x"] * (len(rows[0]) + 1)) + "\n")
     return out
 
 
@@ -107,9 +110,11 @@ def test_ray_ingest_into_postgresql_equals_the_local_ingest_and_resumes(ray_loca
     c = Collection.init(tmp_path / "c", model_dir, db_url=pg_url)
     nodes = {}
     r = ingest_ray(c, catalog / "train.csv", Columns(), batch_size=16, actors=2, progress=False,
-                   on_batch=lambda out: nodes.update({out["pid"]: out["node"]}))
+                   on_batch=lambda out: nodes.update({out["pid"]: out["node"]}), block_bytes=700)  # read in ~8 blocks
     n = len(ref_state["items"])  # small_catalog's training rows
-    assert (r.added, r.duplicates, r.failed) == (ref_report.added, ref_report.duplicates, ref_report.failed) == (n, 1, 2)
+    assert (r.added, r.duplicates, r.failed) == (ref_report.added, ref_report.duplicates, ref_report.failed) == (n, 1, 4)
+    reasons = [reason for _, _, reason in ref_state["errors"]]  # the reader's errors reach the table from the blocks too (_same)
+    assert sum(r.startswith("wrong number of fields") for r in reasons) == sum(r.startswith("duplicate id") for r in reasons) == 1
     _same(ref_state, _state(c))
     assert len(set(nodes)) >= 1 and all(nodes.values())
     assert len(c.tokens.shards()) >= 1
@@ -118,7 +123,7 @@ def test_ray_ingest_into_postgresql_equals_the_local_ingest_and_resumes(ray_loca
     assert c.indexes["image"].ntotal == n
     # again: nothing new, every row a duplicate, nothing recorded twice
     again = ingest_ray(c, catalog / "train.csv", Columns(), batch_size=16, actors=2, progress=False)
-    assert (again.added, again.duplicates, again.failed) == (0, n + 1, 2)
+    assert (again.added, again.duplicates, again.failed) == (0, n + 1, 4)
     _same(ref_state, _state(c))
 
 
@@ -194,7 +199,7 @@ def test_a_two_node_cluster_ingest_runs_actors_on_both_nodes(tmp_path, model_dir
         out = subprocess.run([vtf, "ingest", str(tmp_path / "c"), str(catalog / "train.csv"), "--engine", "ray",
                               "--ray-address", f"127.0.0.1:{port}", "--actors", "2", "--batch-size", "4", "--json"],
                              env=env, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 1, out.stderr[-3000:]  # 1: two rows failed (the missing and the corrupt image)
+        assert out.returncode == 1, out.stderr[-3000:]  # 1: rows failed (missing and corrupt image, duplicate id, bad line)
         import json
 
         report = json.loads(out.stdout)
