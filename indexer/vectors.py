@@ -501,7 +501,12 @@ def read_meta(folder: str | Path) -> dict[str, IndexMeta]:
         return {}
     try:
         raw = json.loads(path.read_text())
-        return {m: IndexMeta(**v) for m, v in raw.items() if m in ("image", "text")}
+        metas = {m: IndexMeta(**v) for m, v in raw.items() if m in ("image", "text")}
+        for meta in metas.values():  # files are named inside the index folder, never a path out of it
+            for name in (meta.file, meta.base):
+                if name and (not isinstance(name, str) or Path(name).name != name or name in (".", "..")):
+                    raise ValueError(f"{name!r} is not a file name in the index folder")
+        return metas
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
         log.warning("%s is corrupt (%s): its indexes are rebuilt from the database", path, e)
         return {}

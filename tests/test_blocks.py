@@ -134,3 +134,22 @@ def test_settle_merges_a_block_that_starts_inside_a_quoted_field(tmp_path):
     assert sum(s.rows for s in scans) == 6
     assert all(b.start == s.end for b, s in zip(settled[1:], scans))
     _same(tmp_path / "c.csv", sizes=(50, 120, 333))
+
+
+def test_an_unclosed_quote_empty_files_and_a_header_alone(tmp_path):
+    """An unclosed quote swallows the rest of the file in the single reader: every later cut is
+    inside it, so the blocks merge into one and agree; empty and header-only files agree too."""
+    lines = ["id,image,caption"] + [f"r{i},img/{i}.png,cap {i}" for i in range(40)]
+    lines[6] = 'r5,img/5.png,"an unclosed quote'
+    (tmp_path / "c.csv").write_text("\n".join(lines) + "\n")
+    rows, _ = _same(tmp_path / "c.csv", sizes=(10, 64, 300))
+    assert len(rows) == 6 and "r39" in rows[-1].texts[0]  # r0..r4, then r5 whose caption runs to the end
+    (tmp_path / "h.csv").write_text("id,image,caption\n")
+    assert _same(tmp_path / "h.csv") == ([], [])
+    (tmp_path / "e.jsonl").write_text("")
+    assert _same(tmp_path / "e.jsonl") == ([], [])
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(Exception) as single:
+        read_source(tmp_path / "e.csv")
+    with pytest.raises(type(single.value), match="no text column"):
+        blocks.read_blocks(tmp_path / "e.csv")

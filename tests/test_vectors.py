@@ -246,3 +246,18 @@ def test_on_disk_base_files_are_cleaned_once_no_meta_names_them(tmp_path):
     flat.save(tmp_path, IndexMeta("image", "fp", 16, "Flat", watermark=4))  # a later local reindex
     clean_index_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image-000000000004.faiss", "meta.json"]
+
+
+def test_meta_naming_a_file_outside_the_index_folder_is_corrupt(tmp_path):
+    """meta.json names its files inside the folder: a path out of it (`../`, absolute) makes the
+    stamps unreadable (the indexes are then rebuilt from SQL), never a file read from elsewhere."""
+    import json
+
+    flat = VectorIndex(4, "Flat")
+    flat.add(np.arange(3, dtype=np.int64), _unit(np.eye(4)[:3]))
+    flat.save(tmp_path, IndexMeta("image", "fp", 4, "Flat", watermark=1))
+    assert read_meta(tmp_path)["image"].file == "image-000000000001.faiss"
+    raw = json.loads((tmp_path / "meta.json").read_text())
+    for bad in ({"file": "../image-000000000001.faiss"}, {"file": "/etc/passwd"}, {"base": "../../x.faiss"}, {"file": ".."}):
+        (tmp_path / "meta.json").write_text(json.dumps({"image": {**raw["image"], **bad}}))
+        assert read_meta(tmp_path) == {}
