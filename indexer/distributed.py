@@ -131,13 +131,21 @@ def read_plan(ray, source: Path, cols: Columns, kinds: dict[str, str], block_byt
     """Plan the catalog's blocks (driver; by default about four per cluster CPU, so that decoding
     spreads), scan them in Ray tasks, settle CSV cuts inside quoted fields, reconcile
     (``catalogs.blocks``)."""
+    def get(refs):  # a catalog the reader refuses (CatalogError in a task) is reported as the local reader reports it
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, blocks.CatalogError):
+                raise e.cause from None
+            raise
+
     scan = ray.remote(num_cpus=DECODE_CPUS)(blocks.scan)
     cpus = int(sum(float(n.get("Resources", {}).get("CPU", 0)) for n in alive_nodes(ray)))
     planned = blocks.plan(source, cols, block_bytes, min_blocks=4 * max(1, cpus))
-    scans = ray.get([scan.remote(b, cols) for b in planned])
-    settled, scans = blocks.settle(planned, scans, lambda bs: ray.get([scan.remote(b, cols) for b in bs]))
+    scans = get([scan.remote(b, cols) for b in planned])
+    settled, scans = blocks.settle(planned, scans, lambda bs: get([scan.remote(b, cols) for b in bs]))
     recheck = ray.remote(num_cpus=DECODE_CPUS)(blocks.numbers_apart_from)
-    return blocks.reconcile(settled, scans, kinds, recheck=lambda b, skip: ray.get(recheck.remote(b, cols, skip)), cols=cols)
+    return blocks.reconcile(settled, scans, kinds, recheck=lambda b, skip: get(recheck.remote(b, cols, skip)), cols=cols)
 
 
 def finish_block(item: dict, cols: Columns, types: dict[str, str]) -> list[dict]:
@@ -222,8 +230,9 @@ def ingest_ray(
     block_bytes: int | None = None,
 ) -> IngestReport:
     """``ingest`` on a Ray cluster (see the module doc). ``on_batch(counts)`` is called on the
-    driver for each committed batch (its counts, the actor's node id and pid, ``committed_at``: the actor's wall clock). ``block_bytes``:
-    the size of a CSV / JSONL read block (``catalogs.blocks``; default: about four per CPU).
+    driver for each committed batch (its counts, the actor's node id and pid, ``committed_at``:
+    the actor's wall clock). ``block_bytes``: the size of a CSV / JSONL read block
+    (``catalogs.blocks``; default: about four per cluster CPU).
 
     The report's ``added`` is what SQL holds for this run at the end; ``duplicates`` the rest of
     the rows that did not fail; ``stages`` hold ``read``, the actors' summed ``embed`` (decode

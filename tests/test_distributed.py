@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from vtfusion.catalogs.sources import Columns
 from vtfusion.indexer.collection import Collection, CollectionError
@@ -353,3 +353,20 @@ def test_sharded_ivf_reindex_equals_the_one_process_ivf_and_recalls_against_brut
     reindex(reopened)  # a local rebuild: an ordinary index again, the base files gone
     assert not isinstance(reopened.indexes["image"], OnDiskIndex) and not list(index_dir.glob("*-base-*"))
     assert verify(reopened).ok
+
+
+def test_a_catalog_refused_inside_a_read_task_is_reported_as_the_local_reader_reports_it(ray_local, tmp_path, model_dir):
+    """A gzipped CSV is read whole by one task: its missing text column surfaces there, and
+    comes back as the reader's CatalogError (not a Ray traceback); no run is opened."""
+    import gzip
+
+    from vtfusion.catalogs.sources import CatalogError
+    from vtfusion.indexer.schema import IngestRun
+
+    (tmp_path / "c.csv.gz").write_bytes(gzip.compress(b"id,image,colour\na,x.png,red\n"))
+    c = Collection.init(tmp_path / "c", model_dir)
+    with pytest.raises(CatalogError, match="no text column") as e:
+        ingest_ray(c, tmp_path / "c.csv.gz", Columns(), progress=False)
+    assert type(e.value) is CatalogError and str(e.value).startswith(f"{tmp_path / 'c.csv.gz'}: no text column")  # no task trace
+    with c.Session() as s:
+        assert s.scalar(select(func.count()).select_from(IngestRun)) == 0
