@@ -347,7 +347,7 @@ class OnDiskIndex:
         self.base_ids = np.sort(self._list_ids())
         self.masked = np.zeros(0, np.int64)
         self.delta = VectorIndex(dim, "Flat")
-        self._not_masked = None  # the selector for the current mask (rebuilt when it changes)
+        self._not_masked = None  # (masked array, its "not in" selector, the batch it wraps): rebuilt when the mask changes
 
     def _list_ids(self) -> np.ndarray:
         il = self.base.invlists
@@ -388,8 +388,7 @@ class OnDiskIndex:
         in_base = self._in_base(ids)
         fresh = np.setdiff1d(in_base, self.masked, assume_unique=True)
         if len(fresh):
-            self.masked = np.union1d(self.masked, fresh)
-            self._not_masked = None
+            self.masked = np.union1d(self.masked, fresh)  # a new array: a search holding the old one keeps its selector
         return len(fresh) + self.delta.remove(ids)
 
     def search(
@@ -399,11 +398,13 @@ class OnDiskIndex:
         nprobe = min(int(self.nprobe if nprobe is None else nprobe), self.nlist)
         keep = []  # every selector object stays referenced until the search returns
         sel = None
-        if len(self.masked):
-            if self._not_masked is None:
-                batch = faiss.IDSelectorBatch(self.masked)
-                self._not_masked = (faiss.IDSelectorNot(batch), batch)
-            sel = self._not_masked[0]
+        masked, cached = self.masked, self._not_masked  # read once: a catch-up in another thread swaps them
+        if len(masked):
+            if cached is None or cached[0] is not masked:
+                batch = faiss.IDSelectorBatch(masked)
+                cached = self._not_masked = (masked, faiss.IDSelectorNot(batch), batch)
+            keep.append(cached)
+            sel = cached[1]
         if allowed is not None:
             only = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             keep.append(only)
