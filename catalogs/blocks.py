@@ -44,7 +44,9 @@ from .sources import (
     _folder_item,
     _jsonl_records,
     _Lines,
+    _open_bytes,
     _parquet_rows,
+    _read,
     _Resolver,
     _text_columns,
     as_number,
@@ -108,8 +110,6 @@ def plan(path: str | Path, cols: Columns = Columns(), block_bytes: int | None = 
     gz = name.endswith(".gz")
     suffix = Path(name[:-3]).suffix if gz else path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".ndjson", ".parquet", ".pq") or (gz and suffix in (".parquet", ".pq")):
-        from .sources import _read
-
         _read(path, cols)  # the single reader's error for a missing file or an unknown format
         raise CatalogError(f"{path}: unknown catalog format {suffix!r}")
     if not path.is_file():
@@ -199,17 +199,13 @@ def _records(block: Block, cols: Columns, cursor: _Cursor) -> Iterator[CatalogRo
         real = _Resolver(root)
         for rel in block.names:
             cursor.lines += 1
-            item = _folder_item(root, real, rel)
-            if item is not None:
-                yield item
+            yield _folder_item(root, real, rel)
         return
     if block.kind == "parquet":
         for k, item in enumerate(_parquet_rows(path, cols, range(block.start, block.end), block.line0), 1):
             cursor.lines = k
             yield item
         return
-    from .sources import _open_bytes
-
     with _open_bytes(path) as f:
         if block.start:
             f.seek(block.start)

@@ -460,12 +460,11 @@ def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         item = _folder_item(root, real, p.relative_to(root).as_posix())
-        if item is not None:
-            (errors if isinstance(item, RowError) else rows).append(item)
+        (errors if isinstance(item, RowError) else rows).append(item)
     return rows, errors
 
 
-def _folder_item(root: Path, real: _Resolver, rel: str) -> CatalogRow | RowError | None:
+def _folder_item(root: Path, real: _Resolver, rel: str) -> CatalogRow | RowError:
     """The row of the image file ``rel`` under ``root`` (text: a same-name .txt, if any), or
     its error."""
     p = root / rel
