@@ -41,7 +41,7 @@ def stats(c: Collection) -> dict:
         "items_deleted": by_status.get(DELETED, 0),
         "items_replaced": by_status.get(REPLACED, 0),
         "embeddings": {m: emb.get(m, 0) for m in MODALITIES},
-        "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark} for m, v in metas.items()},
+        "indexes": {m: {"factory": v.factory, "count": v.count, "watermark": v.watermark, **_layout(c, m, v)} for m, v in metas.items()},
         "token_cache": {
             "dtype": c.config.token_dtype, "format": c.config.token_format, "folder": c.config.tokens_dir,
             "records": c.tokens.total_records(), "bytes": c.tokens.total_bytes(), "bytes_per_image": c.tokens.record_bytes,
@@ -49,6 +49,16 @@ def stats(c: Collection) -> dict:
         "ingest_runs": runs,
         "ingest_errors": n_errors,
     }
+
+
+def _layout(c: Collection, modality: str, meta) -> dict:
+    """How an index is laid out, when not as one in-memory file: {"layout", and for an on-disk
+    index "delta" (vectors changed since its build, searched exactly)}."""
+    out = {"layout": meta.layout} if meta.layout else {}
+    index = c.indexes.get(modality)
+    if meta.base and index is not None and hasattr(index, "delta"):
+        out["delta"] = index.delta.ntotal
+    return out
 
 
 def select_items(c: Collection, ids: list[str] | None = None, where: str | None = None, status: str = ACTIVE) -> list[int]:

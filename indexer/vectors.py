@@ -38,6 +38,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 EXACT_MAX = 20_000  # below this many vectors an exact index is fast enough
 META_NAME = "meta.json"
+DELTA_WARN, DELTA_WARN_MIN = 0.05, 10_000  # an on-disk index whose delta outgrows this share of its base (and this many) says to reindex
 
 
 class IndexMismatchError(RuntimeError):
@@ -348,6 +349,7 @@ class OnDiskIndex:
         self.masked = np.zeros(0, np.int64)
         self.delta = VectorIndex(dim, "Flat")
         self._not_masked = None  # (masked array, its "not in" selector, the batch it wraps): rebuilt when the mask changes
+        self._warned = False  # the delta outgrew DELTA_WARN of the base (said once per process)
 
     def _list_ids(self) -> np.ndarray:
         il = self.base.invlists
@@ -457,6 +459,12 @@ class OnDiskIndex:
                             "factory": self.factory})
         write_meta(folder, meta)
         _remove_replaced(folder, meta)
+        base = len(self.base_ids)
+        if not self._warned and self.delta.ntotal > max(DELTA_WARN * base, DELTA_WARN_MIN):
+            self._warned = True
+            log.warning("the on-disk %s index holds %d vectors changed since its build (%.0f%% of its %d): searches scan "
+                        "them exactly; `vtfusion reindex --engine ray` folds them into a new base", meta.modality,
+                        self.delta.ntotal, 100 * self.delta.ntotal / max(1, base), base)
         return meta
 
     @classmethod

@@ -338,6 +338,9 @@ def test_sharded_ivf_reindex_equals_the_one_process_ivf_and_recalls_against_brut
         np.testing.assert_allclose(D, -np.sort(-sims, axis=1)[:, :10], atol=1e-5)
         np.testing.assert_allclose(D, np.take_along_axis(sims, np.searchsorted(sids, I), axis=1), atol=1e-5)
     assert verify(reopened).ok
+    from vtfusion.indexer.lifecycle import stats
+
+    assert stats(reopened)["indexes"]["image"]["delta"] == added  # the base items deleted are masked, not in the delta
     assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in index_dir.glob("*-base-*")} == base
     # a search process maps the lists; FAISS's own messages about it never reach stdout (it carries --json)
     import json

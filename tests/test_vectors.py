@@ -150,7 +150,7 @@ def _ondisk(tmp_path, xb, ids, nlist=8, parts=3):
     return OnDiskIndex(read_ondisk(stem.with_suffix(".faiss")), stem.with_suffix(".faiss").name, f"IVF{nlist},Flat", xb.shape[1])
 
 
-def test_on_disk_index_with_changes_equals_brute_force_and_never_writes_its_base(tmp_path, capfd):
+def test_on_disk_index_with_changes_equals_brute_force_and_never_writes_its_base(tmp_path, capfd, caplog, monkeypatch):
     """Probing every list, an IVF-Flat is exact: the on-disk base plus its delta and masked ids
     must answer as numpy over the live vectors, filtered or not, after adds, replacements and
     deletes, and again after save -> load; the base files are never written after the merge."""
@@ -198,7 +198,12 @@ def test_on_disk_index_with_changes_equals_brute_force_and_never_writes_its_base
         np.testing.assert_allclose(ix.reconstruct(probe), np.stack([live[int(i)] for i in probe]), atol=1e-6)
 
     check(index)
+    from vtfusion.indexer import vectors
+
+    monkeypatch.setattr(vectors, "DELTA_WARN_MIN", 0)  # 300 changed vectors over 5% of 3,000: the save says to reindex, once
     meta = index.save(tmp_path, IndexMeta("image", "fp", d, index.factory, watermark=9))
+    index.save(tmp_path, IndexMeta("image", "fp", d, index.factory, watermark=9))
+    assert sum("folds them into a new base" in r.getMessage() for r in caplog.records) == 1
     assert meta.base == "image-base-000000000001-abcd.faiss" and meta.file == "image-000000000009.delta.npz"
     assert sorted(clean_index_folder(tmp_path)) == ["part0.faiss", "part1.faiss", "part2.faiss"]  # meta.json names the rest
     loaded = VectorIndex.load(tmp_path, read_meta(tmp_path)["image"])
