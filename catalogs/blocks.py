@@ -27,6 +27,7 @@ reconciles: 2.4 GB at 100 M rows, against the rows themselves in the single read
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,6 +71,7 @@ class Block:
     header: tuple[str, ...] | None = None  # csv: the header; None: read it here (the block starts the file)
     header_lines: int = 0  # csv: the lines the header takes (the first block's line offset)
     names: tuple[str, ...] = ()  # folder: image paths relative to the root
+    stamp: tuple[int, int] = (0, 0)  # the file's (size, mtime_ns) when planned: every later read checks it
 
 
 @dataclass
@@ -118,8 +120,9 @@ def plan(path: str | Path, cols: Columns = Columns(), block_bytes: int | None = 
     if suffix in (".parquet", ".pq"):
         return _parquet_blocks(path, cols, block_bytes)
     kind = "csv" if suffix == ".csv" else "jsonl"
+    stamp = _stamp(path)
     if gz:
-        return [Block(kind, str(path))]
+        return [Block(kind, str(path), stamp=stamp)]
     start, header, n = 0, None, 0
     if kind == "csv":
         with open(path, "rb") as f:
@@ -130,7 +133,21 @@ def plan(path: str | Path, cols: Columns = Columns(), block_bytes: int | None = 
         header = tuple(header)
     cuts = [start] + _line_starts(path, start, block_bytes) + [path.stat().st_size]
     spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(start, start)]
-    return [Block(kind, str(path), a, b, header=header, header_lines=n) for a, b in spans]
+    return [Block(kind, str(path), a, b, header=header, header_lines=n, stamp=stamp) for a, b in spans]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_stamp(block: Block) -> None:
+    """CatalogError when the block's file is not the one planned: a catalog rewritten or appended
+    to between the scan and the read would give line numbers, duplicates and types decided for
+    other contents — refused, never mixed."""
+    if block.kind != "folder" and _stamp(Path(block.path)) != block.stamp:
+        raise CatalogError(f"{block.path} changed while it was being read (its size or modification time); run the ingest "
+                           "again once it is written")
 
 
 def _auto(size: int, block_bytes: int | None, min_blocks: int) -> int:
@@ -167,10 +184,10 @@ def _parquet_blocks(path: Path, cols: Columns, block_bytes: int) -> list[Block]:
     for g in range(meta.num_row_groups):
         size += meta.row_group(g).total_byte_size
         if size >= block_bytes or g == meta.num_row_groups - 1:
-            out.append(Block("parquet", str(path), first, g + 1, line0=line0))
+            out.append(Block("parquet", str(path), first, g + 1, line0=line0, stamp=_stamp(path)))
             rows = sum(meta.row_group(k).num_rows for k in range(first, g + 1))
             line0, first, size = line0 + rows, g + 1, 0
-    return out or [Block("parquet", str(path), 0, 0)]
+    return out or [Block("parquet", str(path), 0, 0, stamp=_stamp(path))]
 
 
 def _folder_blocks(path: Path, min_blocks: int = 1) -> list[Block]:
@@ -192,7 +209,13 @@ class _Cursor:
 
 def _records(block: Block, cols: Columns, cursor: _Cursor) -> Iterator[CatalogRow | RowError]:
     """The block's rows and errors, lines numbered from ``block.line0``; ``cursor`` ends up with
-    the lines consumed and the end offset."""
+    the lines consumed and the end offset. The file's stamp is checked before and after."""
+    _check_stamp(block)
+    yield from _read_block(block, cols, cursor)
+    _check_stamp(block)
+
+
+def _read_block(block: Block, cols: Columns, cursor: _Cursor) -> Iterator[CatalogRow | RowError]:
     path = Path(block.path)
     if block.kind == "folder":
         root = Path(block.path)
@@ -359,7 +382,9 @@ def reconcile(
 
 def finish(block: Block, cols: Columns, types: dict[str, str], drops: dict[int, int]) -> Iterator[CatalogRow | RowError]:
     """The block's rows, typed as ``types`` says, in order; a duplicate or a misfit comes as its
-    RowError, in its place. Parse errors are not repeated (``Plan.errors`` has them)."""
+    RowError, in its place. Parse errors are not repeated (``Plan.errors`` has them). A file
+    changed since the plan raises CatalogError at the end: take the rows only once the
+    generator is exhausted (``list(finish(…))``), as the Ray ingest does."""
     for item in _records(block, cols, _Cursor()):
         if isinstance(item, RowError):
             continue

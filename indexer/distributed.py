@@ -131,13 +131,11 @@ def read_plan(ray, source: Path, cols: Columns, kinds: dict[str, str], block_byt
     """Plan the catalog's blocks (driver; by default about four per cluster CPU, so that decoding
     spreads), scan them in Ray tasks, settle CSV cuts inside quoted fields, reconcile
     (``catalogs.blocks``)."""
-    def get(refs):  # a catalog the reader refuses (CatalogError in a task) is reported as the local reader reports it
+    def get(refs):
         try:
             return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, blocks.CatalogError):
-                raise e.cause from None
-            raise
+        except Exception as e:  # noqa: BLE001 - re-raised, unwrapped when it is the reader's
+            raise _catalog_error(e) or e
 
     scan = ray.remote(num_cpus=DECODE_CPUS)(blocks.scan)
     cpus = int(sum(float(n.get("Resources", {}).get("CPU", 0)) for n in alive_nodes(ray)))
@@ -146,6 +144,18 @@ def read_plan(ray, source: Path, cols: Columns, kinds: dict[str, str], block_byt
     settled, scans = blocks.settle(planned, scans, lambda bs: get([scan.remote(b, cols) for b in bs]))
     recheck = ray.remote(num_cpus=DECODE_CPUS)(blocks.numbers_apart_from)
     return blocks.reconcile(settled, scans, kinds, recheck=lambda b, skip: get(recheck.remote(b, cols, skip)), cols=cols)
+
+
+def _catalog_error(e: BaseException) -> blocks.CatalogError | None:
+    """The reader's CatalogError inside a Ray task's error (a catalog refused, or changed while it
+    was read), to report as the local reader reports it: without the task's trace."""
+    seen = 0
+    while e is not None and seen < 8:
+        if type(e) is blocks.CatalogError:
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
 
 
 def finish_block(item: dict, cols: Columns, types: dict[str, str]) -> list[dict]:
@@ -285,8 +295,11 @@ def ingest_ray(
                 if on_batch is not None:
                     on_batch(dict(out))
         status = "done"
-    except Exception:  # a batch Ray could not complete (its error is raised): what was committed stays
+    except Exception as e:  # a batch Ray could not complete (its error is raised): what was committed stays
         status = "failed"
+        err = _catalog_error(e)
+        if err is not None:
+            raise err from None
         raise
     finally:
         if restore is not None:

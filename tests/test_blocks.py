@@ -153,3 +153,33 @@ def test_an_unclosed_quote_empty_files_and_a_header_alone(tmp_path):
         read_source(tmp_path / "e.csv")
     with pytest.raises(type(single.value), match="no text column"):
         blocks.read_blocks(tmp_path / "e.csv")
+
+
+def test_a_catalog_changed_between_the_passes_is_refused_not_mixed(tmp_path):
+    """Line offsets, duplicates and types are decided from the scan: a file appended to or
+    rewritten before a block is read again must fail that read (CatalogError) before it yields
+    rows decided for other contents."""
+    import os
+
+    from vtfusion.catalogs.sources import CatalogError
+
+    path = tmp_path / "c.csv"
+    path.write_text("id,image,caption,price\n" + "".join(f"r{i},img/{i}.png,cap {i},{i}\n" for i in range(300)))
+    planned = blocks.plan(path, block_bytes=500)
+    blocks_, scans = blocks.settle(planned, [blocks.scan(b) for b in planned], lambda bs: [blocks.scan(b) for b in bs])
+    p = blocks.reconcile(blocks_, scans)
+    assert len(list(blocks.finish(p.blocks[1], Columns(), p.types, p.drops[1]))) > 0  # unchanged: reads
+    with open(path, "a") as f:
+        f.write("r0,img/x.png,a new row with an old id,n/a\n")  # would make r0 a duplicate and price text
+    for b, d in zip(p.blocks, p.drops):
+        with pytest.raises(CatalogError, match="changed while it was being read"):
+            list(blocks.finish(b, Columns(), p.types, d))
+    with pytest.raises(CatalogError, match="changed while it was being read"):
+        blocks.scan(planned[0])
+    fresh = blocks.plan(path, block_bytes=500)  # planned after the append
+    st = os.stat(path)
+    path.write_bytes(path.read_bytes().replace(b"cap 7,", b"cap 8,"))  # the same size, other bytes, a later mtime
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert os.stat(path).st_size == st.st_size
+    with pytest.raises(CatalogError, match="changed while it was being read"):
+        blocks.scan(fresh[0])
