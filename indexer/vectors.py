@@ -426,7 +426,9 @@ class OnDiskIndex:
         in_delta = np.isin(ids, self.delta.ids())
         if in_delta.any():
             out[in_delta] = self.delta.reconstruct(ids[in_delta])
-        want = {int(i): n for n, i in enumerate(ids) if not in_delta[n]}
+        masked = set(self.masked.tolist())
+        want = {int(i): n for n, i in enumerate(ids) if not in_delta[n] and int(i) not in masked}  # masked: deleted, not here
+        missing = [int(i) for n, i in enumerate(ids) if not in_delta[n] and int(i) in masked]
         il = self.base.invlists
         for lst in range(self.base.nlist):
             if not want:
@@ -438,8 +440,8 @@ class OnDiskIndex:
             for off in np.flatnonzero(np.isin(lids, list(want))):
                 row = want.pop(int(lids[off]))
                 self.base.reconstruct_from_offset(lst, int(off), faiss.swig_ptr(out[row]))
-        if want:
-            raise KeyError(f"ids not in the index: {sorted(want)[:5]}")
+        if want or missing:
+            raise KeyError(f"ids not in the index: {sorted([*want, *missing])[:5]}")
         return out
 
     # ---- persistence -----------------------------------------------------------------

@@ -196,6 +196,8 @@ def test_on_disk_index_with_changes_equals_brute_force_and_never_writes_its_base
         np.testing.assert_array_equal(I, _brute(lx, lid, xq, 10, allowed=allowed)[1])
         probe = np.array([lid[0], rep_ids[3], new_ids[-1]])
         np.testing.assert_allclose(ix.reconstruct(probe), np.stack([live[int(i)] for i in probe]), atol=1e-6)
+        with pytest.raises(KeyError):  # a deleted base id is not there any more
+            ix.reconstruct(gone[:1])
 
     check(index)
     from vtfusion.indexer import vectors
