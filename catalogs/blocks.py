@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from .sources import (
-    IMAGE_SUFFIXES,
     CatalogError,
     CatalogRow,
     Columns,
@@ -52,6 +51,7 @@ from .sources import (
     _text_columns,
     as_number,
     dup_reason,
+    image_files,
     typed_row,
 )
 
@@ -175,26 +175,26 @@ def _parquet_blocks(path: Path, cols: Columns, block_bytes: int) -> list[Block]:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(path).metadata
-        names = pq.ParquetFile(path).schema_arrow.names
+        pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - not Parquet, truncated
         raise CatalogError(f"{path}: not a readable Parquet file ({e})") from e
-    _text_columns(cols, names, path)
+    _text_columns(cols, pf.schema_arrow.names, path)
+    meta, stamp = pf.metadata, _stamp(path)
     out, first, size, line0 = [], 0, 0, 0
     for g in range(meta.num_row_groups):
         size += meta.row_group(g).total_byte_size
         if size >= block_bytes or g == meta.num_row_groups - 1:
-            out.append(Block("parquet", str(path), first, g + 1, line0=line0, stamp=_stamp(path)))
+            out.append(Block("parquet", str(path), first, g + 1, line0=line0, stamp=stamp))
             rows = sum(meta.row_group(k).num_rows for k in range(first, g + 1))
             line0, first, size = line0 + rows, g + 1, 0
-    return out or [Block("parquet", str(path), 0, 0, stamp=_stamp(path))]
+    return out or [Block("parquet", str(path), 0, 0, stamp=stamp)]
 
 
 def _folder_blocks(path: Path, min_blocks: int = 1) -> list[Block]:
     root = path.resolve()
     if not root.is_dir():
         raise CatalogError(f"not a folder: {root}")
-    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    names = image_files(root)
     step = max(64, min(FOLDER_BLOCK, -(-len(names) // max(1, min_blocks))))
     return [Block("folder", str(root), names=tuple(names[k:k + step])) for k in range(0, len(names), step)]
 
@@ -246,10 +246,6 @@ def _read_block(block: Block, cols: Columns, cursor: _Cursor) -> Iterator[Catalo
         cursor.end = lines.pos
 
 
-def _line_of(row: CatalogRow) -> int:
-    return int(row.source.rpartition(":")[2])
-
-
 # ---- 2. scan ---------------------------------------------------------------------------------
 
 
@@ -264,15 +260,16 @@ def scan(block: Block, cols: Columns = Columns()) -> Scan:
             out.errors.append(RowError(item.file, item.line - shift, item.reason))
             continue
         out.rows += 1
+        line = item.location[1] - shift
         if block.kind != "folder":  # a folder's ids are its unique relative paths
             digests.append(hashlib.blake2b(item.external_id.encode("utf-8", "surrogateescape"), digest_size=16).digest())
-            at.append(_line_of(item) - shift)
+            at.append(line)
         for k, v in item.metadata.items():
             if as_number(v) is None:
                 seen = out.nonnum.setdefault(k, [0, []])
                 seen[0] += 1
                 if len(seen[1]) < WHERE_CAP:
-                    seen[1].append(_line_of(item) - shift)
+                    seen[1].append(line)
             else:
                 out.nonnum.setdefault(k, [0, []])
     out.digests, out.at = b"".join(digests), np.array(at, dtype=np.int64)
@@ -285,7 +282,7 @@ def numbers_apart_from(block: Block, cols: Columns, skip: set[int]) -> dict[str,
     rare case ``reconcile`` cannot settle from a scan's first WHERE_CAP positions)."""
     out: dict[str, bool] = {}
     for item in _records(block, cols, _Cursor()):
-        if isinstance(item, CatalogRow) and _line_of(item) not in skip:
+        if isinstance(item, CatalogRow) and item.location[1] not in skip:
             for k, v in item.metadata.items():
                 out[k] = out.get(k, True) and as_number(v) is not None
     return out
@@ -330,7 +327,6 @@ def reconcile(
     for b, s in zip(blocks, scans):
         if b.kind in ("csv", "jsonl"):
             if b.path != prev:
-                offset = 0
                 offset = b.header_lines
             fixed.append(replace(b, line0=offset))
             offset += s.lines
@@ -388,9 +384,9 @@ def finish(block: Block, cols: Columns, types: dict[str, str], drops: dict[int, 
     for item in _records(block, cols, _Cursor()):
         if isinstance(item, RowError):
             continue
-        if drops and _line_of(item) in drops:
-            line = _line_of(item)
-            yield RowError(item.source.rpartition(":")[0], line, dup_reason(item.external_id, drops[line]))
+        file, line = item.location
+        if line in drops:
+            yield RowError(file, line, dup_reason(item.external_id, drops[line]))
         else:
             yield typed_row(item, types)
 

@@ -36,6 +36,12 @@ class CatalogRow:
     metadata: dict[str, Any] = field(default_factory=dict)  # numbers parsed as numbers
     source: str = ""  # "file.csv:LINE"
 
+    @property
+    def location(self) -> tuple[str, int]:
+        """(file, line) from ``source``; (source, 0) where it has no line (a folder's image)."""
+        file, _, line = self.source.rpartition(":")
+        return (file, int(line)) if line.isdigit() else (self.source, 0)
+
 
 @dataclass(frozen=True)
 class RowError:
@@ -148,9 +154,7 @@ def typed_row(r: CatalogRow, types: dict[str, str]) -> CatalogRow | RowError:
         if types[k] == "number":
             n = as_number(v)
             if n is None:
-                file, _, line = r.source.rpartition(":")
-                return RowError(file, int(line) if line.isdigit() else 0,
-                                f"column {k!r} holds numbers; {as_text(v)[:40]!r} is not one (declare it text with --schema {k}:text)")
+                return RowError(*r.location, f"column {k!r} holds numbers; {as_text(v)[:40]!r} is not one (declare it text with --schema {k}:text)")
             meta[k] = n
         else:
             meta[k] = as_text(v)
@@ -273,10 +277,9 @@ def _split(items: Iterable[CatalogRow | RowError]) -> tuple[list[CatalogRow], li
         if isinstance(x, RowError):
             errors.append(x)
         elif x.external_id in first:
-            file, _, line = x.source.rpartition(":")
-            errors.append(RowError(file, int(line), dup_reason(x.external_id, first[x.external_id])))
+            errors.append(RowError(*x.location, dup_reason(x.external_id, first[x.external_id])))
         else:
-            first[x.external_id] = x.source.rpartition(":")[2]
+            first[x.external_id] = x.location[1]
             rows.append(x)
     return rows, errors
 
@@ -456,12 +459,15 @@ def read_folder(path: str | Path) -> tuple[list[CatalogRow], list[RowError]]:
         raise CatalogError(f"not a folder: {root}")
     rows, errors = [], []
     real = _Resolver(root)
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        item = _folder_item(root, real, p.relative_to(root).as_posix())
+    for rel in image_files(root):
+        item = _folder_item(root, real, rel)
         (errors if isinstance(item, RowError) else rows).append(item)
     return rows, errors
+
+
+def image_files(root: Path) -> list[str]:
+    """The image files under the resolved folder ``root``, as sorted relative paths."""
+    return [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _folder_item(root: Path, real: _Resolver, rel: str) -> CatalogRow | RowError:

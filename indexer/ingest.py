@@ -396,11 +396,6 @@ def _replace_older_versions(session, new_rows: list[CatalogRow], source: str) ->
     return len(old)
 
 
-def _location(row: CatalogRow) -> tuple[str, int]:
-    file, _, line = row.source.rpartition(":")
-    return (file, int(line)) if line.isdigit() else (row.source, 0)
-
-
 @dataclass
 class _Prepared:
     """One embedded batch, ready for the writer (CPU tensors: from a worker process they
@@ -459,7 +454,7 @@ def _prepare(
     errors, ok, image_hashes = [], [], {}
     for i, px, h, ih, err in batch:
         if err is not None:
-            errors.append(RowError(*_location(rows[i]), err))
+            errors.append(RowError(*rows[i].location, err))
         else:
             ok.append((i, px, h))
             image_hashes[i] = ih
@@ -479,7 +474,7 @@ def _prepare(
         try:
             parts.append(_embed(bundle, rows, [item], encode, _Prepared(0, [(item[0], item[2])], [], 0)))
         except Exception as e:  # noqa: BLE001 - this row's error alone
-            errors.append(RowError(*_location(rows[item[0]]), f"could not be embedded: {type(e).__name__}: {str(e)[:200]}"))
+            errors.append(RowError(*rows[item[0]].location, f"could not be embedded: {type(e).__name__}: {str(e)[:200]}"))
     p = _Prepared(len(batch), [x for q in parts for x in q.fresh], errors, len(ok) - len(fresh), image_hashes=image_hashes)
     if parts:
         p.has_text = [x for q in parts for x in q.has_text]
@@ -585,7 +580,7 @@ def _commit_rows_alone(collection, rows, p: _Prepared, keep, locations, text_pos
         except (DataError, StatementError, ValueError, TypeError) as e:
             if isinstance(e, (OperationalError, InterfaceError)):
                 raise
-            err = RowError(*_location(rows[p.fresh[k][0]]), f"could not be stored: {first_line(e)}")
+            err = RowError(*rows[p.fresh[k][0]].location, f"could not be stored: {first_line(e)}")
             _, n, _ = _commit_batch(collection, rows, p, [], locations, text_pos, report, source, [err], dup=False)
             n_err += n
     return replaced, n_err, kept
@@ -609,7 +604,7 @@ def _commit_batch(
     with collection.Session.begin() as s:
         kinds = _register_columns(s, [rows[p.fresh[k][0]].metadata for k in keep])
         misfits = {k: why for k in keep if (why := _misfit(rows[p.fresh[k][0]].metadata, kinds))}
-        errors = [*errors, *(RowError(*_location(rows[p.fresh[k][0]]), why) for k, why in misfits.items())]
+        errors = [*errors, *(RowError(*rows[p.fresh[k][0]].location, why) for k, why in misfits.items())]
         keep = [k for k in keep if k not in misfits]
         fresh = [p.fresh[k] for k in keep]
         replaced = _replace_older_versions(s, [rows[i] for i, _ in fresh], source)

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from . import filters
 from .collection import Collection, StaleIndexError, mask_url
 from .schema import ACTIVE, DELETED, MODALITIES, REPLACED, Change, Embedding, IngestError, IngestRun, Item
-from .vectors import UnreadableIndexError, VectorIndex, check_factory, read_meta
+from .vectors import OnDiskIndex, UnreadableIndexError, VectorIndex, check_factory, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _layout(c: Collection, modality: str, meta) -> dict:
     index "delta" (vectors changed since its build, searched exactly)}."""
     out = {"layout": meta.layout} if meta.layout else {}
     index = c.indexes.get(modality)
-    if meta.base and index is not None and hasattr(index, "delta"):
+    if isinstance(index, OnDiskIndex):
         out["delta"] = index.delta.ntotal
     return out
 

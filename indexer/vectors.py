@@ -29,6 +29,7 @@ import contextlib
 import sys
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -233,15 +234,8 @@ class VectorIndex:
         """Write the index under a new file name, then atomically point meta.json at it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{meta.modality}-{meta.watermark:012d}.faiss"
-        tmp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique: writers never share a temp file
-        faiss.write_index(self.index, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, folder / name)
-        meta = IndexMeta(**{**asdict(meta), "file": name, "count": self.ntotal, "dim": self.dim, "factory": self.factory})
-        write_meta(folder, meta)
-        _remove_replaced(folder, meta)
-        return meta
+        return _publish(folder, meta, f"{meta.modality}-{meta.watermark:012d}.faiss",
+                        lambda tmp: faiss.write_index(self.index, str(tmp)), count=self.ntotal, dim=self.dim, factory=self.factory)
 
     @classmethod
     def load(cls, folder: str | Path, meta: IndexMeta) -> VectorIndex | OnDiskIndex:
@@ -267,6 +261,20 @@ class VectorIndex:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"vectors must be (n, {self.dim}); got {x.shape}")
         return x
+
+
+def _publish(folder: Path, meta: IndexMeta, name: str, write: Callable[[Path], None], **stamp) -> IndexMeta:
+    """A new index file ``name`` written through ``write(tmp)`` (fsync'ed, then renamed into
+    place), then meta.json atomically pointed at it (``stamp``: the fields that describe it);
+    the modality's files it replaces are removed. Returns the new stamp."""
+    tmp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"  # unique: writers never share a temp file
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, folder / name)
+    meta = IndexMeta(**{**asdict(meta), "file": name, **stamp})
+    write_meta(folder, meta)
+    _remove_replaced(folder, meta)
+    return meta
 
 
 def _files_of(meta: IndexMeta) -> set[str]:
@@ -449,18 +457,14 @@ class OnDiskIndex:
     def save(self, folder: str | Path, meta: IndexMeta) -> IndexMeta:
         """The base is never rewritten; the delta (ids, vectors) and the masked ids are written
         to a new ``.delta.npz``, then meta.json is atomically pointed at both."""
-        folder = Path(folder)
-        name = f"{meta.modality}-{meta.watermark:012d}.delta.npz"
-        tmp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         ids = self.delta.ids()
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=ids, vectors=self.delta.reconstruct(ids), masked=self.masked)
-        _fsync(tmp)
-        os.replace(tmp, folder / name)
-        meta = IndexMeta(**{**asdict(meta), "file": name, "base": self.base_file, "count": self.ntotal, "dim": self.dim,
-                            "factory": self.factory})
-        write_meta(folder, meta)
-        _remove_replaced(folder, meta)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=ids, vectors=self.delta.reconstruct(ids), masked=self.masked)
+
+        meta = _publish(Path(folder), meta, f"{meta.modality}-{meta.watermark:012d}.delta.npz", write,
+                        base=self.base_file, count=self.ntotal, dim=self.dim, factory=self.factory)
         base = len(self.base_ids)
         if not self._warned and self.delta.ntotal > max(DELTA_WARN * base, DELTA_WARN_MIN):
             self._warned = True
