@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ def settings(variant: str) -> tuple[dict, list[str]]:
         if part == "neg":
             cfg["text_negatives"] = True
             flags[2] = "--text-negatives"
+        elif m := re.fullmatch(r"negk(\d+)", part):
+            cfg["text_negatives"], cfg["negatives_per_text"] = True, int(m[1])
+            flags[2] = "--text-negatives"
+            flags.append(f"--negatives-per-text {m[1]}")
         elif part in ("gru", "lstm"):
             kw["text_tower"] = part
             flags.append(f"--text-tower {part}")
@@ -144,11 +149,21 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for v in args.variants.split(","):
+    variants = args.variants.split(",")
+    for v in variants:
         if args.collect:
             rows.append(json.loads((args.out / v / "row.json").read_text()))
             continue
-        row = run(args.catalog, args.out, v, depths, args.seed)
+        if len(variants) > 1:
+            # each variant in a fresh interpreter: after one variant's ingest and evaluation the
+            # next one's training steps ran ~3x slower in the same process (measured), which
+            # made the train-seconds column of a multi-variant run meaningless
+            cmd = [sys.executable, __file__, str(args.catalog), "--out", str(args.out), "--variants", v,
+                   "--depths", args.depths, "--seed", str(args.seed)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            row = json.loads((args.out / v / "row.json").read_text())
+        else:
+            row = run(args.catalog, args.out, v, depths, args.seed)
         rows.append(row)
         print(table([row], depths).splitlines()[-2:][0], flush=True)
         print(table([row], depths).splitlines()[-1], flush=True)

@@ -119,16 +119,20 @@ def itm_objective(
     relearning it (unused, may be None, when ``rank_weight`` is 0).
 
     ``extra_rows`` (G,): G more rows at the end, each image ``extra_rows[g]`` against a
-    compositional negative of its own text; in the listwise loss each is one more negative
-    text of that image (images without one leave the slot empty)."""
+    compositional negative of its own text (an image may have several); in the listwise loss
+    each is one more negative text of that image (images with fewer leave their slots empty)."""
     loss = itm_loss(logits[:B], logits[B:])
     if rank_weight:
         fused = fused_score(logits.float(), cos, scale)  # ((1+2K)B [+ G],)
         pos, neg_t, neg_i = fused[:B], fused[B : B + B * K].view(B, K), fused[B + B * K : B + 2 * B * K].view(B, K)
         if extra_rows is not None and extra_rows.numel():
-            extra = torch.full((B, 1), float("-inf"), dtype=fused.dtype, device=fused.device)
-            extra = extra.index_put((extra_rows, torch.zeros_like(extra_rows)), fused[B + 2 * B * K :])  # (B, 1)
-            neg_t = torch.cat([neg_t, extra], dim=1)  # (B, K + 1): exp(-inf) adds nothing where there is none
+            # a row's J-th compositional negative goes to column J: its ordinal among its image's
+            order, at = torch.sort(extra_rows, stable=True)
+            col = torch.empty_like(extra_rows)
+            col[at] = torch.arange(order.numel(), device=order.device) - torch.searchsorted(order, order)
+            extra = torch.full((B, int(col.max()) + 1), float("-inf"), dtype=fused.dtype, device=fused.device)
+            extra = extra.index_put((extra_rows, col), fused[B + 2 * B * K :])  # (B, J)
+            neg_t = torch.cat([neg_t, extra], dim=1)  # (B, K + J): exp(-inf) adds nothing where there is none
         loss = loss + rank_weight * (itm_rank_loss(pos, neg_t) + itm_rank_loss(pos, neg_i)) / 2
     return loss
 

@@ -85,6 +85,35 @@ def test_a_negative_never_equals_another_positive_of_the_batch(slots, seed):
         assert n is None or (n != t and n not in batch)
 
 
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(2, 6))
+def test_negatives_of_kinds_each_change_one_slot_and_differ(slots, seed, k):
+    """Up to k negatives of a caption: distinct, none the caption or another text of the batch,
+    each changing the words of one slot only (a different slot each), swaps keeping the bag."""
+    rng = random.Random(seed)
+    spec = (_random_obj(rng), _random_obj(rng)) if rng.random() < 0.7 else (_random_obj(rng),)
+    text = caption(spec, rng)
+    other = caption((_random_obj(rng),), rng)
+    per = slots.negatives([text, other], rng, k)
+    negs = per[0]
+    in_text = {slots.slot_of[w] for _, _, w in words(text) if w in slots.slot_of}
+    assert 1 <= len(negs) <= min(k, len(in_text)) and len(set(negs)) == len(negs)
+    assert text not in negs and other not in negs
+    kinds = []
+    for neg in negs:
+        a, b = [w for _, _, w in words(text)], [w for _, _, w in words(neg)]
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and changed
+        assert len({slots.slot_of[x] for x, _ in changed}) == 1  # one slot
+        assert all(slots.slot_of[x] == slots.slot_of[y] and slots.meanings[x] != slots.meanings[y] for x, y in changed)
+        if len(changed) == 2 and changed[0] == changed[1][::-1]:
+            assert _bag(neg) == _bag(text)
+        kinds.append(slots.slot_of[changed[0][0]])
+    assert len(set(kinds)) == len(kinds)  # each negative another kind
+    if len(in_text) >= k:
+        assert len(negs) == k
+
+
 def test_negatives_keep_case_and_punctuation(slots):
     rng = random.Random(0)
     neg = slots.negative("Small red striped mug | large blue plain hat", rng)
@@ -92,11 +121,13 @@ def test_negatives_keep_case_and_punctuation(slots):
     assert slots.negative("nothing from the catalog here", rng) is None
 
 
-def test_training_with_text_negatives_runs_both_stages_and_resumes_the_same(tmp_path, small_catalog):
+@pytest.mark.parametrize("per_text", [1, 3])
+def test_training_with_text_negatives_runs_both_stages_and_resumes_the_same(tmp_path, small_catalog, per_text):
     """Negatives are drawn from (seed, stage, step): a run resumed from an earlier checkpoint
-    ends with the weights of the uninterrupted run."""
+    ends with the weights of the uninterrupted run (one negative per caption, or three of
+    different slots)."""
     cfg = TrainConfig(epochs=2, batch_size=16, progress=False, text_negatives=True, checkpoint_every=3,
-                      rerank=RerankConfig(epochs=1))
+                      rerank=RerankConfig(epochs=1), negatives_per_text=per_text)
     whole = train_catalog(small_catalog / "train.csv", tmp_path / "whole", cfg, vision=TINY_VISION)
     assert whole.result.rerank_steps > 0 and (tmp_path / "whole" / "word_slots.json").is_file()
     ref = factory.load(tmp_path / "whole").model.state_dict()
@@ -120,3 +151,4 @@ def test_cli_defaults_follow_the_training_config():
     cfg = TrainConfig()
     assert params["text_negatives"].default is cfg.text_negatives is True
     assert params["calibration"].default == cfg.calibration == 0.0
+    assert params["negatives_per_text"].default == cfg.negatives_per_text

@@ -321,6 +321,32 @@ def test_listwise_itm_loss_in_a_train_step_by_hand(rank_weight):
     assert float(out["itm"]) == pytest.approx(math.log(2) + rank_weight * float(out["itc"]), rel=1e-5)
 
 
+def test_itm_objective_places_several_compositional_negatives_per_image():
+    """Extra rows (an image may have several compositional negatives, in any order) each join
+    that image's listwise candidates; images with fewer leave their slots empty. Oracle: the
+    listwise loss written out per query."""
+    from vtfusion.models.fusion import fused_score
+    from vtfusion.models.losses import itm_loss, itm_objective
+
+    B, K = 3, 1
+    g = torch.Generator().manual_seed(0)
+    extra_rows = torch.tensor([2, 0, 2, 2])  # image 2 has three, image 0 one, image 1 none
+    n = (1 + 2 * K) * B + len(extra_rows)
+    logits, cos = torch.randn(n, generator=g), torch.rand(n, generator=g)
+    scale = torch.tensor(10.0)
+    got = itm_objective(logits, cos, scale, B, K, 1.0, extra_rows=extra_rows)
+    f = fused_score(logits, cos, scale)
+    pos, neg_t, neg_i, extra = f[:B], f[B : 2 * B], f[2 * B : 3 * B], f[3 * B :]
+
+    def ce(p, negs):
+        return -(p - torch.logsumexp(torch.stack([p, *negs]), 0))
+
+    t_side = [ce(pos[i], [neg_t[i], *[extra[j] for j in range(len(extra_rows)) if extra_rows[j] == i]]) for i in range(B)]
+    i_side = [ce(pos[i], [neg_i[i]]) for i in range(B)]
+    want = itm_loss(logits[:B], logits[B:]) + (torch.stack(t_side).mean() + torch.stack(i_side).mean()) / 2
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_training_with_four_negatives_runs_and_learns(small_catalog, tmp_path):
     b = _fresh(small_catalog)
     ds = _dataset(small_catalog, b, cols=("caption",))

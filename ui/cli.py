@@ -304,6 +304,7 @@ def train_cmd(
     fusion: Annotated[FusionMode, typer.Option("--fusion", help="Fusion layers of a new model: text (text attends to the image, ALBEF/BLIP) or mutual (the design's two-way attention: image tokens attend to the text too).")] = FusionMode.text,
     text_negatives: Annotated[bool, typer.Option("--text-negatives/--no-text-negatives", help="Train ITC and ITM on compositional negatives made from each caption (words of one slot, learned from the catalog, swapped or replaced; default on).")] = True,
     calibration: Annotated[float, typer.Option("--calibration", help="Share of the training images held out of training to choose reranking's ITM weight per depth, so that reranking keeps ITC's R@5 and R@10 (0: no calibration, the plain sum).")] = 0.0,
+    negatives_per_text: Annotated[int, typer.Option("--negatives-per-text", min=1, help="With --text-negatives: up to this many compositional negatives per caption and step, each changing another slot (colour, size, position, ...).")] = 1,
 ) -> None:
     """Train the fusion model (ITC + ITM with hard negatives, then the reranker stage) on a catalog, then validate."""
     from vtfusion.catalogs.sources import CatalogError
@@ -319,7 +320,7 @@ def train_cmd(
         cfg = TrainConfig(
             epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed, workers=workers,
             device=device, checkpoint_every=checkpoint_every, itm_rank_weight=itm_rank_weight, text_negatives=text_negatives,
-            calibration=calibration,
+            calibration=calibration, negatives_per_text=negatives_per_text,
             joint=JointConfig(itm_negatives=itm_negatives, freeze_towers=freeze_towers, mlm_weight=mlm_weight),
             rerank=RerankConfig(epochs=rerank_epochs, share=rerank_share),
         )

@@ -69,6 +69,7 @@ class TrainConfig:
     # On by default: reranked R@1 38.8 -> 51.0 on the generalisation split, 97.0 on the demo
     # split (models/README.md, issue 21)
     text_negatives: bool = True
+    negatives_per_text: int = 1  # with text_negatives: up to this many per caption, each of another slot
     # share of the training images held out of both stages to calibrate reranking's ITM weight
     # per depth (models/calibrate.py; at most CALIBRATION_MAX images; 0: no calibration, the
     # plain sum); skipped when that is fewer than CALIBRATION_MIN images
@@ -87,5 +88,7 @@ class TrainConfig:
             raise ValueError("give epochs, minutes, or both")
         if self.itm_rank_weight < 0:
             raise ValueError("itm_rank_weight must be at least 0")
+        if self.negatives_per_text < 1:
+            raise ValueError(f"negatives_per_text must be at least 1; got {self.negatives_per_text}")
         if not 0 <= self.calibration < 0.5:
             raise ValueError(f"calibration must be in [0, 0.5); got {self.calibration}")

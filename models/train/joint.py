@@ -140,15 +140,23 @@ def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
-def text_negatives(slots: WordSlots, texts: list[str], tokenizer, seed: int, stage: str, step: int):
-    """(rows (G,), ids (G, L), mask (G, L)): a compositional negative of each text that has one,
-    tokenised; or None. Drawn from a generator named by (seed, stage, step), so a resumed run
-    draws what the uninterrupted one did."""
-    negs = slots.negatives(texts, random.Random(f"{seed}-{stage}-{step}"))
-    rows = [i for i, n in enumerate(negs) if n is not None]
+def text_negatives(slots: WordSlots, texts: list[str], tokenizer, seed: int, stage: str, step: int, k: int = 1):
+    """(rows (G,), ids (G, L), mask (G, L)): compositional negatives of the texts (one each, or
+    up to ``k`` of different slots; a row repeats for each of its text's negatives, in row
+    order), tokenised; or None. Drawn from a generator named by (seed, stage, step), so a
+    resumed run draws what the uninterrupted one did."""
+    rng = random.Random(f"{seed}-{stage}-{step}")
+    if k > 1:
+        per = slots.negatives(texts, rng, k)
+        rows = [i for i, ns in enumerate(per) for _ in ns]
+        negs = [n for ns in per for n in ns]
+    else:
+        one = slots.negatives(texts, rng)
+        rows = [i for i, n in enumerate(one) if n is not None]
+        negs = [one[i] for i in rows]
     if not rows:
         return None
-    ids, mask = tokenizer([negs[i] for i in rows])
+    ids, mask = tokenizer(negs)
     return torch.tensor(rows, dtype=torch.long), ids, mask
 
 
@@ -234,7 +242,7 @@ class JointStage:
         ramp = self.cfg.joint.hard_negative_ramp
         hardness = min(1.0, step / ramp) if ramp else 1.0
         if self.slots is not None:
-            batch = {**batch, "negatives": text_negatives(self.slots, batch["texts"], self.bundle.tokenizer, self.cfg.seed, "joint", step)}
+            batch = {**batch, "negatives": text_negatives(self.slots, batch["texts"], self.bundle.tokenizer, self.cfg.seed, "joint", step, self.cfg.negatives_per_text)}
             if batch["negatives"] is None:
                 del batch["negatives"]
         return train_step(self.bundle, batch, self.generator, self.cfg, self.device, hardness, self.mlm), batch["ids"].shape[0]

@@ -111,7 +111,7 @@ class RerankStage:
         cos = (self.img_emb[f_img] * self.txt_emb[f_txt]).sum(-1)  # ((1+2K)B,)
         extra = None
         neg = None if self.slots is None else text_negatives(
-            self.slots, [self.texts[i] for i in rows.tolist()], self.bundle.tokenizer, self.cfg.seed, "rerank", step)
+            self.slots, [self.texts[i] for i in rows.tolist()], self.bundle.tokenizer, self.cfg.seed, "rerank", step, self.cfg.negatives_per_text)
         if neg is not None:  # G more rows: image rows[g] against a negative of its own text
             at, n_ids, n_mask = (t.to(device) for t in neg)
             with torch.no_grad():  # the text tower is frozen here
