@@ -183,67 +183,64 @@ class WordSlots:
     def negative(self, text: str, rng: random.Random, avoid: set[str] | frozenset = frozenset(), tries: int = 8) -> str | None:
         """One compositional negative of ``text``: a swap where the text allows one, else a
         replacement; None when the text has no slot word (or every try hit ``avoid``)."""
-        slot_of = self.slot_of
-        found = [(s, e, w) for s, e, w in words(text) if w in slot_of]
+        found = [(s, e, w) for s, e, w in words(text) if w in self.slot_of]
         if not found:
             return None
-        swaps = self._swaps(found)
+        return self._draw(text, found, rng, avoid, tries)
+
+    def _draw(self, text: str, found: list[tuple[int, int, str]], rng: random.Random, avoid, tries: int) -> str | None:
+        """A swap of two of the ``found`` slot words of one slot and different meanings where
+        there is such a pair, else a replacement of one of them; never ``text`` or in ``avoid``
+        (None after ``tries``)."""
+        slot_of = self.slot_of
+        swaps = [
+            (a, b) for i, a in enumerate(found) for b in found[i + 1 :]
+            if slot_of[a[2]] == slot_of[b[2]] and self.meanings[a[2]] != self.meanings[b[2]]
+        ]
         for _ in range(tries):
             if swaps:
                 a, b = rng.choice(swaps)
                 out = _substitute(text, {a: b[2], b: a[2]})
             else:
-                out = self._replace(text, rng.choice(found), rng)
+                a = rng.choice(found)
+                others = [w for w in self.slots[slot_of[a[2]]] if self.meanings[w] != self.meanings[a[2]]]
+                out = _substitute(text, {a: rng.choice(others)})
             if out != text and out not in avoid:
                 return out
         return None
-
-    def _swaps(self, found: list[tuple[int, int, str]]) -> list[tuple[tuple[int, int, str], tuple[int, int, str]]]:
-        slot_of = self.slot_of
-        return [
-            (a, b) for i, a in enumerate(found) for b in found[i + 1 :]
-            if slot_of[a[2]] == slot_of[b[2]] and self.meanings[a[2]] != self.meanings[b[2]]
-        ]
-
-    def _replace(self, text: str, a: tuple[int, int, str], rng: random.Random) -> str:
-        others = [w for w in self.slots[self.slot_of[a[2]]] if self.meanings[w] != self.meanings[a[2]]]
-        return _substitute(text, {a: rng.choice(others)})
 
     def negatives_of_kinds(self, text: str, k: int, rng: random.Random, avoid: set[str] | frozenset = frozenset(), tries: int = 8) -> list[str]:
         """Up to ``k`` distinct negatives of ``text``, each changing words of another slot (one
         of colour, one of size, one of position ...): per slot a swap of two of its words
         where the text holds such a pair, else a replacement of one. Slots are taken in a
         random order; with fewer slots than ``k`` in the text, fewer negatives."""
-        slot_of = self.slot_of
-        found = [(s, e, w) for s, e, w in words(text) if w in slot_of]
         by_slot: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
-        for f in found:
-            by_slot[slot_of[f[2]]].append(f)
+        for f in words(text):
+            if f[2] in self.slot_of:
+                by_slot[self.slot_of[f[2]]].append(f)
         order = sorted(by_slot)
         rng.shuffle(order)
         out: list[str] = []
         for slot in order:
             if len(out) == k:
                 break
-            swaps = self._swaps(by_slot[slot])
-            for _ in range(tries):
-                if swaps:
-                    a, b = rng.choice(swaps)
-                    neg = _substitute(text, {a: b[2], b: a[2]})
-                else:
-                    neg = self._replace(text, rng.choice(by_slot[slot]), rng)
-                if neg != text and neg not in avoid and neg not in out:
-                    out.append(neg)
-                    break
+            neg = self._draw(text, by_slot[slot], rng, set(avoid) | set(out), tries)
+            if neg is not None:
+                out.append(neg)
         return out
 
-    def negatives(self, texts: Sequence[str], rng: random.Random, k: int = 1) -> list[str | None] | list[list[str]]:
-        """A negative for each text of a batch, none equal to any text of the batch; with ``k``
-        > 1 a list of up to k per text, of different slots (``negatives_of_kinds``)."""
+    def negatives(self, texts: Sequence[str], rng: random.Random) -> list[str | None]:
+        """A negative for each text of a batch, none equal to any text of the batch."""
         batch = set(texts)
-        if k > 1:
-            return [self.negatives_of_kinds(t, k, rng, batch) for t in texts]
         return [self.negative(t, rng, batch) for t in texts]
+
+    def negative_lists(self, texts: Sequence[str], rng: random.Random, k: int) -> list[list[str]]:
+        """Up to ``k`` negatives for each text of a batch (``negatives`` when k is 1, else
+        ``negatives_of_kinds``), none equal to any text of the batch."""
+        if k == 1:
+            return [[n] if n is not None else [] for n in self.negatives(texts, rng)]
+        batch = set(texts)
+        return [self.negatives_of_kinds(t, k, rng, batch) for t in texts]
 
     # ---- what was learned, for people ----------------------------------------------------
 

@@ -94,7 +94,7 @@ def test_negatives_of_kinds_each_change_one_slot_and_differ(slots, seed, k):
     spec = (_random_obj(rng), _random_obj(rng)) if rng.random() < 0.7 else (_random_obj(rng),)
     text = caption(spec, rng)
     other = caption((_random_obj(rng),), rng)
-    per = slots.negatives([text, other], rng, k)
+    per = slots.negative_lists([text, other], rng, k)
     negs = per[0]
     in_text = {slots.slot_of[w] for _, _, w in words(text) if w in slots.slot_of}
     assert 1 <= len(negs) <= min(k, len(in_text)) and len(set(negs)) == len(negs)

@@ -145,15 +145,9 @@ def text_negatives(slots: WordSlots, texts: list[str], tokenizer, seed: int, sta
     up to ``k`` of different slots; a row repeats for each of its text's negatives, in row
     order), tokenised; or None. Drawn from a generator named by (seed, stage, step), so a
     resumed run draws what the uninterrupted one did."""
-    rng = random.Random(f"{seed}-{stage}-{step}")
-    if k > 1:
-        per = slots.negatives(texts, rng, k)
-        rows = [i for i, ns in enumerate(per) for _ in ns]
-        negs = [n for ns in per for n in ns]
-    else:
-        one = slots.negatives(texts, rng)
-        rows = [i for i, n in enumerate(one) if n is not None]
-        negs = [one[i] for i in rows]
+    per = slots.negative_lists(texts, random.Random(f"{seed}-{stage}-{step}"), k)
+    rows = [i for i, ns in enumerate(per) for _ in ns]
+    negs = [n for ns in per for n in ns]
     if not rows:
         return None
     ids, mask = tokenizer(negs)
