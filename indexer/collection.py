@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 # torch, transformers and the model code load when a model is first needed (opening a collection,
 # stats, errors, verify and delete never need one): see ``bundle``
-from vtfusion.models.files import ImageError, image_hash, read_image_bytes
+from vtfusion.models.files import ImageError, image_hash, read_image_bytes, write_text_atomic
 
 from .locks import file_lock, try_file_lock
 from .schema import ACTIVE, MODALITIES, Change, CollectionInfo, Embedding, Item
@@ -91,14 +91,7 @@ class CollectionConfig:
 
     def write(self, folder: Path) -> None:
         """Replace ``collection.toml`` atomically (a crash leaves the old or the new file)."""
-        path = folder / CONFIG_NAME
-        tmp = folder / f"{CONFIG_NAME}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.dump())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomic(folder / CONFIG_NAME, self.dump())
 
 
 def _holder(engine: Engine) -> tuple[str, str, str]:

@@ -36,6 +36,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from vtfusion.models.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 EXACT_MAX = 20_000  # below this many vectors an exact index is fast enough
 META_NAME = "meta.json"
@@ -551,10 +553,7 @@ def write_meta(folder: str | Path, meta: IndexMeta) -> None:
     folder = Path(folder)
     metas = read_meta(folder)
     metas[meta.modality] = meta
-    tmp = folder / f"{META_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps({m: asdict(v) for m, v in sorted(metas.items())}, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, folder / META_NAME)
+    write_text_atomic(folder / META_NAME, json.dumps({m: asdict(v) for m, v in sorted(metas.items())}, indent=2) + "\n")
 
 
 def _fsync(path: Path) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_text_atomic
+
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 3  # 2: fusion.itm_pool (format 1 configs read as "cls"); 3: fusion.mode; older vtfusion refuses newer formats clearly
 
@@ -158,8 +160,7 @@ class ModelConfig:
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> ModelConfig:

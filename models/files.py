@@ -1,4 +1,5 @@
-"""Image files before decoding: the size cap, the regular-file check and the content hash.
+"""Files without torch: image files before decoding (the size cap, the regular-file check and
+the content hash), and the one way small files (configs, JSON sidecars) are replaced.
 
 No torch and no Pillow here: commands that read a collection without running the model
 (``stats``, ``errors``, ``verify``, ``delete``) import this, not ``preprocess``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 
@@ -45,5 +47,21 @@ def image_hash(image_bytes: bytes) -> str:
     return hashlib.sha256(image_bytes).hexdigest()
 
 
-# what an image may be, decided by its content, never its name: PIL is never asked to try its
-# other plugins (EPS / PS / PDF would hand the bytes to Ghostscript where it is installed)
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Replace ``path`` with ``text`` so that a reader, or a crash, sees the old file or the new
+    one and never part of one: a temp file beside it (unique per process and thread), fsync'ed,
+    then renamed over it. The old file's permission bits are kept."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    perms = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, perms)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

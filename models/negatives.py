@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_text_atomic
+
 WORD = re.compile(r"[^\W_][\w'-]*")  # letters and digits of any script, inner ' and -
 # closed-class English words: never a slot (a general list of the language, not of any catalog)
 STOP_WORDS = frozenset("""
@@ -251,9 +253,7 @@ class WordSlots:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _groups(meanings: dict[str, str]) -> list[list[str]]:

@@ -256,3 +256,35 @@ def test_full_disk_during_token_write_and_index_save(tmp_path, model_dir, small_
     r = CliRunner().invoke(app, ["ingest", str(tmp_path / "c2"), str(small_catalog / "test.csv"), "--workers", "0"])
     assert r.exit_code == 1 and "No space left on device" in r.output and "run the same command again" in r.output
     assert "Traceback" not in r.output
+
+
+def test_small_files_are_replaced_whole(tmp_path, model_dir, monkeypatch):
+    """Configs and JSON sidecars (a model's config.json, word_slots.json, calibration.json, a
+    checkpoint's state, a collection's collection.toml, an index's meta.json) are replaced whole:
+    a write that fails part-way (a full disk at fsync) leaves the old file, readable, and no temp
+    file; the old file's permission bits stay."""
+    import errno
+    import shutil
+    import stat
+
+    from vtfusion.models.config import ModelConfig
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    old = ModelConfig.load(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    os.chmod(folder / "config.json", 0o600)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    changed = ModelConfig.from_dict({**old.to_dict(), "itm_weights": {"16": 0.5}})
+    with pytest.raises(OSError, match="No space left"):
+        changed.save(folder)
+    monkeypatch.undo()
+    assert ModelConfig.load(folder) == old
+    assert sorted(p.name for p in folder.iterdir()) == before  # no temp file left behind
+    changed.save(folder)
+    assert ModelConfig.load(folder).itm_weights == {"16": 0.5}
+    assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o600

@@ -18,6 +18,7 @@ import torch
 from vtfusion.models import factory
 from vtfusion.models.config import FusionConfig, VisionConfig
 from vtfusion.models.data import Pair, PairDataset
+from vtfusion.models.files import write_text_atomic
 from vtfusion.models.train import TrainConfig, TrainResult, latest_checkpoint, train
 from vtfusion.models.vision import load_torchvision_weights
 from vtfusion.models.validate import Validation, text_to_image_r1
@@ -118,7 +119,8 @@ def train_catalog(
         validation = text_to_image_r1(
             bundle, val_set.pixels_all(), [p.texts[0] for p in val_set.pairs], rerank_k=rerank_k, progress=cfg.progress
         )
-        (out_dir / VALIDATION_FILE).write_text(
+        write_text_atomic(
+            out_dir / VALIDATION_FILE,
             json.dumps(
                 {
                     "val_csv": str(val_csv),
@@ -133,7 +135,7 @@ def train_catalog(
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
     for s in skipped:
         log.warning("skipped %s", s)

@@ -26,6 +26,7 @@ import torch
 
 from .. import factory
 from ..data import PairDataset
+from ..files import write_text_atomic
 from ..factory import Bundle
 from ..negatives import WordSlots
 from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta
@@ -133,7 +134,7 @@ def train(bundle: Bundle, dataset: PairDataset, out_dir: str | Path, cfg: TrainC
         bundle.model.cfg = dataclasses.replace(bundle.model.cfg, itm_weights=result.calibration["weights"])
     factory.save(bundle, out_dir)
     if result.calibration is not None:
-        (out_dir / CALIBRATION_FILE).write_text(json.dumps(result.calibration, indent=2) + "\n")
+        write_text_atomic(out_dir / CALIBRATION_FILE, json.dumps(result.calibration, indent=2) + "\n")
     if slots is not None:  # what the negatives were made from, for people (the model never reads it)
         slots.save(out_dir / SLOTS_FILE)
     return result

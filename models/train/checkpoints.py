@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import factory
 from ..factory import Bundle
+from ..files import write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS, STATE_JSON = "trainer.safetensors", "trainer.json"
@@ -38,7 +39,7 @@ def save_state(folder: Path, opt: torch.optim.Optimizer, gen: torch.Generator, m
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(folder / STATE_TENSORS))
     groups = [dict(g) for g in sd["param_groups"]]
-    (folder / STATE_JSON).write_text(json.dumps({**meta, "param_groups": groups}, indent=1))
+    write_text_atomic(folder / STATE_JSON, json.dumps({**meta, "param_groups": groups}, indent=1))
 
 
 def read_meta(folder: Path) -> dict:
