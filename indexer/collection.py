@@ -349,7 +349,7 @@ class Collection:
                 "%s holds the database password in plain text (readable by its owner only); "
                 "write it as ${VARIABLE} in --db, or leave it out and use PGPASSWORD or ~/.pgpass", path
             )
-        path.write_text(config.dump())
+        config.write(folder)  # replaced whole, keeping the owner-only mode just set
         self._bundle = bundle
         return self
 

@@ -26,8 +26,8 @@ import torch
 
 from .. import factory
 from ..data import PairDataset
-from ..files import write_text_atomic
 from ..factory import Bundle
+from ..files import write_text_atomic
 from ..negatives import WordSlots
 from .checkpoints import CHECKPOINTS, latest_checkpoint, read_meta
 from .config import CALIBRATION_MAX, CALIBRATION_MIN, JointConfig, RerankConfig, TrainConfig
